@@ -1,0 +1,78 @@
+"""Print a model's architecture and parameter counts per part.
+
+python -m ldm.describe sd15            # a preset, built with random weights
+python -m ldm.describe path/to/model   # a saved model folder or hub id
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from ldm.autoencoder import downsampling_factor
+from ldm.model import LatentDiffusion, ModelLoadError
+from ldm.unet import ConfigError
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe(model: LatentDiffusion) -> str:
+    """A table a person reads: one line per part, and the UNet block by block."""
+    text, unet, vae, scheduler = model.text_encoder.config, model.unet.config, model.vae.config, model.scheduler.config
+    lines = [
+        f"{'text_encoder':14}{count(model.text_encoder):>14,}  CLIPTextModel: {text.num_hidden_layers} layers, "
+        f"width {text.hidden_size}, {text.num_attention_heads} heads, {text.max_position_embeddings} tokens, "
+        f"vocab {model.tokenizer.vocab_size:,} (pad {model.tokenizer.pad_token!r})",
+        f"{'unet':14}{count(model.unet):>14,}  UNet: {unet.in_channels} -> {unet.out_channels} channels, "
+        f"cross-attention to {unet.cross_attention_dim}-wide text, "
+        f"{'linear' if unet.use_linear_projection else 'conv'} projections"
+        f"{', fp32 attention' if unet.upcast_attention else ''}",
+    ]
+    stages = [(f"down {i}", block, i) for i, block in enumerate(model.unet.down_blocks)]
+    stages.append(("mid", model.unet.mid_block, len(model.unet.down_blocks) - 1))
+    depth = len(model.unet.down_blocks) - 1
+    stages += [(f"up {i}", block, depth - i) for i, block in enumerate(model.unet.up_blocks)]
+    for name, block, level in stages:
+        attention = (
+            f"cross-attention {unet.heads(level)} heads x {unet.block_out_channels[level] // unet.heads(level)}"
+            if len(block.attentions)
+            else "no attention"
+        )
+        lines.append(
+            f"  {name:12}{count(block):>14,}  {len(block.resnets)} resnet(s), "
+            f"{unet.block_out_channels[level]} channels at 1/{2**level} of the latent size, {attention}"
+        )
+    lines += [
+        f"{'vae':14}{count(model.vae):>14,}  AutoencoderKL: {vae.in_channels} -> {vae.latent_channels} latent "
+        "channels, "
+        f"{downsampling_factor(model.vae)}x downsampling, channels {list(vae.block_out_channels)}, "
+        f"latents scaled by {vae.scaling_factor}",
+        f"{'scheduler':14}{'':>14}  {type(model.scheduler).__name__}: {scheduler.num_train_timesteps} steps, "
+        f"{scheduler.beta_schedule} betas, predicts {scheduler.prediction_type}",
+        f"{'total':14}{sum(count(part) for part in model.parts().values()):>14,}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ldm.describe", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="preset name (tiny, small, sd15, sd21), preset .yaml, model folder or hub id")
+    args = parser.parse_args(argv)
+    try:
+        if Path(args.model).is_dir() or "/" in args.model and not args.model.endswith((".yaml", ".yml")):
+            model, origin = LatentDiffusion.load(args.model), "loaded"
+        else:
+            model, origin = LatentDiffusion.from_preset(args.model), "random weights"
+    except (ModelLoadError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.model} ({origin})")
+    print(describe(model))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

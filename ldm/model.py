@@ -1,0 +1,207 @@
+"""LatentDiffusion: tokenizer, text encoder, UNet, VAE and noise schedule in one object, saved and
+loaded in the diffusers `StableDiffusionPipeline` folder layout:
+
+    model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/   (safetensors weights)
+
+What we save loads in `diffusers.StableDiffusionPipeline.from_pretrained`, and we load what
+diffusers saves, from a folder or a hub id.
+"""
+
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import yaml
+from diffusers import AutoencoderKL, SchedulerMixin
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ldm.text import clip_tokenizer, save_tokenizer
+from ldm.unet import ConfigError, UNet, UNetConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PARTS = {  # part -> (library, class) as model_index.json names them
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "scheduler": ("diffusers", None),  # any diffusers scheduler
+}
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+class ModelLoadError(ValueError):
+    """A model folder, hub id or preset that cannot be loaded; the message says which part and why."""
+
+
+@dataclass
+class LatentDiffusion:
+    """Everything text-to-image needs. The UNet is ours; the other parts are transformers' and diffusers'."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: AutoencoderKL
+    scheduler: SchedulerMixin
+
+    @classmethod
+    def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
+        """Random weights in a preset's architecture: a name in configs/ (tiny, small, sd15, sd21) or a YAML path."""
+        path = Path(preset)
+        if path.suffix not in (".yaml", ".yml"):
+            path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "unet" in yaml.safe_load(p.read_text()))
+            raise ModelLoadError(f"no preset {str(preset)!r}: use one of {names} or a .yaml path")
+        spec = yaml.safe_load(path.read_text())
+        missing = [part for part in PARTS if part not in spec]
+        if missing:
+            raise ModelLoadError(f"preset {path}: missing section(s) {missing}")
+        text_config = CLIPTextConfig(**_checked("text_encoder", spec["text_encoder"], CLIPTextConfig().to_dict()))
+        vae_fields = inspect.signature(AutoencoderKL.__init__).parameters
+        return cls(
+            tokenizer=clip_tokenizer(**_checked("tokenizer", spec["tokenizer"], {"pad_token": None})),
+            text_encoder=CLIPTextModel(text_config),
+            unet=UNet(UNetConfig.from_diffusers(spec["unet"])),
+            vae=AutoencoderKL(**_checked("vae", spec["vae"], vae_fields)),
+            scheduler=_scheduler_from_config(spec["scheduler"]),
+        )
+
+    @classmethod
+    def load(cls, source: str | Path) -> "LatentDiffusion":
+        """Load a diffusers-layout folder, or download one from the Hugging Face hub by id."""
+        folder = Path(source)
+        if not folder.is_dir():
+            folder = _download(str(source))
+        if not (folder / "model_index.json").is_file():
+            raise ModelLoadError(f"{folder}: not a model folder (no model_index.json)")
+        index = json.loads((folder / "model_index.json").read_text())
+        for part, (_, class_name) in PARTS.items():
+            if not (folder / part).is_dir():
+                raise ModelLoadError(f"{folder}: the {part}/ part is missing")
+            declared = index.get(part, [None, None])[1]
+            if class_name is not None and declared != class_name:
+                raise ModelLoadError(f"{folder}: {part} is {declared!r}; only {class_name} is supported")
+        return cls(
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            text_encoder=_load_pretrained(CLIPTextModel, folder / "text_encoder"),
+            unet=_load_unet(folder / "unet"),
+            vae=_load_pretrained(AutoencoderKL, folder / "vae", low_cpu_mem_usage=False),
+            scheduler=_scheduler_from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),
+        )
+
+    def save(self, directory: str | Path) -> None:
+        """Write the diffusers layout to a new folder. It is written beside the target and renamed
+        into place at the end, so an interrupted save leaves no half-written model."""
+        directory = Path(directory)
+        if directory.exists():
+            raise FileExistsError(f"{directory} already exists; choose a new folder")
+        partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
+        try:
+            self._write(partial)
+            partial.rename(directory)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _write(self, folder: Path) -> None:
+        (folder / "unet").mkdir(parents=True)
+        json.dump(self.unet.config.to_diffusers(), (folder / "unet" / "config.json").open("w"), indent=2)
+        state = {k: v.contiguous() for k, v in self.unet.state_dict().items()}
+        save_file(state, folder / "unet" / WEIGHTS_FILE, metadata={"format": "pt"})
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        save_tokenizer(self.tokenizer, folder / "tokenizer")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
+        index |= {part: [library, class_name] for part, (library, class_name) in PARTS.items()}
+        index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+        index |= {name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")}
+        index["requires_safety_checker"] = False
+        json.dump(index, (folder / "model_index.json").open("w"), indent=2)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The parts with weights, by their folder names."""
+        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+
+
+def _checked(part: str, config: dict[str, Any], valid: Any) -> dict[str, Any]:
+    """A preset section, after refusing any field the part's class does not know."""
+    unknown = sorted(set(config) - set(valid))
+    if unknown:
+        raise ConfigError(f"{part} config: unknown field(s) {unknown}")
+    return config
+
+
+def _scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
+    name = config.get("_class_name")
+    scheduler_class = getattr(diffusers, str(name), None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise ConfigError(f"scheduler config: _class_name={name!r} is not a diffusers scheduler")
+    return scheduler_class.from_config(config)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch the parts we use from the hub (a user with network); the file patterns skip fp16/EMA variants."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    weights = ["text_encoder/model.safetensors", f"unet/{WEIGHTS_FILE}", f"vae/{WEIGHTS_FILE}"]
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", *weights]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (HFValidationError, OSError) as error:
+        raise ModelLoadError(
+            f"{repo_id!r} is not a model folder, and the hub could not provide it ({type(error).__name__})"
+        ) from None
+
+
+def _load_unet(folder: Path) -> UNet:
+    unet = UNet(UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text())))
+    if (folder / WEIGHTS_FILE).is_file():
+        state = load_file(folder / WEIGHTS_FILE)
+    elif (folder / "diffusion_pytorch_model.bin").is_file():
+        state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ModelLoadError(f"unet: no {WEIGHTS_FILE} (or .bin) in {folder}")
+    load_exactly(unet, state, "unet")
+    return unet
+
+
+def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], part: str) -> None:
+    """load_state_dict(strict=True), with a one-line error that names the first offending key."""
+    expected = module.state_dict()
+    mismatched = [(k, state[k].shape, v.shape) for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    refuse_misfits(part, set(expected) - set(state), set(state) - set(expected), mismatched)
+    module.load_state_dict(state, strict=True)
+
+
+def refuse_misfits(part: str, missing: Any, unexpected: Any, mismatched: Any) -> None:
+    """Raise on weights that do not fit the part's config; mismatched holds (key, found, needed) shapes."""
+    if missing:
+        raise ModelLoadError(f"{part}: weights lack {len(missing)} key(s) the config needs, e.g. {min(missing)}")
+    if unexpected:
+        raise ModelLoadError(
+            f"{part}: weights have {len(unexpected)} key(s) the config does not build, e.g. {min(unexpected)}"
+        )
+    if mismatched:
+        key, found, needed = min(mismatched)
+        raise ModelLoadError(f"{part}: {key} has shape {tuple(found)} but the config needs {tuple(needed)}")
+
+
+def _load_pretrained(model_class: Any, folder: Path, **options: Any) -> nn.Module:
+    """transformers/diffusers from_pretrained, refusing what they would re-initialise: missing or misshapen weights."""
+    try:
+        model, info = model_class.from_pretrained(
+            folder, output_loading_info=True, ignore_mismatched_sizes=True, **options
+        )
+    except OSError as error:  # no config or no weights file
+        raise ModelLoadError(f"{folder.name}: {str(error).strip().splitlines()[0]}") from None
+    refuse_misfits(folder.name, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
+    return model

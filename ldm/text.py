@@ -1,0 +1,61 @@
+"""Prompts -> token embeddings, the keys and values of the UNet's cross-attention.
+
+The tokenizer is the real 49,408-token CLIP BPE. It is derived offline from OpenAI's merges
+file (`tokenizer_data/bpe_simple_vocab_16e6.txt.gz`, MIT-licensed, as shipped by CLIP and
+open_clip): 256 byte symbols, the same with the end-of-word mark, one token per merge, then
+the start and end tokens, exactly as CLIP's `simple_tokenizer.py` builds its vocabulary.
+"""
+
+import gzip
+import json
+from pathlib import Path
+
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+BPE_FILE = Path(__file__).parent / "tokenizer_data" / "bpe_simple_vocab_16e6.txt.gz"
+CONTEXT_LENGTH = 77  # CLIP's text context: start token, 75 tokens, end token
+NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from bytes to printable characters, in CLIP's order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + n for n in range(len(others))]
+    return dict(zip(printable + others, map(chr, chars), strict=True))
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The CLIP tokenizer, built without network. SD 1.x pads with <|endoftext|>, SD 2.x with "!"."""
+    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
+    symbols = list(bytes_to_unicode().values())
+    tokens = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    )
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(tokens)},
+        merges=merges,
+        pad_token=pad_token,
+        model_max_length=CONTEXT_LENGTH,
+    )
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, directory: Path) -> None:
+    """Save in both tokenizer formats: tokenizer.json for transformers 5, and vocab.json +
+    merges.txt, which the slow CLIPTokenizer of transformers 4 (what many diffusers installs use) reads."""
+    tokenizer.save_pretrained(directory)
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> Tensor:
+    """(batch,) prompts -> (batch, 77, width) token embeddings: the last hidden state of the
+    text encoder, as SD conditions on it (for SD 2.x the saved encoder already stops one layer early)."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state

@@ -1,0 +1,153 @@
+"""The denoising UNet: predicts the noise (or v) in noisy latents, given the timestep and the text.
+
+Going down, every layer's output is pushed on a skip stack; going up, every layer pops one and
+concatenates it to its input. Cross-attention to the text sits after the ResNet blocks of the
+resolutions the config names (CrossAttn*Block2D), and in the middle.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm.unet.blocks import Downsample, ResnetBlock, TimestepEmbedding, Upsample, timestep_embedding
+from ldm.unet.config import UNetConfig
+from ldm.unet.transformer import SpatialTransformer
+
+
+class DownBlock(nn.Module):
+    """`layers` ResNet blocks, each optionally followed by a spatial transformer, then a downsample."""
+
+    def __init__(self, cfg: UNetConfig, index: int, in_channels: int, temb_channels: int):
+        super().__init__()
+        out_channels = cfg.block_out_channels[index]
+        attention = cfg.down_block_types[index] == "CrossAttnDownBlock2D"
+        self.resnets = nn.ModuleList(
+            ResnetBlock(
+                in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps
+            )
+            for i in range(cfg.layers_per_block)
+        )
+        self.attentions = nn.ModuleList(
+            _spatial_transformer(cfg, out_channels, cfg.heads(index))
+            for _ in range(cfg.layers_per_block if attention else 0)
+        )
+        last = index == len(cfg.block_out_channels) - 1
+        self.downsamplers = nn.ModuleList([] if last else [Downsample(out_channels)])
+
+    def forward(self, x: Tensor, temb: Tensor, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, text, text_mask)
+            skips.append(x)
+        for downsample in self.downsamplers:
+            x = downsample(x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nn.Module):
+    """`layers + 1` ResNet blocks, each taking one skip from the stack (and optionally followed by
+    a spatial transformer), then an upsample."""
+
+    def __init__(self, cfg: UNetConfig, index: int, prev_channels: int, temb_channels: int):
+        super().__init__()
+        channels = cfg.block_out_channels[::-1]
+        out_channels = channels[index]
+        # The skips this block pops: its own resolution's, and last the one from the block below it.
+        skip_in = channels[min(index + 1, len(channels) - 1)]
+        layers = cfg.layers_per_block + 1
+        attention = cfg.up_block_types[index] == "CrossAttnUpBlock2D"
+        heads = cfg.heads(len(channels) - 1 - index)
+        self.resnets = nn.ModuleList(
+            ResnetBlock(
+                (prev_channels if i == 0 else out_channels) + (skip_in if i == layers - 1 else out_channels),
+                out_channels,
+                temb_channels,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+            )
+            for i in range(layers)
+        )
+        self.attentions = nn.ModuleList(
+            _spatial_transformer(cfg, out_channels, heads) for _ in range(layers if attention else 0)
+        )
+        last = index == len(channels) - 1
+        self.upsamplers = nn.ModuleList([] if last else [Upsample(out_channels)])
+
+    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
+            if self.attentions:
+                x = self.attentions[i](x, text, text_mask)
+        for upsample in self.upsamplers:
+            x = upsample(x, size=skips[-1].shape[-2:])  # the next block's skip sets the size
+        return x
+
+
+class MidBlock(nn.Module):
+    """At the lowest resolution: ResNet, spatial transformer, ResNet."""
+
+    def __init__(self, cfg: UNetConfig, temb_channels: int):
+        super().__init__()
+        channels = cfg.block_out_channels[-1]
+        self.resnets = nn.ModuleList(
+            ResnetBlock(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2)
+        )
+        self.attentions = nn.ModuleList(
+            [_spatial_transformer(cfg, channels, cfg.heads(len(cfg.block_out_channels) - 1))]
+        )
+
+    def forward(self, x: Tensor, temb: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, text, text_mask)
+        return self.resnets[1](x, temb)
+
+
+def _spatial_transformer(cfg: UNetConfig, channels: int, heads: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention
+    )
+
+
+class UNet(nn.Module):
+    """noise_pred = unet(noisy_latents, timesteps, text_embeddings). State-dict compatible with
+    diffusers' UNet2DConditionModel for the SD 1.x/2.x family."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        base = cfg.block_out_channels[0]
+        temb_channels = base * 4
+        self.time_embedding = TimestepEmbedding(base, temb_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+        in_channels = [base, *cfg.block_out_channels[:-1]]
+        self.down_blocks = nn.ModuleList(
+            DownBlock(cfg, i, in_channels[i], temb_channels) for i in range(len(cfg.block_out_channels))
+        )
+        self.mid_block = MidBlock(cfg, temb_channels)
+        prev_channels = [cfg.block_out_channels[-1], *cfg.block_out_channels[::-1][:-1]]
+        self.up_blocks = nn.ModuleList(
+            UpBlock(cfg, i, prev_channels[i], temb_channels) for i in range(len(cfg.block_out_channels))
+        )
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, base, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(base, cfg.out_channels, 3, padding=1)
+
+    def forward(
+        self, latents: Tensor, timesteps: Tensor | float, text: Tensor, text_mask: Tensor | None = None
+    ) -> Tensor:
+        """latents: (batch, in_channels, h, w); timesteps: a number or (batch,); text: (batch, tokens,
+        cross_attention_dim) token embeddings; text_mask: (batch, tokens) bool, False at padding."""
+        timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
+        temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(latents.dtype))
+
+        x = self.conv_in(latents)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, text, text_mask)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb, text, text_mask)
+        for block in self.up_blocks:
+            x = block(x, skips, temb, text, text_mask)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny random models built in code, never downloaded."""
+
+import pytest
+import torch
+from torch import nn
+
+from ldm.model import LatentDiffusion
+
+# Reduced-width UNets in the shapes of the SD family, as diffusers config dicts.
+TINY_UNET = dict(
+    block_out_channels=[8, 16],
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    layers_per_block=1,
+    norm_num_groups=4,
+    cross_attention_dim=8,
+    attention_head_dim=2,
+    sample_size=8,
+)
+SD15_SHAPED_UNET = dict(  # SD 1.5's block layout: 8 heads everywhere, conv projections
+    block_out_channels=[32, 64, 64, 64],
+    layers_per_block=2,
+    norm_num_groups=8,
+    cross_attention_dim=24,
+    attention_head_dim=8,
+    sample_size=16,
+)
+SD21_SHAPED_UNET = dict(  # SD 2.1's: constant 16-wide heads, linear projections, fp32 attention
+    block_out_channels=[32, 64, 64, 64],
+    layers_per_block=2,
+    norm_num_groups=8,
+    cross_attention_dim=40,
+    attention_head_dim=[2, 4, 4, 4],
+    use_linear_projection=True,
+    upcast_attention=True,
+    sample_size=16,
+)
+UNET_SHAPES = {"tiny": TINY_UNET, "sd15-shaped": SD15_SHAPED_UNET, "sd21-shaped": SD21_SHAPED_UNET}
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Add noise to every weight, so zero-initialised layers hide no wrong path."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> LatentDiffusion:
+    torch.manual_seed(0)
+    model = LatentDiffusion.from_preset("tiny")
+    for part in model.parts().values():
+        perturb(part.eval())
+    return model

@@ -1,0 +1,23 @@
+from ldm.describe import main
+
+
+def test_describe_prints_every_part_with_its_parameter_count(capsys):
+    assert main(["tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "tiny (random weights)"
+    for line_start in ("text_encoder", "unet", "  down 0", "  mid", "  up 1", "vae", "scheduler", "total"):
+        assert any(line.startswith(line_start) for line in out.splitlines()), line_start
+    assert "51,364  UNet: 4 -> 4 channels" in out  # the tiny UNet's parameter count
+    assert "cross-attention 2 heads x 4" in out
+
+
+def test_describe_a_saved_model(tiny_model, tmp_path, capsys):
+    tiny_model.save(tmp_path / "model")
+    assert main([str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'model'} (loaded)")
+
+
+def test_an_unknown_preset_is_one_line_and_exit_2(capsys):
+    assert main(["sd9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no preset 'sd9'") and err.count("\n") == 1
