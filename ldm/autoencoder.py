@@ -9,10 +9,13 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 
-def images_to_latents(vae: AutoencoderKL, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def images_to_latents(
+    vae: AutoencoderKL, images: Tensor, generator: torch.Generator | None = None, mean: bool = False
+) -> Tensor:
     """(batch, 3, H, W) images in [-1, 1] -> (batch, latent_channels, H/f, W/f) scaled latents,
-    sampled from the encoder's Gaussian."""
-    return vae.encode(images).latent_dist.sample(generator) * vae.config.scaling_factor
+    sampled from the encoder's Gaussian, or its mean (no randomness: image-to-image starts there)."""
+    posterior = vae.encode(images).latent_dist
+    return (posterior.mode() if mean else posterior.sample(generator)) * vae.config.scaling_factor
 
 
 def latents_to_images(vae: AutoencoderKL, latents: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random models built in code, never downloaded."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -47,10 +49,22 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.fixture
-def tiny_model() -> LatentDiffusion:
+def perturbed_tiny_model() -> LatentDiffusion:
     torch.manual_seed(0)
     model = LatentDiffusion.from_preset("tiny")
     for part in model.parts().values():
         perturb(part.eval())
     return model
+
+
+@pytest.fixture
+def tiny_model() -> LatentDiffusion:
+    return perturbed_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The perturbed tiny model saved once, in the diffusers layout, for tests that only read it."""
+    directory = tmp_path_factory.mktemp("models") / "tiny"
+    perturbed_tiny_model().save(directory)
+    return directory

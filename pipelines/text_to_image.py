@@ -1,0 +1,271 @@
+"""Prompt -> image: classifier-free guidance, the denoising loop, decoding. Image-to-image and
+inpainting are the same loop started from a noised image instead of pure noise.
+
+Reproducibility: image k of a run uses seed S+k, and its initial noise is drawn as diffusers
+draws it (`torch.randn` of the latent shape from a CPU generator seeded with S+k, times the
+scheduler's `init_noise_sigma`), so the same model, prompt, seed, scheduler and guidance give
+the same picture here, in `diffusers.StableDiffusionPipeline`, and in any batch size.
+"""
+
+import inspect
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ldm.attention import capture_attention_probs
+from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
+from ldm.model import LatentDiffusion
+from pipelines.attention_maps import AttentionMapAccumulator
+from pipelines.devices import pick_device, pick_dtype
+from pipelines.prompts import CHUNK, encode_weighted, tokenize_weighted
+from pipelines.schedulers import make_scheduler, scheduler_name
+
+
+class GenerationError(ValueError):
+    """A request the pipeline cannot carry out (bad size, strength, missing image); one line."""
+
+
+@dataclass
+class Generated:
+    image: Image.Image
+    prompt: str
+    negative_prompt: str
+    seed: int
+    attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
+
+
+@dataclass
+class Request:
+    """One run's settings, shared by its batches."""
+
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    height: int
+    width: int
+    init_image: Tensor | None  # (1, 3, H, W) in [-1, 1]
+    strength: float
+    mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
+    attention_maps: bool = False
+    truncate: bool = False
+    progress: bool = True
+
+
+class TextToImagePipeline:
+    """Generate images with a LatentDiffusion model.
+
+    >>> pipe = TextToImagePipeline.from_pretrained("path/or/hub-id")
+    >>> images = pipe("a red circle", seed=0)
+    """
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        device: str = "auto",
+        dtype: str = "auto",
+        compile: bool = False,
+        vae_tiling: bool = False,
+    ):
+        self.model, self.device = model, pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        for part in model.parts().values():
+            part.to(self.device, self.dtype).eval().requires_grad_(False)
+        if self.device.type == "cuda":
+            model.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
+        self.unet = torch.compile(model.unet) if compile else model.unet
+        if vae_tiling:
+            model.vae.enable_tiling()  # decode large images tile by tile, in bounded memory
+
+    @classmethod
+    def from_pretrained(cls, source: str, **options) -> "TextToImagePipeline":
+        return cls(LatentDiffusion.load(source), **options)
+
+    @property
+    def default_scheduler(self) -> str:
+        return scheduler_name(self.model.scheduler)
+
+    def __call__(self, prompt: str | list[str], **options) -> list[Image.Image]:
+        return [generated.image for generated in self.generate(prompt, **options)]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str = "",
+        num_images: int = 1,
+        batch_size: int = 1,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        seed: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        init_image: Image.Image | None = None,
+        strength: float = 0.8,
+        mask: Image.Image | None = None,
+        attention_maps: bool = False,
+        truncate: bool = False,
+        progress: bool = True,
+    ) -> list[Generated]:
+        """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if num_images < 1 or batch_size < 1:
+            raise GenerationError(f"num_images={num_images}, batch_size={batch_size}: both must be at least 1")
+        request = self._request(
+            negative_prompt, steps, guidance_scale, scheduler, height, width, init_image, strength, mask
+        )
+        request.attention_maps, request.truncate, request.progress = attention_maps, truncate, progress
+        seed = random.randrange(2**32) if seed is None else seed
+        jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
+        results: list[Generated] = []
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            results += self._generate_batch([p for p, _ in batch], [s for _, s in batch], request)
+        return results
+
+    def _request(self, negative_prompt, steps, guidance_scale, scheduler, height, width, init_image, strength, mask):
+        """Check the settings a person gave and turn the images into tensors at the output size."""
+        factor = downsampling_factor(self.model.vae)
+        if init_image is not None and height is None and width is None:
+            width, height = (side // factor * factor for side in init_image.size)
+        default = (self.model.unet.config.sample_size or 64) * factor
+        height, width = (default if side is None else side for side in (height, width))
+        multiple = max(8, factor)  # 8 as every SD tool asks; more if the VAE downsamples more
+        for name, value in (("height", height), ("width", width)):
+            if value < multiple or value % multiple:
+                raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
+        if steps < 1:
+            raise GenerationError(f"steps={steps}: must be at least 1")
+        if not 0 <= strength <= 1:
+            raise GenerationError(f"strength={strength}: must be between 0 and 1")
+        if mask is not None and init_image is None:
+            raise GenerationError("a mask needs an init image: the picture whose masked part is repainted")
+        if self.model.unet.config.in_channels == 9 and mask is None:
+            raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
+        return Request(
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler or self.default_scheduler,
+            height=height,
+            width=width,
+            init_image=None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
+            strength=strength,
+            mask=None if mask is None else mask_to_tensor(mask, width, height),
+        )
+
+    def _generate_batch(self, prompts: list[str], seeds: list[int], request: Request) -> list[Generated]:
+        guided = request.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
+        negatives = [request.negative_prompt] * len(prompts) if guided else []
+        text = encode_weighted(self.model.tokenizer, self.model.text_encoder, negatives + prompts, request.truncate)
+        factor = downsampling_factor(self.model.vae)
+        latent_size = (request.height // factor, request.width // factor)
+        maps = AttentionMapAccumulator(len(prompts), latent_size) if request.attention_maps else None
+        if maps is None:
+            latents = self._denoise(text, seeds, request, latent_size)
+        else:
+            with capture_attention_probs(self.model.unet, maps):
+                latents = self._denoise(text, seeds, request, latent_size)
+        images = latents_to_images(self.model.vae, latents).float()
+        if request.mask is not None:  # outside the mask, the original pixels exactly
+            mask, original = request.mask.to(images.device), request.init_image.to(images.device)
+            images = mask * images + (1 - mask) * original
+        results = []
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+            results.append(Generated(tensor_to_image(images[i]), prompt, request.negative_prompt, seed))
+            if maps is not None:
+                results[-1].attention_maps = self._token_maps(prompt, maps.maps((request.height, request.width))[i])
+        return results
+
+    def _denoise(self, text: Tensor, seeds: list[int], request: Request, latent_size: tuple[int, int]) -> Tensor:
+        scheduler = make_scheduler(request.scheduler, self.model.scheduler)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        timesteps = scheduler.timesteps
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        shape = (1, self.model.vae.config.latent_channels, *latent_size)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
+
+        original = latent_mask = inpaint_input = None
+        if request.init_image is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:  # start part-way: the image noised to the level of the first step we run
+            image = request.init_image.to(self.device, self.dtype)
+            original = images_to_latents(self.model.vae, image, mean=True).expand(len(seeds), -1, -1, -1)
+            skip = request.steps - min(int(request.steps * request.strength), request.steps)
+            timesteps = timesteps[skip * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(skip * scheduler.order)
+            if request.strength == 1:
+                latents = noise * scheduler.init_noise_sigma
+            else:
+                latents = scheduler.add_noise(original, noise, timesteps[:1]) if len(timesteps) else original
+        if request.mask is not None:
+            pixel_mask = request.mask.to(self.device, self.dtype)
+            latent_mask = F.interpolate(pixel_mask, size=latent_size).expand(len(seeds), -1, -1, -1)
+            if self.model.unet.config.in_channels == 9:  # the UNet sees the mask and the unmasked image
+                kept = images_to_latents(self.model.vae, image * (pixel_mask < 0.5), mean=True)
+                inpaint_input = torch.cat([latent_mask, kept.expand(len(seeds), -1, -1, -1)], dim=1)
+
+        guided = text.shape[0] == 2 * len(seeds)
+        step_options = _step_options(scheduler, generators)
+        for i, t in enumerate(tqdm(timesteps, disable=not request.progress, desc="denoising", leave=False)):
+            x = torch.cat([latents] * 2) if guided else latents
+            x = scheduler.scale_model_input(x, t)
+            if inpaint_input is not None:
+                x = torch.cat([x, torch.cat([inpaint_input] * 2) if guided else inpaint_input], dim=1)
+            prediction = self.unet(x, t, text)
+            if guided:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + request.guidance_scale * (conditional - unconditional)
+            latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
+            if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
+                later = timesteps[i + 1 : i + 2]
+                outside = scheduler.add_noise(original, noise, later) if len(later) else original
+                latents = latent_mask * latents + (1 - latent_mask) * outside
+        return latents
+
+    def _token_maps(self, prompt: str, maps: Tensor) -> list[tuple[str, Tensor]]:
+        """One (token text, map) per prompt token, skipping the start, end and padding tokens."""
+        ids, _ = tokenize_weighted(self.model.tokenizer, prompt)
+        tokens = self.model.tokenizer.convert_ids_to_tokens(ids)
+        positions = [(j // CHUNK) * (CHUNK + 2) + 1 + j % CHUNK for j in range(len(ids))]
+        return [
+            (token.replace("</w>", ""), maps[p].cpu())
+            for token, p in zip(tokens, positions, strict=True)
+            if p < maps.shape[0]
+        ]
+
+
+def _step_options(scheduler, generators: list[torch.Generator]) -> dict:
+    """Ancestral and SDE samplers draw fresh noise each step: one generator per image keeps
+    image k the same in any batch. DDIM takes eta=0 (deterministic), as in diffusers."""
+    accepted = inspect.signature(scheduler.step).parameters
+    options = {"generator": generators} if "generator" in accepted else {}
+    return options | ({"eta": 0.0} if "eta" in accepted else {})
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
+    """PIL RGB -> (1, 3, height, width) in [-1, 1]."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.LANCZOS)
+    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+    return array.permute(2, 0, 1)[None]
+
+
+def mask_to_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
+    """PIL mask -> (1, 1, height, width) of 0/1: white (>= half) is repainted, black kept."""
+    mask = mask.convert("L").resize((width, height), Image.NEAREST)
+    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
+
+
+def tensor_to_image(image: Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB, rounded as diffusers rounds."""
+    array = ((image / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)

@@ -1,0 +1,136 @@
+"""Generation on the tiny random model: parity with diffusers, seeds, img2img, inpainting, maps."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from ldm.autoencoder import images_to_latents, latents_to_images
+from pipelines.schedulers import SCHEDULERS, UnknownScheduler, make_scheduler
+from pipelines.text_to_image import GenerationError, TextToImagePipeline, image_to_tensor, tensor_to_image
+
+SIZE = 16  # the tiny model's images: 8x8 latents
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def max_difference(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++2m"])
+def test_same_picture_as_diffusers_stable_diffusion_pipeline(pipe, tiny_model_dir, scheduler):
+    theirs = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    theirs.scheduler = make_scheduler(scheduler, theirs.scheduler)
+    theirs.set_progress_bar_config(disable=True)
+    options = dict(negative_prompt="a blue square", guidance_scale=6.0, height=SIZE, width=SIZE)
+    expected = theirs(
+        "a red circle",
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(42),
+        output_type="pil",
+        **options,
+    ).images[0]
+    ours = pipe("a red circle", steps=10, seed=42, scheduler=scheduler, progress=False, **options)[0]
+    assert pixels(expected).std() > 10  # a picture, not a flat colour that would match anything
+    assert max_difference(ours, expected) <= 2
+
+
+def test_same_seed_same_image_and_another_seed_another(pipe):
+    first, again, other = (pipe("a red circle", steps=4, seed=s, progress=False)[0] for s in (3, 3, 4))
+    assert max_difference(first, again) == 0
+    assert max_difference(first, other) > 10
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler-ancestral"])  # ancestral: fresh noise every step
+def test_image_k_of_a_batched_run_is_the_single_run_with_seed_plus_k(pipe, scheduler):
+    options = dict(steps=4, scheduler=scheduler, progress=False)
+    run = pipe.generate(["a red circle", "a green square"], num_images=2, batch_size=3, seed=10, **options)
+    assert [(g.prompt, g.seed) for g in run] == [
+        ("a red circle", 10),
+        ("a red circle", 11),
+        ("a green square", 12),
+        ("a green square", 13),
+    ]
+    for generated in run:
+        single = pipe(generated.prompt, seed=generated.seed, **options)[0]
+        assert max_difference(generated.image, single) <= 1
+
+
+def test_every_scheduler_runs(pipe):
+    for name in SCHEDULERS:
+        image = pipe("a red circle", steps=2, scheduler=name, seed=0, guidance_scale=1.0, progress=False)[0]
+        assert image.size == (SIZE, SIZE), name
+
+
+def test_an_unknown_scheduler_lists_the_valid_ones(pipe):
+    with pytest.raises(UnknownScheduler, match="unknown scheduler 'euler-a': use one of ddim, ddpm, pndm"):
+        pipe("a red circle", scheduler="euler-a", progress=False)
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    generator = np.random.default_rng(0)
+    return Image.fromarray(generator.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+
+
+def test_image_to_image_with_strength_0_returns_the_input_through_the_vae(pipe, photo):
+    out = pipe("a red circle", init_image=photo, strength=0.0, seed=1, progress=False)[0]
+    with torch.no_grad():
+        latents = images_to_latents(pipe.model.vae, image_to_tensor(photo, SIZE, SIZE), mean=True)
+        expected = tensor_to_image(latents_to_images(pipe.model.vae, latents)[0])
+    assert max_difference(out, expected) == 0
+
+
+def test_image_to_image_strength_sets_how_far_the_picture_moves(pipe, photo):
+    def distance(strength: float) -> float:
+        out = pipe("a red circle", init_image=photo, strength=strength, steps=10, seed=1, progress=False)[0]
+        return float(np.abs(pixels(out) - pixels(photo)).mean())
+
+    assert distance(0.2) < distance(0.9)
+
+
+def test_inpainting_keeps_the_unmasked_region_and_repaints_the_masked_one(pipe, photo):
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, SIZE // 2 :] = 255  # repaint the right half
+    out = pixels(pipe("a red circle", init_image=photo, mask=Image.fromarray(mask), seed=2, progress=False)[0])
+    assert np.array_equal(out[:, : SIZE // 2], pixels(photo)[:, : SIZE // 2])
+    assert np.abs(out[:, SIZE // 2 :] - pixels(photo)[:, SIZE // 2 :]).mean() > 10
+
+
+def test_attention_maps_one_per_token_non_negative_normalised_image_sized(pipe):
+    (generated,) = pipe.generate("a large red circle", steps=3, seed=0, attention_maps=True, progress=False)
+    assert [token for token, _ in generated.attention_maps] == ["a", "large", "red", "circle"]
+    for _, heatmap in generated.attention_maps:
+        assert heatmap.shape == (SIZE, SIZE)
+        assert heatmap.min() >= 0 and heatmap.max() == pytest.approx(1.0)
+
+
+def test_attention_maps_do_not_change_the_image(pipe):
+    plain = pipe("a red circle", steps=3, seed=0, progress=False)[0]
+    (mapped,) = pipe.generate("a red circle", steps=3, seed=0, attention_maps=True, progress=False)
+    assert max_difference(plain, mapped.image) <= 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(height=20), "height=20: must be a positive multiple of 8"),
+        (dict(width=0), "width=0: must be a positive multiple of 8"),
+        (dict(strength=1.5, init_image=Image.new("RGB", (16, 16))), "strength=1.5: must be between 0 and 1"),
+        (dict(mask=Image.new("L", (16, 16))), "a mask needs an init image"),
+        (dict(steps=0), "steps=0: must be at least 1"),
+        (dict(num_images=0), "num_images=0, batch_size=1: both must be at least 1"),
+    ],
+)
+def test_bad_requests_are_refused_with_one_line(pipe, options, message):
+    with pytest.raises(GenerationError, match=message):
+        pipe("a red circle", progress=False, **options)
