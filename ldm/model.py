@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm.text import clip_tokenizer, save_tokenizer
+from ldm.text import clip_tokenizer, save_tokenizer, text_state_for_files
 from ldm.unet import ConfigError, UNet, UNetConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -54,16 +54,14 @@ class LatentDiffusion:
     @classmethod
     def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
         """Random weights in a preset's architecture: a name in configs/ (tiny, small, sd15, sd21) or a YAML path."""
-        path = Path(preset)
-        if path.suffix not in (".yaml", ".yml"):
-            path = CONFIG_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "unet" in yaml.safe_load(p.read_text()))
-            raise ModelLoadError(f"no preset {str(preset)!r}: use one of {names} or a .yaml path")
-        spec = yaml.safe_load(path.read_text())
+        return cls.from_spec(read_preset(preset))
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "LatentDiffusion":
+        """Random weights from a preset's sections (unet, text_encoder, tokenizer, vae, scheduler)."""
         missing = [part for part in PARTS if part not in spec]
         if missing:
-            raise ModelLoadError(f"preset {path}: missing section(s) {missing}")
+            raise ModelLoadError(f"model spec: missing section(s) {missing}")
         text_config = CLIPTextConfig(**_checked("text_encoder", spec["text_encoder"], CLIPTextConfig().to_dict()))
         vae_fields = inspect.signature(AutoencoderKL.__init__).parameters
         return cls(
@@ -116,7 +114,10 @@ class LatentDiffusion:
         state = {k: v.contiguous() for k, v in self.unet.state_dict().items()}
         save_file(state, folder / "unet" / WEIGHTS_FILE, metadata={"format": "pt"})
         self.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        self.text_encoder.config.architectures = ["CLIPTextModel"]
+        self.text_encoder.config.save_pretrained(folder / "text_encoder")
+        text_state = text_state_for_files(self.text_encoder)
+        save_file(text_state, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
         save_tokenizer(self.tokenizer, folder / "tokenizer")
         self.scheduler.save_pretrained(folder / "scheduler")
         index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
@@ -129,6 +130,17 @@ class LatentDiffusion:
     def parts(self) -> dict[str, nn.Module]:
         """The parts with weights, by their folder names."""
         return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+
+
+def read_preset(preset: str | Path) -> dict[str, Any]:
+    """A preset's sections: a name in configs/ or a YAML path."""
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "unet" in yaml.safe_load(p.read_text()))
+        raise ModelLoadError(f"no preset {str(preset)!r}: use one of {names} or a .yaml path")
+    return yaml.safe_load(path.read_text())
 
 
 def _checked(part: str, config: dict[str, Any], valid: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 BPE_FILE = Path(__file__).parent / "tokenizer_data" / "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77  # CLIP's text context: start token, 75 tokens, end token
 NUM_MERGES = 49152 - 256 - 2  # CLIP uses the first 48,894 merges of the file
+TEXT_PREFIX = "text_model."
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -50,6 +51,22 @@ def save_tokenizer(tokenizer: CLIPTokenizer, directory: Path) -> None:
     (directory / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
     merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def text_state_for_files(text_encoder: CLIPTextModel) -> dict[str, Tensor]:
+    """The encoder's weights under the names SD checkpoints and transformers 4 use ("text_model.*").
+    transformers 5 drops that prefix in memory, and reads both spellings."""
+    return {
+        key if key.startswith(TEXT_PREFIX) else TEXT_PREFIX + key: value
+        for key, value in text_encoder.state_dict().items()
+    }
+
+
+def text_state_from_files(text_encoder: CLIPTextModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Checkpoint names -> this transformers version's names: the inverse of `text_state_for_files`."""
+    if any(key.startswith(TEXT_PREFIX) for key in text_encoder.state_dict()):
+        return state
+    return {key.removeprefix(TEXT_PREFIX): value for key, value in state.items()}
 
 
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> Tensor:

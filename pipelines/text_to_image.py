@@ -10,6 +10,7 @@ the same picture here, in `diffusers.StableDiffusionPipeline`, and in any batch 
 import inspect
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
+from ldm.checkpoint import load_single_file
 from ldm.model import LatentDiffusion
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
@@ -84,7 +86,10 @@ class TextToImagePipeline:
             model.vae.enable_tiling()  # decode large images tile by tile, in bounded memory
 
     @classmethod
-    def from_pretrained(cls, source: str, **options) -> "TextToImagePipeline":
+    def from_pretrained(cls, source: str | Path, **options) -> "TextToImagePipeline":
+        """A diffusers-layout folder or hub id, or an original single-file .safetensors/.ckpt checkpoint."""
+        if str(source).endswith((".safetensors", ".ckpt")):
+            return cls(load_single_file(source), **options)
         return cls(LatentDiffusion.load(source), **options)
 
     @property

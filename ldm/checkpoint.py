@@ -1,0 +1,180 @@
+"""Original Stable Diffusion single-file checkpoints (`.safetensors`, `.ckpt`), as A1111 and ComfyUI
+use them: one state dict with the CompVis names, `model.diffusion_model.*` (UNet),
+`first_stage_model.*` (VAE) and `cond_stage_model.*` (text encoder).
+
+Reading converts with diffusers' own single-file helpers and builds the architecture from the
+presets that ship here (sd15, or sd21 for an OpenCLIP text encoder), so no network is needed.
+Writing is the inverse map, written out below.
+"""
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ldm.model import LatentDiffusion, ModelLoadError, load_exactly, read_preset
+from ldm.text import text_state_for_files, text_state_from_files
+from ldm.unet import UNetConfig
+from ldm.unet.config import FIXED_FIELDS
+
+UNET, VAE = "model.diffusion_model.", "first_stage_model."
+CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """A .safetensors file, or a .ckpt through weights-only unpickling (no code runs from the file)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        if path.suffix == ".ckpt":
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            return checkpoint.get("state_dict", checkpoint)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ModelLoadError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
+    except pickle.UnpicklingError as error:  # the file holds more than tensors
+        raise ModelLoadError(f"{path}: cannot be loaded weights-only ({type(error).__name__})") from None
+    raise ModelLoadError(f"{path}: a single-file checkpoint must be .safetensors or .ckpt")
+
+
+def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffusion:
+    """Build the model from the preset (default: sd21 for an OpenCLIP text encoder, else sd15; the
+    UNet's input channels from its first conv, so inpainting checkpoints load) and fill in the weights."""
+    path = Path(path)
+    state = read_state_dict(path)
+    if not any(key.startswith(UNET) for key in state):
+        raise ModelLoadError(f"{path}: no {UNET}* weights: not a Stable Diffusion checkpoint")
+    open_clip = any(key.startswith(OPEN_CLIP) for key in state)
+    spec = read_preset(preset or ("sd21" if open_clip else "sd15"))
+    spec["unet"]["in_channels"] = state[f"{UNET}input_blocks.0.0.weight"].shape[1]
+    model = LatentDiffusion.from_spec(spec)
+
+    unet_config = {**FIXED_FIELDS, **model.unet.config.to_diffusers()}
+    load_exactly(model.unet, convert_ldm_unet_checkpoint(state, unet_config), "unet")
+    load_exactly(model.vae, convert_ldm_vae_checkpoint(state, dict(model.vae.config)), "vae")
+    if open_clip:
+        text = convert_open_clip_checkpoint(model.text_encoder, state)
+    else:
+        text = convert_ldm_clip_checkpoint(state)
+    text = text_state_from_files(model.text_encoder, text)
+    expected = model.text_encoder.state_dict()  # SD 2.x files hold a 24th layer and a projection SD does not use
+    load_exactly(model.text_encoder, {k: v for k, v in text.items() if k in expected}, "text_encoder")
+    return model
+
+
+def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
+    """Write the model as one original-format .safetensors file (refusing to overwrite one)."""
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new file name")
+    state = {UNET + unet_key(k, model.unet.config): v for k, v in model.unet.state_dict().items()}
+    state |= {
+        VAE + vae_key(k, len(model.vae.config.block_out_channels)): conv_1x1(k, v)
+        for k, v in model.vae.state_dict().items()
+    }
+    text = text_state_for_files(model.text_encoder)
+    if model.text_encoder.config.hidden_act == "gelu":  # OpenCLIP, as in SD 2.x
+        state |= {OPEN_CLIP + k: v for k, v in open_clip_state(text).items()}
+    else:
+        state |= {CLIP + k: v for k, v in text.items()}
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({k: v.contiguous() for k, v in state.items()}, partial)
+    partial.rename(path)
+
+
+def unet_key(key: str, config: UNetConfig) -> str:
+    """diffusers UNet key -> CompVis key. Blocks become numbered `input_blocks`/`output_blocks`,
+    each holding a ResNet (`.0`), maybe a transformer (`.1`), and the up/down sampler."""
+    for prefix, original in unet_prefixes(config).items():
+        if key.startswith(prefix):
+            rest = key[len(prefix) :]
+            if ".resnets." in prefix:
+                name, _, tail = rest.partition(".")
+                rest = f"{RESNET[name]}.{tail}"
+            return original + rest
+    raise KeyError(key)
+
+
+def unet_prefixes(config: UNetConfig) -> dict[str, str]:
+    per_block = config.layers_per_block + 1  # CompVis numbering: layers, then the sampler
+    prefixes = {
+        "time_embedding.linear_1.": "time_embed.0.",
+        "time_embedding.linear_2.": "time_embed.2.",
+        "conv_in.": "input_blocks.0.0.",
+        "conv_norm_out.": "out.0.",
+        "conv_out.": "out.2.",
+        "mid_block.resnets.0.": "middle_block.0.",
+        "mid_block.attentions.0.": "middle_block.1.",
+        "mid_block.resnets.1.": "middle_block.2.",
+    }
+    for i, kind in enumerate(config.up_block_types):
+        for j in range(config.layers_per_block):
+            prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{1 + i * per_block + j}.0."
+            prefixes[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{1 + i * per_block + j}.1."
+        prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * per_block}.0.op."
+        for j in range(per_block):
+            prefixes[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{i * per_block + j}.0."
+            prefixes[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{i * per_block + j}.1."
+        sampler_slot = 2 if kind == "CrossAttnUpBlock2D" else 1  # after the transformer, if any
+        prefixes[f"up_blocks.{i}.upsamplers.0."] = (
+            f"output_blocks.{i * per_block + config.layers_per_block}.{sampler_slot}."
+        )
+    return prefixes
+
+
+def vae_key(key: str, blocks: int) -> str:
+    """diffusers AutoencoderKL key -> CompVis key (the decoder's blocks are numbered bottom-up there)."""
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{blocks - 1 - int(m.group(1))}.", key)
+    key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", key)
+    key = key.replace(".resnets.", ".block.").replace(".upsamplers.0.", ".upsample.")
+    key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
+    for ours, theirs in VAE_ATTENTION.items():
+        key = key.replace(f"attn_1.{ours}.", f"attn_1.{theirs}.")
+    return key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+
+
+def conv_1x1(key: str, value: Tensor) -> Tensor:
+    """The CompVis VAE attention projects with 1x1 convs where diffusers uses Linear layers."""
+    is_projection = "attentions" in key and key.endswith("weight") and value.ndim == 2
+    return value[:, :, None, None] if is_projection else value
+
+
+def open_clip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers CLIPTextModel state -> OpenCLIP text tower names, q/k/v fused into in_proj."""
+    out = {
+        "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        "ln_final.bias": state["text_model.final_layer_norm.bias"],
+    }
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    for i in sorted(layers):
+        ours, theirs = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            q, k, v = (state[f"{ours}self_attn.{p}_proj.{kind}"] for p in "qkv")
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat([q, k, v])
+            out[f"{theirs}attn.out_proj.{kind}"] = state[f"{ours}self_attn.out_proj.{kind}"]
+            for name, original in OPEN_CLIP_LAYER.items():
+                out[f"{theirs}{original}.{kind}"] = state[f"{ours}{name}.{kind}"]
+    return out

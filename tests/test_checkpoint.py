@@ -1,0 +1,111 @@
+"""Original single-file checkpoints: our export, diffusers' reading of it, and our reading back."""
+
+import pickle
+
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from ldm.checkpoint import load_single_file, save_single_file
+from ldm.model import LatentDiffusion, ModelLoadError, read_preset
+
+
+def assert_same_parts(a: LatentDiffusion, b) -> None:
+    for name, part in a.parts().items():
+        expected, got = part.state_dict(), getattr(b, name).state_dict()
+        assert expected.keys() == got.keys(), name
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), key
+
+
+@pytest.fixture
+def openclip_preset(tmp_path):
+    """tiny, in SD 2.x's shape: OpenCLIP text encoder (gelu), linear projections."""
+    spec = read_preset("tiny")
+    spec["text_encoder"]["hidden_act"] = "gelu"
+    spec["unet"]["use_linear_projection"] = True
+    path = tmp_path / "tiny-sd2.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_export_uses_the_original_key_names(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "model.safetensors")
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    for key in [
+        "model.diffusion_model.input_blocks.0.0.weight",  # conv_in
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",  # cross-attention
+        "model.diffusion_model.input_blocks.2.0.op.weight",  # the downsampler
+        "model.diffusion_model.middle_block.0.in_layers.0.weight",
+        "model.diffusion_model.output_blocks.1.1.conv.weight",  # the upsampler of a block without attention
+        "model.diffusion_model.out.2.bias",
+        "first_stage_model.encoder.down.0.block.0.norm1.weight",
+        "first_stage_model.decoder.mid.attn_1.q.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    ]:
+        assert key in keys, key
+
+
+def test_round_trip_gives_identical_weights(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "model.safetensors")
+    assert_same_parts(tiny_model, load_single_file(tmp_path / "model.safetensors", preset="tiny"))
+
+
+def test_round_trip_with_an_openclip_text_encoder(openclip_preset, tmp_path):
+    model = LatentDiffusion.from_preset(openclip_preset)
+    save_single_file(model, tmp_path / "model.safetensors")
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in load_file(
+        tmp_path / "model.safetensors"
+    )
+    assert_same_parts(model, load_single_file(tmp_path / "model.safetensors", preset=openclip_preset))
+
+
+def test_diffusers_single_file_loader_reads_our_export(tiny_model, tmp_path):
+    tiny_model.save(tmp_path / "config")  # diffusers takes the architecture from a folder
+    save_single_file(tiny_model, tmp_path / "model.safetensors")
+    pipe = StableDiffusionPipeline.from_single_file(
+        tmp_path / "model.safetensors", config=str(tmp_path / "config"), local_files_only=True
+    )
+    assert_same_parts(tiny_model, pipe)
+
+
+def test_ckpt_files_load_weights_only(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "model.safetensors")
+    torch.save({"state_dict": load_file(tmp_path / "model.safetensors"), "global_step": 10}, tmp_path / "model.ckpt")
+    assert_same_parts(tiny_model, load_single_file(tmp_path / "model.ckpt", preset="tiny"))
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run on load",))
+
+
+def test_a_ckpt_holding_code_is_refused(tmp_path):
+    with (tmp_path / "evil.ckpt").open("wb") as file:
+        pickle.dump({"state_dict": Payload()}, file, protocol=2)
+    with pytest.raises(ModelLoadError, match="cannot be loaded weights-only"):
+        load_single_file(tmp_path / "evil.ckpt")
+
+
+def test_a_file_that_is_not_a_sd_checkpoint_is_refused(tmp_path):
+    save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="no model.diffusion_model.\\* weights"):
+        load_single_file(tmp_path / "other.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadError, match="not a readable checkpoint"):
+        load_single_file(tmp_path / "broken.safetensors")
+
+
+def test_export_refuses_to_overwrite(tiny_model, tmp_path):
+    (tmp_path / "model.safetensors").write_text("mine")
+    with pytest.raises(FileExistsError):
+        save_single_file(tiny_model, tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors").read_text() == "mine"
+
+
+def test_weights_that_do_not_fit_the_preset_are_named(tiny_model, tmp_path):
+    save_single_file(tiny_model, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="unet: weights lack 118 key.*down_blocks.1.attentions.0"):
+        load_single_file(tmp_path / "model.safetensors", preset="small")
