@@ -11,6 +11,8 @@ import time
 import warnings
 from pathlib import Path
 
+import diffusers
+import transformers
 from PIL import Image, UnidentifiedImageError
 
 from ldm.model import ModelLoadError
@@ -102,6 +104,8 @@ def new_outdir() -> Path:
 
 
 def run(args: argparse.Namespace) -> list[Path]:
+    if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
+        raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
     prompts = read_prompts(args)
     init_image, mask = read_image(args.init_image, "--init-image"), read_image(args.mask, "--mask")
     source = model_source(args)
@@ -131,8 +135,16 @@ def run(args: argparse.Namespace) -> list[Path]:
     return write_run(args.outdir or new_outdir(), generated, settings)
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_libraries() -> None:
+    """Our own progress bar and errors only: no loading bars or advice from transformers and diffusers."""
     warnings.simplefilter("ignore", FutureWarning)
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     try:
         written = run(parse(argv))
     except (UsageError, ModelLoadError, ConfigError, GenerationError, UnknownScheduler, DeviceError) as error:

@@ -1,0 +1,121 @@
+"""sample.py as a user runs it: files, metadata, no overwriting, one-line errors with exit code 2."""
+
+import pytest
+from PIL import Image
+
+import sample
+from ldm.checkpoint import save_single_file
+from ldm.model import read_preset
+from pipelines.schedulers import SCHEDULERS
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = sample.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_writes_numbered_pngs_carrying_their_parameters_and_a_grid(tiny_model_dir, tmp_path, capsys):
+    code, out, _ = run(
+        capsys, "--model", tiny_model_dir, "--prompt", "a (red) circle", "--negative-prompt", "blue",
+        "--num-images", "3", "--batch-size", "2", "--steps", "2", "--seed", "5", "--scheduler", "euler",
+        "--outdir", tmp_path / "run", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0 and out == f"wrote 3 image(s) to {tmp_path / 'run'}\n"
+    names = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert names == ["00000-00002-grid.png", "00000-5.png", "00001-6.png", "00002-7.png"]
+    info = Image.open(tmp_path / "run" / "00001-6.png").text
+    assert {k: info[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale")} == {
+        "prompt": "a (red) circle",
+        "negative_prompt": "blue",
+        "seed": "6",
+        "steps": "2",
+        "scheduler": "euler",
+        "guidance_scale": "7.5",
+    }
+    assert info["model"] == str(tiny_model_dir)
+    assert info["parameters"] == (
+        "a (red) circle\nNegative prompt: blue\n"
+        "Steps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 6, Size: 16x16, Model: tiny"
+    )
+    assert Image.open(tmp_path / "run" / "00000-00002-grid.png").size == (32, 32)  # 2 x 2 cells
+
+
+def test_a_second_run_in_the_same_folder_overwrites_nothing(tiny_model_dir, tmp_path, capsys):
+    options = ["--model", tiny_model_dir, "--prompt", "a red circle", "--steps", "1", "--outdir", tmp_path]
+    assert run(capsys, *options, "--seed", "1")[0] == 0
+    before = (tmp_path / "00000-1.png").read_bytes()
+    assert run(capsys, *options, "--seed", "9")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1.png", "00001-9.png"]
+    assert (tmp_path / "00000-1.png").read_bytes() == before
+
+
+def test_attention_maps_are_written_beside_the_image(tiny_model_dir, tmp_path, capsys):
+    options = ["--prompt", "a red circle", "--steps", "1", "--seed", "0", "--attention-maps"]
+    assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)[0] == 0
+    maps = sorted(p.name for p in tmp_path.iterdir() if "attention" in p.name)
+    assert maps == ["00000-0-attention-00-a.png", "00000-0-attention-01-red.png", "00000-0-attention-02-circle.png"]
+    assert Image.open(tmp_path / maps[1]).size == (16, 16)
+
+
+def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, capsys, monkeypatch):
+    save_single_file(tiny_model, tmp_path / "tiny.safetensors")
+    monkeypatch.setattr("ldm.checkpoint.read_preset", lambda name: read_preset("tiny"))  # not inferable: say it
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    options = ["--prompt-file", tmp_path / "prompts.txt", "--steps", "1", "--outdir", tmp_path / "out"]
+    code, out, _ = run(capsys, "--model", tmp_path / "tiny.safetensors", *options)
+    assert code == 0 and out.startswith("wrote 2 image(s)")
+    prompts = [Image.open(p).text["prompt"] for p in sorted((tmp_path / "out").glob("0000?-*[0-9].png"))]
+    assert prompts == ["a red circle", "a blue square"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "one of the arguments --prompt --prompt-file is required"),
+        (["--prompt", "x", "--height", "500"], "height=500: must be a positive multiple of 8"),
+        (
+            ["--prompt", "x", "--scheduler", "euler-a"],
+            "argument --scheduler: invalid choice: 'euler-a' (choose from {})".format(", ".join(map(repr, SCHEDULERS))),
+        ),
+        (["--prompt", "x", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (
+            ["--prompt", "x", "--init-image", "{tmp}/missing.png"],
+            "--init-image {tmp}/missing.png: not a readable image",
+        ),
+        (["--prompt", "x", "--init-image", "{tmp}/notes.txt"], "--init-image {tmp}/notes.txt: not a readable image"),
+        (
+            ["--prompt", "x", "--strength", "2", "--init-image", "{tmp}/photo.png"],
+            "strength=2.0: must be between 0 and 1",
+        ),
+        (["--prompt", "x", "--device", "tpu"], "device='tpu': use one of auto, cuda, mps, cpu"),
+        (["--prompt-file", "{tmp}/empty.txt"], "--prompt-file {tmp}/empty.txt: no prompts in it"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty.txt").write_text("\n")
+    Image.new("RGB", (16, 16)).save(tmp_path / "photo.png")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, out, err = run(capsys, "--model", tiny_model_dir, "--outdir", tmp_path / "out", *argv)
+    assert code == 2 and out == ""
+    assert err == f"sample.py: error: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_outdir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    code, _, err = run(capsys, "--model", tmp_path / "nowhere", "--prompt", "x", "--outdir", tmp_path / "taken")
+    assert code == 2 and err == f"sample.py: error: --outdir {tmp_path / 'taken'}: exists and is not a folder\n"
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_missing_model_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", tmp_path / "nowhere", "--prompt", "x")
+    assert code == 2 and err == f"sample.py: error: --model {tmp_path / 'nowhere'}: no such file or folder\n"
+
+
+def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "models" / "default")
+    code, _, err = run(capsys, "--prompt", "x")
+    assert code == 2 and err == "sample.py: error: no default model is installed yet; pass --model PATH_OR_HUB_ID\n"
