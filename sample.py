@@ -53,6 +53,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image)")
     parser.add_argument("--strength", type=float, default=0.8, help="how far to move from the init image, 0..1")
     parser.add_argument("--mask", type=Path, help="inpaint: white is repainted, black kept (needs --init-image)")
+    parser.add_argument(
+        "--lora",
+        type=lora_argument,
+        action="append",
+        default=[],
+        metavar="F[:SCALE]",
+        help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
+    )
     parser.add_argument("--attention-maps", action="store_true", help="write a heatmap per prompt token")
     parser.add_argument("--truncate-prompts", action="store_true", help="cut prompts at 75 tokens instead of chunking")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -60,6 +68,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in less memory")
     return parser.parse_args(argv)
+
+
+def lora_argument(value: str) -> tuple[str, float]:
+    """'style.safetensors:0.7' -> (file, 0.7); a path alone has scale 1."""
+    path, _, scale = value.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (value, 1.0)
+    except ValueError:
+        return value, 1.0
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -108,10 +125,15 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
     prompts = read_prompts(args)
     init_image, mask = read_image(args.init_image, "--init-image"), read_image(args.mask, "--mask")
+    for path, _ in args.lora:
+        if not Path(path).is_file():
+            raise UsageError(f"--lora {path}: no such file")
     source = model_source(args)
     pipe = TextToImagePipeline.from_pretrained(
         source, device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale)
     scheduler = args.scheduler or pipe.default_scheduler
     generated = pipe.generate(
         prompts,
@@ -131,7 +153,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         truncate=args.truncate_prompts,
     )
     strength = args.strength if init_image is not None else None
-    settings = RunSettings(source, args.steps, scheduler, args.guidance_scale, strength)
+    settings = RunSettings(source, args.steps, scheduler, args.guidance_scale, strength, tuple(args.lora))
     return write_run(args.outdir or new_outdir(), generated, settings)
 
 

@@ -29,6 +29,7 @@ class RunSettings:
     scheduler: str
     guidance_scale: float
     strength: float | None = None  # image-to-image and inpainting only
+    loras: tuple[tuple[str, float], ...] = ()  # (file, scale) merged into the model
 
 
 def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
@@ -53,6 +54,9 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
     if settings.strength is not None:
         fields["strength"] = str(settings.strength)
         line += f", Denoising strength: {settings.strength}"
+    if settings.loras:
+        fields["lora"] = ", ".join(f"{path}:{scale}" for path, scale in settings.loras)
+        line += ", Lora: " + ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras)
     fields["parameters"] = f"{generated.prompt}\nNegative prompt: {generated.negative_prompt}\n{line}"
     info = PngInfo()
     for key, value in fields.items():

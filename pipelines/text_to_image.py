@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
 from ldm.checkpoint import load_single_file
+from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
@@ -91,6 +92,10 @@ class TextToImagePipeline:
         if str(source).endswith((".safetensors", ".ckpt")):
             return cls(load_single_file(source), **options)
         return cls(LatentDiffusion.load(source), **options)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Merge a LoRA file (diffusers/peft or kohya format) into the weights, `scale` times its strength."""
+        merge_lora(self.model, path, scale)
 
     @property
     def default_scheduler(self) -> str:

@@ -1,7 +1,10 @@
 """sample.py as a user runs it: files, metadata, no overwriting, one-line errors with exit code 2."""
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import sample
 from ldm.checkpoint import save_single_file
@@ -90,6 +93,10 @@ def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, 
         ),
         (["--prompt", "x", "--device", "tpu"], "device='tpu': use one of auto, cuda, mps, cpu"),
         (["--prompt-file", "{tmp}/empty.txt"], "--prompt-file {tmp}/empty.txt: no prompts in it"),
+        (
+            ["--prompt", "x", "--lora", "{tmp}/missing.safetensors:0.5"],
+            "--lora {tmp}/missing.safetensors: no such file",
+        ),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argv, message):
@@ -101,6 +108,21 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys
     assert code == 2 and out == ""
     assert err == f"sample.py: error: {message.format(tmp=tmp_path)}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_is_merged_and_recorded(tiny_model_dir, tmp_path, capsys):
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    weights = {f"{layer}.lora_down.weight": torch.ones(1, 8), f"{layer}.lora_up.weight": torch.ones(8, 1)}
+    save_file(weights, tmp_path / "style.safetensors")
+    options = ["--model", tiny_model_dir, "--prompt", "a red circle", "--steps", "2", "--seed", "0"]
+    assert run(capsys, *options, "--outdir", tmp_path / "plain")[0] == 0
+    assert (
+        run(capsys, *options, "--outdir", tmp_path / "lora", "--lora", f"{tmp_path / 'style.safetensors'}:0.5")[0] == 0
+    )
+    plain, styled = Image.open(tmp_path / "plain" / "00000-0.png"), Image.open(tmp_path / "lora" / "00000-0.png")
+    assert styled.text["lora"] == f"{tmp_path / 'style.safetensors'}:0.5"
+    assert styled.text["parameters"].endswith(", Lora: style:0.5")
+    assert np.abs(np.asarray(plain, dtype=int) - np.asarray(styled, dtype=int)).max() > 0
 
 
 def test_an_outdir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):

@@ -1,0 +1,90 @@
+"""LoRA files merged into a model's weights: W <- W + scale · (alpha / rank) · B A.
+
+Reads the two formats in use for SD 1.x/2.x: diffusers/peft (`unet.<module>.lora_A.weight`,
+`lora_B`, alpha in the `lora_adapter_metadata` of the file, else alpha = rank, as diffusers
+assumes) and kohya/A1111 (`lora_unet_<module_with_underscores>.lora_down.weight`, `lora_up`,
+`.alpha`). Merging once costs nothing per step; a LoRA for another architecture is refused.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from ldm.model import LatentDiffusion, ModelLoadError
+from ldm.text import TEXT_PREFIX
+
+SUFFIXES = {  # key ending -> which factor
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".alpha": "alpha",
+}
+
+
+def read_lora(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(path, framework="pt") as file:
+            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ModelLoadError(f"LoRA {path}: not a readable .safetensors file ({error})") from None
+
+
+def lora_targets(model: LatentDiffusion) -> dict[str, nn.Module]:
+    """Every layer a LoRA may change, under each name the formats give it."""
+    targets = {}
+    for name, module in model.unet.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            targets[f"unet.{name}"] = targets["lora_unet_" + name.replace(".", "_")] = module
+    for name, module in model.text_encoder.named_modules():
+        if isinstance(module, nn.Linear):
+            name = name if name.startswith(TEXT_PREFIX) else TEXT_PREFIX + name
+            targets[f"text_encoder.{name}"] = targets["lora_te_" + name.replace(".", "_")] = module
+    return targets
+
+
+def alpha_over_rank(metadata: dict[str, str], layer: str) -> float | None:
+    """diffusers keeps peft's lora_alpha and r per model part in the file's metadata."""
+    if "lora_adapter_metadata" not in metadata:
+        return None
+    config = json.loads(metadata["lora_adapter_metadata"])
+    part = layer.split(".")[0]
+    if f"{part}.lora_alpha" in config and f"{part}.r" in config:
+        return config[f"{part}.lora_alpha"] / config[f"{part}.r"]
+    return None
+
+
+@torch.no_grad()
+def merge_lora(model: LatentDiffusion, path: str | Path, scale: float = 1.0) -> int:
+    """Add the LoRA's updates to the model's weights; return how many layers it changed."""
+    path = Path(path)
+    state, metadata = read_lora(path)
+    factors: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            raise ModelLoadError(f"LoRA {path}: {key!r} is not a LoRA weight (lora_A/B, lora_down/up or alpha)")
+        factors.setdefault(key.removesuffix(suffix), {})[SUFFIXES[suffix]] = value
+    targets = lora_targets(model)
+    for layer, parts in factors.items():
+        if layer not in targets:
+            raise ModelLoadError(f"LoRA {path}: {layer!r} matches no layer of this model (a LoRA for another model?)")
+        if "down" not in parts or "up" not in parts:
+            raise ModelLoadError(f"LoRA {path}: {layer!r} lacks its down or up matrix")
+        weight = targets[layer].weight
+        down, up = parts["down"].flatten(1).float(), parts["up"].flatten(1).float()  # (rank, in), (out, rank)
+        rank = down.shape[0]
+        ratio = parts["alpha"].item() / rank if "alpha" in parts else alpha_over_rank(metadata, layer)
+        ratio = 1.0 if ratio is None else ratio
+        update = scale * ratio * (up @ down)
+        if update.numel() != weight.numel():
+            raise ModelLoadError(
+                f"LoRA {path}: {layer!r} has shape {tuple(update.shape)}, the layer {tuple(weight.shape)}"
+            )
+        weight += update.reshape(weight.shape).to(weight.dtype)
+    return len(factors)
