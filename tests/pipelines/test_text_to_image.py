@@ -6,7 +6,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from conftest import perturb
 from ldm.autoencoder import images_to_latents, latents_to_images
+from ldm.model import LatentDiffusion, read_preset
 from pipelines.schedulers import SCHEDULERS, UnknownScheduler, make_scheduler
 from pipelines.text_to_image import GenerationError, TextToImagePipeline, image_to_tensor, tensor_to_image
 
@@ -134,3 +136,34 @@ def test_attention_maps_do_not_change_the_image(pipe):
 def test_bad_requests_are_refused_with_one_line(pipe, options, message):
     with pytest.raises(GenerationError, match=message):
         pipe("a red circle", progress=False, **options)
+
+
+def test_a_9_channel_inpainting_unet_sees_the_mask_and_the_kept_image(photo, tmp_path):
+    spec = read_preset("tiny")
+    spec["unet"]["in_channels"] = 9  # latents 4 + mask 1 + masked-image latents 4
+    model = LatentDiffusion.from_spec(spec)
+    for part in model.parts().values():
+        perturb(part)
+    pipe = TextToImagePipeline(model, device="cpu", dtype="fp32")
+    seen = []
+    model.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[SIZE // 2 :] = 255
+    out = pixels(pipe("a red circle", init_image=photo, mask=Image.fromarray(mask), strength=1.0, steps=2, seed=0)[0])
+    assert seen == [(2, 9, 8, 8)] * 2  # unconditional and conditional, 9 channels, every step
+    assert np.array_equal(out[: SIZE // 2], pixels(photo)[: SIZE // 2])
+    with pytest.raises(GenerationError, match="inpainting model .* give it an init image and a mask"):
+        pipe("a red circle", progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_runs_and_stays_close_to_fp32(tiny_model_dir, dtype):
+    half = TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=dtype)
+    full = TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
+    assert half.model.unet.conv_in.weight.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    options = dict(steps=3, seed=0, scheduler="ddim", progress=False)
+    assert np.abs(pixels(half("a red circle", **options)[0]) - pixels(full("a red circle", **options)[0])).mean() < 8
+
+
+def test_vae_tiling_is_switched_on_by_the_option(tiny_model_dir):
+    assert TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", vae_tiling=True).model.vae.use_tiling
