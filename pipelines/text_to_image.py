@@ -79,7 +79,9 @@ class TextToImagePipeline:
         self.model, self.device = model, pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         for part in model.parts().values():
-            part.to(self.device, self.dtype).eval().requires_grad_(False)
+            if next(part.parameters()).dtype != self.dtype:  # diffusers warns on any dtype cast, even a no-op
+                part.to(dtype=self.dtype)
+            part.to(self.device).eval().requires_grad_(False)
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         self.unet = torch.compile(model.unet) if compile else model.unet
