@@ -1,11 +1,82 @@
-"""Train a latent diffusion model on image-caption pairs. Not built yet: training lands with issue #5."""
+"""Train a latent diffusion model (or its autoencoder) on image-caption pairs.
 
+    python train.py --config configs/shapes-diffusion.yaml [dotted.key=value ...]
+    accelerate launch train.py --config ...      # or: torchrun --nproc_per_node N train.py --config ...
+
+Writes to output_dir: config.yaml (the resolved recipe), checkpoints/, logs/ (TensorBoard),
+validation/ (sample grids), and at the end model/ (EMA weights, diffusers layout).
+"""
+
+import argparse
+import logging
 import sys
+import warnings
+
+import diffusers
+import transformers
+from PIL import Image
+
+from ldm.data.datasets import DatasetError
+from ldm.model import LatentDiffusion, ModelLoadError
+from ldm.train.config import TrainConfig, load_config
+from ldm.train.loop import Trainer
+from ldm.unet import ConfigError
+from pipelines.outputs import grid
+from pipelines.text_to_image import TextToImagePipeline
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def sampler(config: TrainConfig, device) -> "callable | None":
+    """Validation: the recipe's prompts, sampled with fixed seeds into one grid."""
+    validation = config.validation
+    if config.stage != "diffusion" or not validation.prompts:
+        return None
+
+    def validate(model: LatentDiffusion, step: int) -> Image.Image:
+        pipe = TextToImagePipeline(model, device=str(device.type), dtype="fp32")
+        images = pipe(
+            validation.prompts,
+            steps=validation.steps,
+            guidance_scale=validation.guidance_scale,
+            seed=validation.seed,
+            height=config.data.resolution,
+            width=config.data.resolution,
+            progress=False,
+        )
+        return grid(images)
+
+    return validate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a recipe in configs/")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.learning_rate=2e-4")
+    warnings.simplefilter("ignore", FutureWarning)
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("ldm").setLevel(logging.INFO)
+    try:
+        args = parser.parse_args(argv)
+        config = load_config(args.config, args.overrides)
+        trainer = Trainer(config)
+        trainer.validate = sampler(config, trainer.accelerator.device)
+        trainer.run()
+    except (UsageError, ConfigError, DatasetError, ModelLoadError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
 
 if __name__ == "__main__":
-    print(
-        "train.py: training is not implemented yet (issue #5). "
-        "For now `python -m ldm.describe sd15` builds a model and prints its architecture.",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    sys.exit(main())

@@ -75,4 +75,4 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+    return text_encoder(ids.to(next(text_encoder.parameters()).device)).last_hidden_state

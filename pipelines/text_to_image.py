@@ -81,7 +81,7 @@ class TextToImagePipeline:
         for part in model.parts().values():
             if next(part.parameters()).dtype != self.dtype:  # diffusers warns on any dtype cast, even a no-op
                 part.to(dtype=self.dtype)
-            part.to(self.device).eval().requires_grad_(False)
+            part.to(self.device).eval()
         if self.device.type == "cuda":
             model.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
         self.unet = torch.compile(model.unet) if compile else model.unet

@@ -1,0 +1,1 @@
+"""Datasets of captioned images, and the synthetic shapes dataset."""

@@ -1,0 +1,225 @@
+"""Captioned image datasets in three formats, chosen by what `path` holds:
+
+1. a folder of images (png, jpg, jpeg, webp, bmp), each with a same-stem .txt caption, searched recursively;
+2. a folder with metadata.jsonl or metadata.csv: `file_name` and a caption column (Hugging Face imagefolder);
+3. WebDataset tar shards (a folder of .tar files, or one .tar): image plus .txt or .json caption, streamed.
+
+A bad item (unreadable, truncated or empty image, missing or unreadable caption, too small) is
+not an error: it comes out as a `Skipped` record, which the collate function sets aside for the
+training loop to warn about and count.
+"""
+
+import csv
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+
+from ldm.data.transforms import BadItem, prepare_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be used: the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Skipped:
+    source: str
+    reason: str
+
+
+def load_item(image: Path | bytes, caption: str | None, source: str, options: ImageOptions, key: list[int]):
+    """One example as {"pixels", "caption"}, or Skipped. `key` seeds this item's crop and flip."""
+    try:
+        if caption is None or not caption.strip():
+            raise BadItem("no caption")
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as file:
+            file.load()
+            pixels = prepare_image(
+                file, options.resolution, options.center_crop, options.random_flip, np.random.default_rng(key)
+            )
+        return {"pixels": pixels, "caption": caption.strip()}
+    except BadItem as error:
+        return Skipped(source, str(error))
+    except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
+        return Skipped(source, f"unreadable image ({type(error).__name__}: {error})")
+
+
+class CaptionedImages(Dataset):
+    """Formats 1 and 2: a list of (image file, caption) known up front. Indexed by (epoch, index)
+    pairs from `EpochSampler`, so each epoch's crops and flips are fixed by the seed."""
+
+    def __init__(self, entries: list[tuple[Path, str | Path | None]], options: ImageOptions):
+        self.entries, self.options = entries, options
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, epoch_index: tuple[int, int]):
+        epoch, index = epoch_index
+        image, caption = self.entries[index]
+        if isinstance(caption, Path):
+            try:
+                caption = caption.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                return Skipped(str(image), f"unreadable caption {caption.name} ({type(error).__name__})")
+        return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index])
+
+
+class EpochSampler(Sampler):
+    """Each epoch a permutation seeded by (seed, epoch), dealt round-robin to the processes;
+    starts `skip` items into this process's share, which is how a resumed run picks up."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, skip: int = 0):
+        self.size, self.seed, self.rank, self.world, self.skip = size, seed, rank, world, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        position, epoch = 0, 0
+        while True:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            for index in order[self.rank :: self.world]:
+                if position >= self.skip:
+                    yield epoch, index
+                position += 1
+            epoch += 1
+
+
+class TarShards(IterableDataset):
+    """Format 3: WebDataset tars read member by member with the standard library, one shard per
+    (process, worker) in turn, so nothing is unpacked to disk and every shard is read by one reader."""
+
+    def __init__(self, shards: list[Path], options: ImageOptions, caption_column: str, rank: int = 0, world: int = 1):
+        self.shards, self.options, self.caption_column = shards, options, caption_column
+        self.rank, self.world = rank, world
+        self.skip = 0  # items of this process's stream already consumed (set when resuming)
+
+    def one_pass(self) -> Iterator:
+        """Every item of every shard once, in order."""
+        for index, shard in enumerate(self.shards):
+            yield from self._read(shard, 0, index)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
+        readers, reader = self.world * workers, self.rank * workers + worker_id
+        return itertools.islice(self._stream(reader, readers), self.skip // workers, None)
+
+    def _stream(self, reader: int, readers: int) -> Iterator:
+        epoch = 0
+        while True:
+            for shard_index in range(reader, len(self.shards), readers):
+                yield from self._read(self.shards[shard_index], epoch, shard_index)
+            epoch += 1
+
+    def _read(self, shard: Path, epoch: int, shard_index: int):
+        samples: dict[str, dict[str, bytes]] = {}
+        order: list[str] = []
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, suffix = member.name.partition(".")
+                if key not in samples:
+                    order.append(key)
+                samples.setdefault(key, {})[suffix.lower()] = tar.extractfile(member).read()
+        for number, key in enumerate(order):
+            files = samples[key]
+            image = next((files[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in files), None)
+            source = f"{shard.name}:{key}"
+            if image is None:
+                yield Skipped(source, "no image file")
+                continue
+            yield load_item(
+                image, self._caption(files), source, self.options, [self.options.seed, epoch, shard_index, number]
+            )
+
+    def _caption(self, files: dict[str, bytes]) -> str | None:
+        try:
+            if "txt" in files:
+                return files["txt"].decode("utf-8")
+            if "json" in files:
+                return json.loads(files["json"]).get(self.caption_column)
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            return None
+        return None
+
+
+def collate(items: list) -> dict:
+    """Stack the good items; hand the skipped ones on for the loop to report."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    return {
+        "pixels": torch.stack([item["pixels"] for item in good]) if good else torch.empty(0),
+        "captions": [item["caption"] for item in good],
+        "skipped": [item for item in items if isinstance(item, Skipped)],
+    }
+
+
+def open_dataset(path: str | Path, options: ImageOptions, caption_column: str = "text", rank: int = 0, world: int = 1):
+    """The dataset at `path`, in whichever of the three formats it is."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".tar":
+        return TarShards([path], options, caption_column, rank, world)
+    if not path.is_dir():
+        raise DatasetError(f"data.path={str(path)!r}: no such folder or .tar file")
+    shards = sorted(path.glob("*.tar"))
+    if shards:
+        return TarShards(shards, options, caption_column, rank, world)
+    for name in ("metadata.jsonl", "metadata.csv"):
+        if (path / name).is_file():
+            return CaptionedImages(read_metadata(path / name, caption_column), options)
+    images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not images:
+        raise DatasetError(
+            f"data.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}), metadata file or .tar shards"
+        )
+    return CaptionedImages([(image, image.with_suffix(".txt")) for image in images], options)
+
+
+def read_metadata(file: Path, caption_column: str) -> list[tuple[Path, str | None]]:
+    """(image, caption) rows of a metadata.jsonl / metadata.csv; paths relative to its folder."""
+    if file.suffix == ".jsonl":
+        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        with file.open(newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    if rows and "file_name" not in rows[0]:
+        raise DatasetError(f"{file}: no file_name column")
+    if rows and caption_column not in rows[0]:
+        raise DatasetError(
+            f"{file}: no caption column {caption_column!r} (set data.caption_column; has {sorted(rows[0])})"
+        )
+    return [(file.parent / row["file_name"], row.get(caption_column)) for row in rows]
+
+
+def check_usable(dataset: CaptionedImages | TarShards) -> None:
+    """Stop before training if not one item can be used, saying why the items failed."""
+    if isinstance(dataset, CaptionedImages):
+        items = (dataset[(0, index)] for index in range(len(dataset)))
+    else:
+        items = dataset.one_pass()
+    reasons: Counter[str] = Counter()
+    for item in items:
+        if not isinstance(item, Skipped):
+            return
+        reasons[item.reason.split(" (")[0]] += 1
+    summary = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    raise DatasetError(f"no usable item among {sum(reasons.values())}: {summary}")

@@ -1,0 +1,50 @@
+"""From any image file to a training tensor: RGB, resized by the shorter side, cropped, maybe
+flipped, scaled to [-1, 1]. Randomness comes from a generator the caller seeds per item, so a
+resumed run sees exactly the crops and flips the uninterrupted run would have."""
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+class BadItem(Exception):
+    """An item to skip (unreadable, too small, no caption): the message says why."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Every PIL mode to RGB: transparency composited on white, 16/32-bit and float scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def prepare_image(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+) -> Tensor:
+    """(3, resolution, resolution) in [-1, 1]."""
+    image = to_rgb(image)
+    width, height = image.size
+    if min(width, height) < resolution:
+        raise BadItem(f"{width}x{height} is smaller than the training resolution {resolution}")
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(2, 0, 1)

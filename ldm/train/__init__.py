@@ -1,0 +1,1 @@
+"""Training: the recipe config, the Accelerate loop, EMA and checkpoints."""

@@ -1,0 +1,164 @@
+"""TrainConfig: a YAML recipe over typed defaults, with dotted overrides from the command line.
+
+    python train.py --config configs/shapes-diffusion.yaml optim.learning_rate=2e-4 steps.max=500
+
+OmegaConf checks names and types against these dataclasses; `load_config` turns what it finds
+wrong into one line that names the key.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffusers.optimization import SchedulerType
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ldm.unet import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None  # build from scratch: a name in configs/ or a .yaml
+    pretrained: str | None = None  # or start from a model folder / hub id (fine-tuning)
+    vae: str | None = None  # a model folder whose VAE replaces the preset's (the autoencoder stage's output)
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    resolution: int = 64
+    caption_column: str = "text"  # metadata.jsonl/.csv and .json captions in shards
+    center_crop: bool = True
+    random_flip: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class DiffusionConfig:
+    prediction_type: str | None = None  # epsilon or v_prediction; default: the model's scheduler's
+    train_text_encoder: bool = False  # jointly (from scratch) or frozen (pretrained)
+    caption_dropout: float = 0.1  # the empty prompt instead, so classifier-free guidance works
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice)
+    noise_offset: float = 0.0
+
+
+@dataclass
+class AutoencoderConfig:
+    loss: str = "l1"  # l1 or mse
+    kl_weight: float = 1e-6
+    holdout: int = 8  # images kept out of training to measure reconstruction PSNR
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any of diffusers.optimization's: linear, cosine, constant_with_warmup, ...
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False  # bitsandbytes, CUDA only
+
+
+@dataclass
+class StepsConfig:
+    max: int = 1000
+    batch_size: int = 8  # per process
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"  # no, fp16, bf16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)
+    every: int = 500
+    steps: int = 25
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = MISSING
+    stage: str = "diffusion"  # diffusion or autoencoder
+    seed: int = 0
+    ema_decay: float | None = 0.999  # EMA of the trained model's weights; null for none
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard, wandb or none
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: StepsConfig = field(default_factory=StepsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "stage": (self.stage, ("diffusion", "autoencoder")),
+            "report_to": (self.report_to, ("tensorboard", "wandb", "none")),
+            "steps.mixed_precision": (self.steps.mixed_precision, ("no", "fp16", "bf16")),
+            "autoencoder.loss": (self.autoencoder.loss, ("l1", "mse")),
+            "diffusion.prediction_type": (self.diffusion.prediction_type, (None, "epsilon", "v_prediction")),
+        }
+        for key, (value, valid) in choices.items():
+            if value not in valid:
+                raise ConfigError(f"{key}={value!r}: use one of {', '.join(str(v) for v in valid if v)}")
+        if (self.model.preset is None) == (self.model.pretrained is None):
+            raise ConfigError("model: set exactly one of model.preset (from scratch) and model.pretrained (fine-tune)")
+        positive = {"steps.max": self.steps.max, "steps.batch_size": self.steps.batch_size,
+                    "steps.gradient_accumulation": self.steps.gradient_accumulation,
+                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep,
+                    "data.resolution": self.data.resolution, "validation.every": self.validation.every}  # fmt: skip
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be at least 1")
+        schedules = [kind.value for kind in SchedulerType]
+        if self.optim.lr_scheduler not in schedules:
+            raise ConfigError(f"optim.lr_scheduler={self.optim.lr_scheduler!r}: use one of {', '.join(schedules)}")
+        if not 0 <= self.diffusion.caption_dropout < 1:
+            raise ConfigError(f"diffusion.caption_dropout={self.diffusion.caption_dropout}: must be in [0, 1)")
+
+
+def load_config(path: str | Path, overrides: list[str]) -> TrainConfig:
+    """The recipe at `path` with `key=value` overrides, checked; ConfigError names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    for override in overrides:
+        if "=" not in override:
+            raise ConfigError(f"{override!r}: overrides are dotted.key=value")
+    try:
+        schema = OmegaConf.structured(TrainConfig)
+        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(describe_error(error)) from None
+
+
+def describe_error(error: OmegaConfBaseException) -> str:
+    """OmegaConf's multi-line report as one line: the key, and what was wrong with it."""
+    key = getattr(error, "full_key", None) or "config"
+    message = str(error).splitlines()[0]
+    if "MissingMandatoryValue" in type(error).__name__ or "Missing mandatory value" in message:
+        return f"{key}: required, and not set"
+    if "not in" in message and "Key" in message:
+        parent = key.rpartition(".")[0]
+        node = OmegaConf.structured(TrainConfig)
+        valid = sorted((OmegaConf.select(node, parent) if parent else node).keys())
+        return f"{key}: unknown key; valid here: {', '.join(valid)}"
+    return f"{key}: {message}"
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))

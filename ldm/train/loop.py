@@ -1,0 +1,288 @@
+"""The training loop: one stage (autoencoder or diffusion) of one model on one dataset, driven by
+Accelerate, so the same code runs on a CPU, a GPU, several GPUs or several nodes
+(`accelerate launch train.py ...` or `torchrun ... train.py ...`)."""
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ldm.autoencoder import images_to_latents
+from ldm.data.datasets import CaptionedImages, EpochSampler, ImageOptions, check_usable, collate, open_dataset
+from ldm.model import LatentDiffusion
+from ldm.text import encode_prompts
+from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
+from ldm.train.config import TrainConfig, save_config
+from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
+from ldm.unet import ConfigError
+
+logger = logging.getLogger(__name__)
+Validate = Callable[[LatentDiffusion, int], Image.Image]  # (model with EMA weights, step) -> a grid
+
+
+class Progress:
+    """The step counter, saved in checkpoints beside the models and optimizer."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, validate: Validate | None = None):
+        self.config, self.validate = config, validate
+        self.output = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.steps.mixed_precision,
+            gradient_accumulation_steps=config.steps.gradient_accumulation,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=str(self.output / "logs"),
+        )
+        self.skipped: Counter[str] = Counter()
+        self.losses: list[float] = []  # per optimizer step, on this process: what tests and summaries read
+
+    def run(self) -> LatentDiffusion:
+        config, accelerator = self.config, self.accelerator
+        self._check_output_dir()
+        set_seed(config.seed)  # the same initial weights on every process
+        self.model = build_model(config)
+        self.dataset, holdout = self._dataset()
+        modules = self._setup_stage()
+        optimizer = self._optimizer(modules)
+        lr_scheduler = get_scheduler(
+            config.optim.lr_scheduler,
+            optimizer,
+            num_warmup_steps=config.optim.warmup_steps * accelerator.num_processes,
+            num_training_steps=config.steps.max * accelerator.num_processes,
+        )
+        *self.wrapped, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
+        self.trained = self.wrapped[0]
+        self.text_encoder = self.wrapped[1] if len(self.wrapped) > 1 else self.model.text_encoder
+        self.ema = EMAModel(modules[0].parameters(), decay=config.ema_decay) if config.ema_decay else None
+        self.progress = Progress()
+        accelerator.register_for_checkpointing(self.progress, *([self.ema] if self.ema else []))
+        if config.checkpoint.resume:
+            checkpoint = find_checkpoint(self.output, config.checkpoint.resume)
+            accelerator.load_state(str(checkpoint))
+            logger.info("resumed from %s at step %d", checkpoint, step_of(checkpoint))
+        else:
+            set_seed(config.seed, device_specific=True)  # different noise and dropout on every process
+        if accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output / "config.yaml")
+        accelerator.init_trackers("train")
+        self._loop(optimizer, lr_scheduler)
+        return self._finish(modules[0], holdout)
+
+    def _check_output_dir(self) -> None:
+        if (self.output / "model").exists():
+            raise ConfigError(f"output_dir={str(self.output)!r} already holds a trained model; choose a new one")
+        if not self.config.checkpoint.resume and (self.output / "checkpoints").exists():
+            raise ConfigError(
+                f"output_dir={str(self.output)!r} holds checkpoints: continue with checkpoint.resume=latest, "
+                "or choose a new output_dir"
+            )
+
+    def _dataset(self):
+        data, accelerator = self.config.data, self.accelerator
+        options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed)
+        dataset = open_dataset(
+            data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes
+        )
+        check_usable(dataset)
+        holdout = None
+        if self.config.stage == "autoencoder" and isinstance(dataset, CaptionedImages):
+            count = min(self.config.autoencoder.holdout, len(dataset) - 1)
+            holdout = CaptionedImages(dataset.entries[:count], options)
+            dataset = CaptionedImages(dataset.entries[count:], options)
+        return dataset, holdout
+
+    def _setup_stage(self) -> list[torch.nn.Module]:
+        """The modules this stage trains, first the one whose EMA is kept; the others frozen."""
+        config, model = self.config, self.model
+        for part in model.parts().values():
+            part.requires_grad_(False).eval()
+        if config.stage == "autoencoder":
+            trained = [ReconstructionObjective(model.vae, config.autoencoder.loss, config.autoencoder.kl_weight)]
+            if config.steps.gradient_checkpointing:
+                model.vae.enable_gradient_checkpointing()
+        else:
+            prediction = config.diffusion.prediction_type or model.scheduler.config.prediction_type
+            model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction)
+            self.noise_schedule = DDPMScheduler.from_config(model.scheduler.config)
+            trained = [model.unet] + ([model.text_encoder] if config.diffusion.train_text_encoder else [])
+            if config.steps.gradient_checkpointing:
+                model.unet.gradient_checkpointing = True
+                if config.diffusion.train_text_encoder:
+                    model.text_encoder.gradient_checkpointing_enable()
+            model.vae.to(self.accelerator.device)
+            model.text_encoder.to(self.accelerator.device)
+        for module in trained:
+            module.requires_grad_(True).train()
+        return trained
+
+    def _optimizer(self, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
+        optim = self.config.optim
+        parameters = [p for module in modules for p in module.parameters()]
+        options = dict(lr=optim.learning_rate, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+        if not optim.use_8bit_adam:
+            return torch.optim.AdamW(parameters, **options)
+        if self.accelerator.device.type != "cuda":
+            raise ConfigError("optim.use_8bit_adam=true: needs a CUDA device (bitsandbytes)")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError("optim.use_8bit_adam=true: pip install bitsandbytes") from None
+        return bitsandbytes.optim.AdamW8bit(parameters, **options)
+
+    def _loader(self) -> DataLoader:
+        """Resumes at the exact item the interrupted run would have read next."""
+        steps, accelerator = self.config.steps, self.accelerator
+        consumed = self.progress.step * steps.batch_size * steps.gradient_accumulation
+        options = dict(batch_size=steps.batch_size, collate_fn=collate, num_workers=self.config.data.num_workers)
+        options["generator"] = torch.Generator().manual_seed(
+            self.config.seed
+        )  # not the global RNG: resuming must not shift it
+        if isinstance(self.dataset, CaptionedImages):
+            sampler = EpochSampler(
+                len(self.dataset), self.config.seed, accelerator.process_index, accelerator.num_processes, consumed
+            )
+            return DataLoader(self.dataset, sampler=sampler, **options)
+        self.dataset.skip = consumed
+        return DataLoader(self.dataset, **options)
+
+    def _loop(self, optimizer, lr_scheduler) -> None:
+        config, accelerator = self.config, self.accelerator
+        bar = tqdm(total=config.steps.max, initial=self.progress.step, disable=not accelerator.is_main_process)
+        bar.set_description(f"{config.stage} stage")
+        for batch in self._loader():
+            if self.progress.step >= config.steps.max:
+                break
+            for item in batch["skipped"]:
+                logger.warning("skipping %s: %s", item.source, item.reason)
+                self.skipped[item.reason.split(" (")[0]] += 1
+            if not batch["captions"]:
+                continue
+            with accelerator.accumulate(*self.wrapped):
+                loss = self._loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+                    accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                self._after_step(float(accelerator.gather(loss.detach()).mean()), lr_scheduler.get_last_lr()[0], bar)
+        bar.close()
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        pixels = batch["pixels"].to(self.accelerator.device)
+        if self.config.stage == "autoencoder":
+            return self.trained(pixels)
+        diffusion = self.config.diffusion
+        with torch.no_grad():
+            latents = images_to_latents(self.model.vae, pixels)
+        dropped = torch.rand(len(batch["captions"])) < diffusion.caption_dropout
+        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
+        with torch.set_grad_enabled(diffusion.train_text_encoder):
+            text = encode_prompts(self.model.tokenizer, self.text_encoder, captions)
+        return diffusion_loss(
+            self.trained, self.noise_schedule, latents, text, diffusion.snr_gamma, diffusion.noise_offset
+        )
+
+    def _after_step(self, loss: float, lr: float, bar: tqdm) -> None:
+        config, accelerator = self.config, self.accelerator
+        self.progress.step += 1
+        step = self.progress.step
+        self.losses.append(loss)
+        if self.ema:
+            self.ema.step(self.accelerator.unwrap_model(self.trained).parameters())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if step % config.log_every == 0:
+            accelerator.log({"loss": loss, "lr": lr}, step=step)
+        if step % config.checkpoint.every == 0 or step == config.steps.max:
+            save_checkpoint(accelerator, self.output, step, config.checkpoint.keep)
+        if self.validate and step % config.validation.every == 0 and accelerator.is_main_process:
+            self._validation(step)
+
+    def _validation(self, step: int) -> None:
+        """Sample with the EMA weights, save the grid, log it; then back to training."""
+        trained = self.accelerator.unwrap_model(self.trained)
+        if self.ema:
+            self.ema.store(trained.parameters())
+            self.ema.copy_to(trained.parameters())
+        grid = self.validate(self.model, step)
+        if self.ema:
+            self.ema.restore(trained.parameters())
+        trained.train()
+        folder = self.output / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step-{step:08d}.png")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("validation", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+
+    def _finish(self, trained: torch.nn.Module, holdout: CaptionedImages | None) -> LatentDiffusion:
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        total = torch.tensor(sum(self.skipped.values()), device=accelerator.device)
+        skipped = int(accelerator.reduce(total, reduction="sum"))
+        if self.ema:
+            self.ema.copy_to(trained.parameters())
+        trained.eval()
+        if self.config.stage == "autoencoder" and holdout is not None:
+            self._calibrate_autoencoder(holdout)
+        if accelerator.is_main_process:
+            self.model.save(self.output / "model")
+            summary = f"trained {self.progress.step} steps; skipped {skipped} bad item(s)"
+            if self.skipped:
+                summary += " (" + ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common()) + " here)"
+            print(summary)
+        accelerator.end_training()
+        return self.model
+
+    @torch.no_grad()
+    def _calibrate_autoencoder(self, holdout: CaptionedImages) -> None:
+        """Report held-out PSNR, and set scaling_factor = 1/std of the latents, as SD did for its VAE,
+        so the diffusion stage sees unit-variance latents."""
+        vae = self.model.vae
+        items = [holdout[(0, i)] for i in range(len(holdout))]
+        images = torch.stack([item["pixels"] for item in items if isinstance(item, dict)]).to(self.accelerator.device)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.mode()).sample
+        std = float(posterior.sample().std())
+        vae.register_to_config(scaling_factor=1 / std if math.isfinite(std) and std > 0 else 1.0)
+        self.holdout_psnr = psnr(reconstruction, images)
+        if self.accelerator.is_main_process:
+            print(f"held-out reconstruction PSNR {self.holdout_psnr:.2f} dB on {len(images)} images; "
+                  f"latent std {std:.3f}, scaling_factor {vae.config.scaling_factor:.4f}")  # fmt: skip
+
+
+def build_model(config: TrainConfig) -> LatentDiffusion:
+    """From a preset (random weights) or a pretrained model; the VAE maybe from an earlier stage."""
+    if config.model.pretrained:
+        model = LatentDiffusion.load(config.model.pretrained)
+    else:
+        model = LatentDiffusion.from_preset(config.model.preset)
+    if config.model.vae:
+        model.vae = LatentDiffusion.load(config.model.vae).vae
+    return model
