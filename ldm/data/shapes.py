@@ -91,6 +91,8 @@ def sample_scene(rng: np.random.Generator, left_out: set[tuple[str, str]], two_o
     gap = 2 if first.size == "large" else 1
     (c0, r0) = POSITIONS[first.position]
     free = [p for p in names if max(abs(POSITIONS[p][0] - c0), abs(POSITIONS[p][1] - r0)) >= gap]
+    if not free:  # a large shape in the centre leaves no room
+        return [first]
     return [first, pick("small", free[rng.integers(len(free))])]
 
 

@@ -1,0 +1,192 @@
+"""The three dataset formats, the image transforms, and bad items skipped, never fatal."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.datasets import (
+    CaptionedImages,
+    DatasetError,
+    EpochSampler,
+    ImageOptions,
+    Skipped,
+    TarShards,
+    check_usable,
+    collate,
+    open_dataset,
+)
+from ldm.data.transforms import BadItem, prepare_image, to_rgb
+
+OPTIONS = ImageOptions(resolution=8)
+
+
+def png(colour=(255, 0, 0), size=(12, 8)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def items(dataset) -> list:
+    if isinstance(dataset, CaptionedImages):
+        return [dataset[(0, i)] for i in range(len(dataset))]
+    return list(dataset.one_pass())
+
+
+def test_a_folder_of_images_with_same_stem_captions_searched_recursively(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.png").write_bytes(png())
+    (tmp_path / "a" / "one.txt").write_text("a red square\n")
+    (tmp_path / "two.JPG").write_bytes(png())  # any case of a known suffix
+    (tmp_path / "two.txt").write_text("another")
+    dataset = open_dataset(tmp_path, OPTIONS)
+    assert isinstance(dataset, CaptionedImages) and len(dataset) == 2
+    first = items(dataset)[0]
+    assert first["caption"] == "a red square" and first["pixels"].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_metadata_file_with_a_configurable_caption_column(tmp_path, kind):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "x.png").write_bytes(png())
+    if kind == "jsonl":
+        (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "images/x.png", "prompt": "a cat"}) + "\n")
+    else:
+        (tmp_path / "metadata.csv").write_text('file_name,prompt\nimages/x.png,"a cat, sleeping"\n')
+    dataset = open_dataset(tmp_path, OPTIONS, caption_column="prompt")
+    assert items(dataset)[0]["caption"] == ("a cat" if kind == "jsonl" else "a cat, sleeping")
+    with pytest.raises(DatasetError, match="no caption column 'text'"):
+        open_dataset(tmp_path, OPTIONS)
+
+
+def write_shard(path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for suffix, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_with_txt_or_json_captions(tmp_path):
+    write_shard(
+        tmp_path / "000.tar", {"a": {"png": png(), "txt": b"red"}, "b": {"jpg": png(), "json": b'{"text": "blue"}'}}
+    )
+    write_shard(tmp_path / "001.tar", {"c": {"webp": png(), "txt": b"green"}})
+    dataset = open_dataset(tmp_path, OPTIONS)
+    assert isinstance(dataset, TarShards)
+    assert [item["caption"] for item in items(dataset)] == ["red", "blue", "green"]
+    # Two processes read different shards, and together every shard.
+    firsts = [next(iter(TarShards(dataset.shards, OPTIONS, "text", rank, 2)))["caption"] for rank in (0, 1)]
+    assert firsts == ["red", "green"]
+
+
+def test_bad_items_are_skipped_with_their_reason(tmp_path):
+    good = png()
+    files = {
+        "good": (good, "fine"),
+        "corrupt": (b"\x89PNG not really", "x"),
+        "truncated": (good[: len(good) // 2], "x"),
+        "empty": (b"", "x"),
+        "small": (png(size=(4, 4)), "x"),
+        "no_caption": (good, None),
+        "blank_caption": (good, "  \n"),
+    }
+    for name, (data, caption) in files.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+        if caption is not None:
+            (tmp_path / f"{name}.txt").write_text(caption)
+    (tmp_path / "bad_text.png").write_bytes(good)
+    (tmp_path / "bad_text.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
+    results = {name_of(item): item for item in items(open_dataset(tmp_path, OPTIONS))}
+    assert results["good"]["caption"] == "fine"
+    reasons = {name: item.reason for name, item in results.items() if isinstance(item, Skipped)}
+    assert reasons["corrupt"].startswith("unreadable image")
+    assert reasons["truncated"].startswith("unreadable image")
+    assert reasons["empty"].startswith("unreadable image")
+    assert reasons["small"] == "4x4 is smaller than the training resolution 8"
+    assert reasons["no_caption"].startswith("unreadable caption no_caption.txt (FileNotFoundError)")
+    assert reasons["blank_caption"] == "no caption"
+    assert reasons["bad_text"].startswith("unreadable caption bad_text.txt (UnicodeDecodeError)")
+
+
+def name_of(item) -> str:
+    source = item.source if isinstance(item, Skipped) else None
+    return source.rsplit("/", 1)[-1].removesuffix(".png") if source else "good"
+
+
+def test_collate_sets_skipped_items_aside():
+    good = {"pixels": torch.zeros(3, 8, 8), "caption": "a"}
+    batch = collate([good, Skipped("x.png", "no caption"), good])
+    assert batch["pixels"].shape == (2, 3, 8, 8) and batch["captions"] == ["a", "a"]
+    assert batch["skipped"] == [Skipped("x.png", "no caption")]
+
+
+def test_a_dataset_without_a_usable_item_stops_with_the_reasons(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.txt").write_text("x")
+    (tmp_path / "b.png").write_bytes(png())
+    with pytest.raises(DatasetError, match="no usable item among 2: 1 unreadable image, 1 unreadable caption"):
+        check_usable(open_dataset(tmp_path, OPTIONS))
+
+
+def test_an_empty_folder_says_what_it_looked_for(tmp_path):
+    with pytest.raises(DatasetError, match="no images .*, metadata file or .tar shards"):
+        open_dataset(tmp_path, OPTIONS)
+
+
+def test_the_sampler_deals_each_epoch_to_processes_and_resumes_mid_stream():
+    first_epoch = lambda sampler: [next(it) for it in [iter(sampler)] for _ in range(5)]  # noqa: E731
+    rank0, rank1 = first_epoch(EpochSampler(10, seed=3, rank=0, world=2)), first_epoch(EpochSampler(10, 3, 1, 2))
+    assert {e for e, _ in rank0 + rank1} == {0}
+    assert sorted(i for _, i in rank0 + rank1) == list(range(10))  # disjoint, together everything
+    stream = iter(EpochSampler(10, seed=3))
+    whole = [next(stream) for _ in range(17)]
+    resumed = iter(EpochSampler(10, seed=3, skip=12))
+    assert [next(resumed) for _ in range(5)] == whole[12:]
+
+
+@pytest.mark.parametrize(
+    "mode, make",
+    [
+        ("RGBA", lambda: Image.new("RGBA", (8, 8), (255, 0, 0, 0))),  # fully transparent red: white
+        ("LA", lambda: Image.new("LA", (8, 8), (0, 0))),
+        ("P", lambda: transparent_palette_image()),
+        ("CMYK", lambda: Image.new("CMYK", (8, 8), (0, 0, 0, 0))),  # no ink: white
+        ("I;16", lambda: Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))),
+        ("L", lambda: Image.new("L", (8, 8), 255)),
+    ],
+)
+def test_every_mode_becomes_rgb_with_transparency_on_white(mode, make):
+    image = make()
+    assert image.mode == mode
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.getpixel((4, 4)) == (255, 255, 255)
+
+
+def transparent_palette_image() -> Image.Image:
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    return image
+
+
+def test_resize_by_the_shorter_side_then_center_crop_and_scale_to_plus_minus_one():
+    image = Image.new("RGB", (40, 20))
+    image.paste((255, 255, 255), (0, 0, 6, 20))  # a white band on the left that the centre crop drops
+    pixels = prepare_image(image, 10, center_crop=True, random_flip=False, rng=np.random.default_rng(0))
+    assert pixels.shape == (3, 10, 10)
+    assert pixels.min() == -1 and pixels.max() < -0.9
+
+
+def test_random_crop_and_flip_depend_only_on_the_item_seed():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    crop = lambda seed: prepare_image(image, 16, False, True, np.random.default_rng(seed))  # noqa: E731
+    assert torch.equal(crop(1), crop(1))
+    assert any(not torch.equal(crop(1), crop(s)) for s in range(2, 6))
+    with pytest.raises(BadItem):
+        prepare_image(image, 32, True, False, np.random.default_rng(0))
