@@ -164,13 +164,17 @@ class TarShards(IterableDataset):
 
 
 def collate(items: list) -> dict:
-    """Stack the good items; hand the skipped ones on for the loop to report."""
+    """Stack the good items' tensors ("pixels", or cached latents); hand the skipped ones on for
+    the loop to report."""
     good = [item for item in items if not isinstance(item, Skipped)]
-    return {
-        "pixels": torch.stack([item["pixels"] for item in good]) if good else torch.empty(0),
+    batch = {
         "captions": [item["caption"] for item in good],
         "skipped": [item for item in items if isinstance(item, Skipped)],
     }
+    for name in good[0] if good else ():
+        if name != "caption":
+            batch[name] = torch.stack([item[name] for item in good])
+    return batch
 
 
 def open_dataset(path: str | Path, options: ImageOptions, caption_column: str = "text", rank: int = 0, world: int = 1):

@@ -31,6 +31,8 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     num_workers: int = 0
+    cache_latents: bool = False  # diffusion stage: encode images (and captions, if frozen) once, reuse
+    cache_dir: str = "~/.cache/ldm-toolkit"
 
 
 @dataclass

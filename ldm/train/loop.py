@@ -20,9 +20,18 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ldm.autoencoder import images_to_latents
-from ldm.data.datasets import CaptionedImages, EpochSampler, ImageOptions, check_usable, collate, open_dataset
+from ldm.data.datasets import (
+    CaptionedImages,
+    EpochSampler,
+    ImageOptions,
+    TarShards,
+    check_usable,
+    collate,
+    open_dataset,
+)
 from ldm.model import LatentDiffusion
 from ldm.text import encode_prompts
+from ldm.train.cache import build_cache, load_cache
 from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
 from ldm.train.config import TrainConfig, save_config
 from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
@@ -65,6 +74,8 @@ class Trainer:
         self.model = build_model(config)
         self.dataset, holdout = self._dataset()
         modules = self._setup_stage()
+        if config.data.cache_latents:
+            self._use_cache()
         optimizer = self._optimizer(modules)
         lr_scheduler = get_scheduler(
             config.optim.lr_scheduler,
@@ -114,6 +125,20 @@ class Trainer:
             dataset = CaptionedImages(dataset.entries[count:], options)
         return dataset, holdout
 
+    def _use_cache(self) -> None:
+        """Train from cached VAE posteriors (and text embeddings, when the text encoder is frozen)."""
+        data = self.config.data
+        if self.config.stage != "diffusion" or not isinstance(self.dataset, CaptionedImages):
+            raise ConfigError("data.cache_latents=true: for the diffusion stage on folder or metadata datasets")
+        if not data.center_crop or data.random_flip:
+            raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
+        cache_text = not self.config.diffusion.train_text_encoder
+        folder = Path(data.cache_dir).expanduser()
+        with self.accelerator.main_process_first():  # the main process writes, the others then read
+            path = build_cache(self.dataset, self.model, cache_text, folder, self.accelerator.device)
+        self.dataset = load_cache(path)
+        logger.info("training from cached latents %s", path)
+
     def _setup_stage(self) -> list[torch.nn.Module]:
         """The modules this stage trains, first the one whose EMA is kept; the others frozen."""
         config, model = self.config, self.model
@@ -160,7 +185,7 @@ class Trainer:
         options["generator"] = torch.Generator().manual_seed(
             self.config.seed
         )  # not the global RNG: resuming must not shift it
-        if isinstance(self.dataset, CaptionedImages):
+        if not isinstance(self.dataset, TarShards):
             sampler = EpochSampler(
                 len(self.dataset), self.config.seed, accelerator.process_index, accelerator.num_processes, consumed
             )
@@ -194,16 +219,23 @@ class Trainer:
         bar.close()
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        pixels = batch["pixels"].to(self.accelerator.device)
+        device, diffusion = self.accelerator.device, self.config.diffusion
         if self.config.stage == "autoencoder":
-            return self.trained(pixels)
-        diffusion = self.config.diffusion
-        with torch.no_grad():
-            latents = images_to_latents(self.model.vae, pixels)
+            return self.trained(batch["pixels"].to(device))
+        if "latent_mean" in batch:  # cached: draw the latent from the stored posterior
+            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
+            latents = (mean + std * torch.randn_like(mean)) * self.model.vae.config.scaling_factor
+        else:
+            with torch.no_grad():
+                latents = images_to_latents(self.model.vae, batch["pixels"].to(device))
         dropped = torch.rand(len(batch["captions"])) < diffusion.caption_dropout
-        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
-        with torch.set_grad_enabled(diffusion.train_text_encoder):
-            text = encode_prompts(self.model.tokenizer, self.text_encoder, captions)
+        if "text" in batch:
+            empty = self.dataset.tensors["empty_text"]
+            text = torch.where(dropped[:, None, None], empty, batch["text"]).to(device)
+        else:
+            captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
+            with torch.set_grad_enabled(diffusion.train_text_encoder):
+                text = encode_prompts(self.model.tokenizer, self.text_encoder, captions)
         return diffusion_loss(
             self.trained, self.noise_schedule, latents, text, diffusion.snr_gamma, diffusion.noise_offset
         )

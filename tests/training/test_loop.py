@@ -6,6 +6,8 @@ import yaml
 from diffusers import StableDiffusionPipeline
 
 import train
+from conftest import perturbed_tiny_model
+from ldm.data.datasets import ImageOptions, open_dataset
 from ldm.data.shapes import main as make_shapes
 from ldm.model import LatentDiffusion
 from ldm.train.config import load_config
@@ -121,3 +123,73 @@ def test_a_missing_required_value_is_named(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text("model:\n  preset: tiny\ndata:\n  path: x\n")
     assert train.main(["--config", str(tmp_path / "recipe.yaml")]) == 2
     assert capsys.readouterr().err == "train.py: error: output_dir: required, and not set\n"
+
+
+def test_latents_are_cached_once_reused_and_rebuilt_when_the_data_changes(four_images, tmp_path):
+    cache = tmp_path / "cache"
+    options = ["data.cache_latents=true", f"data.cache_dir={cache}", "steps.max=3"]
+    first = Trainer(load_config(recipe(tmp_path / "a", four_images), options))
+    first.run()
+    (cached,) = cache.iterdir()
+    stamp = cached.stat().st_mtime_ns
+    assert first.dataset.tensors["latent_mean"].shape == (4, 4, 8, 8)
+    assert first.dataset.tensors["text"].shape == (4, 77, 8)  # the text encoder is frozen: cached too
+    Trainer(load_config(recipe(tmp_path / "b", four_images), options)).run()
+    assert list(cache.iterdir()) == [cached] and cached.stat().st_mtime_ns == stamp  # reused
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for file in four_images.iterdir():
+        (changed / file.name).write_bytes(file.read_bytes())
+    (changed / "00000.txt").write_text("a small white square at the top")
+    Trainer(load_config(recipe(tmp_path / "c", changed), options)).run()
+    assert len(list(cache.iterdir())) == 2
+
+
+def test_cached_latents_follow_the_vae_posterior(four_images, tmp_path):
+    trainer = Trainer(
+        load_config(
+            recipe(tmp_path, four_images), ["data.cache_latents=true", f"data.cache_dir={tmp_path}/c", "steps.max=1"]
+        )
+    )
+    trainer.run()
+    item = trainer.dataset[(0, 0)]
+    image = open_dataset(four_images, ImageOptions(16))[(0, 0)]["pixels"]
+    with torch.no_grad():
+        posterior = trainer.model.vae.encode(image[None]).latent_dist
+    torch.testing.assert_close(item["latent_mean"], posterior.mean[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(item["latent_std"], posterior.std[0], atol=1e-5, rtol=1e-5)
+
+
+def test_caching_refuses_random_augmentation(four_images, tmp_path, capsys):
+    path = recipe(tmp_path, four_images)
+    assert train.main(["--config", str(path), "data.cache_latents=true", "data.random_flip=true"]) == 2
+    assert "data.cache_latents=true: needs data.center_crop=true and data.random_flip=false" in capsys.readouterr().err
+
+
+def test_the_autoencoder_stage_reports_psnr_and_sets_the_latent_scale(four_images, tmp_path):
+    trainer = Trainer(
+        load_config(
+            recipe(tmp_path, four_images, stage="autoencoder", autoencoder={"holdout": 1}),
+            ["steps.max=20", "steps.batch_size=3"],
+        )
+    )
+    model = trainer.run()
+    assert trainer.losses[-1] < trainer.losses[0]
+    assert 0 < trainer.holdout_psnr < 100
+    assert model.vae.config.scaling_factor != 0.18215
+    saved = LatentDiffusion.load(tmp_path / "run" / "model")
+    assert saved.vae.config.scaling_factor == pytest.approx(model.vae.config.scaling_factor)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    unet = perturbed_tiny_model().unet.train()
+    latents, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 8)
+    grads = []
+    for checkpointing in (False, True):
+        unet.zero_grad()
+        unet.gradient_checkpointing = checkpointing
+        unet(latents, torch.tensor([10, 900]), text).square().mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters()])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain)

@@ -1,0 +1,119 @@
+"""Latent caching: encode every training image with the frozen VAE once (and every caption with
+a frozen text encoder), store the results as safetensors, and train from those.
+
+The cache file is named by a fingerprint of the dataset (files, sizes, modification times,
+captions, resolution, crop) and of the encoders' weights, so it is reused exactly while they are
+unchanged and rebuilt when anything changes. The VAE posterior is kept (mean and std), not one
+sample of it, so every step still draws a fresh latent, as without the cache.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ldm.data.datasets import CaptionedImages, Skipped, collate
+from ldm.model import LatentDiffusion
+from ldm.text import encode_prompts
+
+
+class CachedExamples(Dataset):
+    """Indexed by (epoch, index) like CaptionedImages; items are posteriors (and text), not pixels."""
+
+    def __init__(self, tensors: dict[str, Tensor], captions: list[str | None], reasons: dict[int, list[str]]):
+        self.tensors, self.captions, self.reasons = tensors, captions, reasons
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, epoch_index: tuple[int, int]):
+        index = epoch_index[1]
+        if index in self.reasons:
+            return Skipped(*self.reasons[index])
+        item = {name: tensor[index] for name, tensor in self.tensors.items() if name != "empty_text"}
+        return item | {"caption": self.captions[index]}
+
+
+def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
+    digest = hashlib.sha256(json.dumps(vars(dataset.options), sort_keys=True).encode())
+    for image, caption in dataset.entries:
+        stat = image.stat() if image.exists() else None
+        digest.update(f"{image}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
+        text = caption.read_bytes() if isinstance(caption, Path) and caption.exists() else str(caption).encode()
+        digest.update(text)
+    for encoder in encoders:
+        for name, tensor in encoder.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_cache(
+    dataset: CaptionedImages,
+    model: LatentDiffusion,
+    cache_text: bool,
+    folder: Path,
+    device: torch.device,
+    batch: int = 32,
+) -> Path:
+    """Encode what is not cached yet; return the cache file."""
+    encoders = [model.vae] + ([model.text_encoder] if cache_text else [])
+    path = folder / f"latents-{fingerprint(dataset, encoders)}.safetensors"
+    if path.exists():
+        return path
+    means, stds, texts, captions, reasons = [], [], [], [], {}
+    for start in range(0, len(dataset), batch):
+        items = [dataset[(0, index)] for index in range(start, min(start + batch, len(dataset)))]
+        for offset, item in enumerate(items):
+            captions.append(item["caption"] if isinstance(item, dict) else None)
+            if isinstance(item, Skipped):
+                reasons[start + offset] = [item.source, item.reason]
+        good = collate(items)
+        if not good["captions"]:
+            blank = torch.zeros(len(items))
+            means.append(blank), stds.append(blank), texts.append(blank)
+            continue
+        posterior = model.vae.encode(good["pixels"].to(device)).latent_dist
+        keep = [i for i, item in enumerate(items) if isinstance(item, dict)]
+        means.append(_scatter(posterior.mean.cpu(), keep, len(items)))
+        stds.append(_scatter(posterior.std.cpu(), keep, len(items)))
+        if cache_text:
+            text = encode_prompts(model.tokenizer, model.text_encoder, good["captions"]).cpu()
+            texts.append(_scatter(text, keep, len(items)))
+    tensors = {"latent_mean": _stack(means), "latent_std": _stack(stds)}
+    if cache_text:
+        tensors["text"] = _stack(texts)
+        tensors["empty_text"] = encode_prompts(model.tokenizer, model.text_encoder, [""]).cpu()[0]
+    metadata = {"captions": json.dumps(captions), "reasons": json.dumps(reasons)}
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, partial, metadata=metadata)
+    partial.rename(path)
+    return path
+
+
+def _scatter(values: Tensor, keep: list[int], size: int) -> Tensor:
+    """Rows for the good items, zeros where an item was skipped."""
+    out = torch.zeros(size, *values.shape[1:], dtype=values.dtype)
+    out[keep] = values
+    return out
+
+
+def _stack(chunks: list[Tensor]) -> Tensor:
+    """Concatenate, giving all-skipped chunks (1-D placeholders) the shape of the others."""
+    shape = next(chunk.shape[1:] for chunk in chunks if chunk.ndim > 1)
+    return torch.cat([chunk if chunk.ndim > 1 else torch.zeros(len(chunk), *shape) for chunk in chunks])
+
+
+def load_cache(path: Path) -> CachedExamples:
+    with safe_open(path, framework="pt") as file:
+        tensors = {name: file.get_tensor(name) for name in file.keys()}
+        metadata = file.metadata()
+    reasons = {int(k): v for k, v in json.loads(metadata["reasons"]).items()}
+    return CachedExamples(tensors, json.loads(metadata["captions"]), reasons)
