@@ -4,6 +4,7 @@ Accelerate, so the same code runs on a CPU, a GPU, several GPUs or several nodes
 
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,8 @@ class Trainer:
             gradient_accumulation_steps=config.steps.gradient_accumulation,
             log_with=None if config.report_to == "none" else config.report_to,
             project_dir=str(self.output / "logs"),
+            # Several processes and no GPU (torchrun on CPUs): Accelerate needs telling to use gloo.
+            cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         )
         self.skipped: Counter[str] = Counter()
         self.losses: list[float] = []  # per optimizer step, on this process: what tests and summaries read
