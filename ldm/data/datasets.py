@@ -110,7 +110,10 @@ class TarShards(IterableDataset):
     def __init__(self, shards: list[Path], options: ImageOptions, caption_column: str, rank: int = 0, world: int = 1):
         self.shards, self.options, self.caption_column = shards, options, caption_column
         self.rank, self.world = rank, world
-        self.skip = 0  # items of this process's stream already consumed (set when resuming)
+        # Items of this process's stream already consumed (set when resuming). With several
+        # workers the stream interleaves by batch, so a resumed shard run continues at the same
+        # count of items, not necessarily the same items; folder datasets resume exactly.
+        self.skip = 0
 
     def one_pass(self) -> Iterator:
         """Every item of every shard once, in order."""

@@ -6,6 +6,7 @@ OmegaConf checks names and types against these dataclasses; `load_config` turns 
 wrong into one line that names the key.
 """
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,8 @@ class TrainConfig:
         for key, (value, valid) in choices.items():
             if value not in valid:
                 raise ConfigError(f"{key}={value!r}: use one of {', '.join(str(v) for v in valid if v)}")
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("report_to=wandb: wandb is not installed (pip install wandb), or use tensorboard")
         if (self.model.preset is None) == (self.model.pretrained is None):
             raise ConfigError("model: set exactly one of model.preset (from scratch) and model.pretrained (fine-tune)")
         positive = {"steps.max": self.steps.max, "steps.batch_size": self.steps.batch_size,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import yaml
+from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline
 
 import train
@@ -12,6 +13,14 @@ from ldm.data.shapes import main as make_shapes
 from ldm.model import LatentDiffusion
 from ldm.train.config import load_config
 from ldm.train.loop import Trainer
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one global state per process (train.py runs one Trainer per process);
+    these tests run many, with different precisions, so each starts afresh."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +202,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in unet.parameters()])
     for plain, checkpointed in zip(*grads, strict=True):
         torch.testing.assert_close(checkpointed, plain)
+
+
+def test_fine_tuning_a_saved_model_trains_the_unet_only(tiny_model_dir, four_images, tmp_path):
+    path = recipe(tmp_path, four_images, model={"pretrained": str(tiny_model_dir)})
+    trainer = Trainer(load_config(path, ["model.preset=null", "steps.max=3", "optim.learning_rate=1e-2"]))
+    model = trainer.run()
+    before = LatentDiffusion.load(tiny_model_dir)
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))  # noqa: E731
+    assert changed(model.unet, before.unet)
+    assert not changed(model.text_encoder, before.text_encoder) and not changed(model.vae, before.vae)
+
+
+def test_bf16_mixed_precision_and_tensorboard_logs(four_images, tmp_path):
+    path = recipe(tmp_path, four_images, report_to="tensorboard", log_every=1)
+    trainer = Trainer(load_config(path, ["steps.max=3", "steps.mixed_precision=bf16"]))
+    trainer.run()
+    assert all(loss == loss for loss in trainer.losses)  # no NaN
+    assert list((tmp_path / "run" / "logs" / "train").glob("events.out.tfevents.*"))
