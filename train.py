@@ -13,13 +13,14 @@ import sys
 import warnings
 
 import diffusers
+import torch
 import transformers
 from PIL import Image
 
 from ldm.data.datasets import DatasetError
 from ldm.model import LatentDiffusion, ModelLoadError
 from ldm.train.config import TrainConfig, load_config
-from ldm.train.loop import Trainer
+from ldm.train.loop import Trainer, Validate
 from ldm.unet import ConfigError
 from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
@@ -34,7 +35,7 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def sampler(config: TrainConfig, device) -> "callable | None":
+def sampler(config: TrainConfig, device: torch.device) -> Validate | None:
     """Validation: the recipe's prompts, sampled with fixed seeds into one grid."""
     validation = config.validation
     if config.stage != "diffusion" or not validation.prompts:

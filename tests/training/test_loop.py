@@ -220,3 +220,12 @@ def test_bf16_mixed_precision_and_tensorboard_logs(four_images, tmp_path):
     trainer.run()
     assert all(loss == loss for loss in trainer.losses)  # no NaN
     assert list((tmp_path / "run" / "logs" / "train").glob("events.out.tfevents.*"))
+
+
+def test_gradient_accumulation_and_checkpoint_rotation(four_images, tmp_path):
+    path = recipe(tmp_path, four_images, steps={"max": 6, "batch_size": 2, "gradient_accumulation": 2})
+    trainer = Trainer(load_config(path, ["checkpoint.every=2", "checkpoint.keep=2", "diffusion.noise_offset=0.1"]))
+    trainer.run()
+    assert len(trainer.losses) == 6  # optimizer steps, each over two batches of two
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]

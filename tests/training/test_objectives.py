@@ -1,0 +1,56 @@
+"""The losses against their equations, with a stand-in UNet whose output we know."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from ldm.train.checkpoints import completed
+from ldm.train.objectives import diffusion_loss, psnr
+
+
+class Recorder(torch.nn.Module):
+    """Predicts zeros and remembers its inputs, so the loss is the mean square of the target."""
+
+    def forward(self, noisy, timesteps, text):
+        self.noisy, self.timesteps = noisy, timesteps
+        return torch.zeros_like(noisy)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_target_is_the_noise_or_the_velocity(prediction_type):
+    schedule = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
+    latents, unet = torch.randn(3, 4, 8, 8), Recorder()
+    torch.manual_seed(0)
+    loss = diffusion_loss(unet, schedule, latents, torch.zeros(3, 7, 8))
+    torch.manual_seed(0)
+    noise = torch.randn_like(latents)
+    alpha = schedule.alphas_cumprod[unet.timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(unet.noisy, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise)  # x_t
+    target = noise if prediction_type == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    torch.testing.assert_close(loss, target.square().mean())
+
+
+def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
+    schedule = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latents, unet = torch.randn(4, 4, 8, 8), Recorder()
+    torch.manual_seed(1)
+    loss = diffusion_loss(unet, schedule, latents, torch.zeros(4, 7, 8), snr_gamma=5.0)
+    torch.manual_seed(1)
+    noise = torch.randn_like(latents)
+    alpha = schedule.alphas_cumprod[unet.timesteps]
+    snr = alpha / (1 - alpha)
+    expected = (torch.clamp(snr, max=5.0) / snr * noise.square().mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_psnr_of_a_known_error():
+    images = torch.zeros(1, 3, 4, 4)
+    assert psnr(images + 0.2, images) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item(), rel=1e-5)
+
+
+def test_only_finished_checkpoints_count(tmp_path):
+    for name in ["step-00000010", "step-00000030", ".step-00000040.partial", "step-00000020", "notes"]:
+        (tmp_path / name).mkdir()
+    assert [p.name for p in completed(tmp_path)] == ["step-00000010", "step-00000020", "step-00000030"]
