@@ -1,0 +1,1 @@
+"""Evaluation: how faithfully a model follows its prompts."""

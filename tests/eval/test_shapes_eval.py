@@ -1,0 +1,86 @@
+"""The shapes evaluation: a detector that is right on the dataset's own images, and scoring that
+gives a perfect model full marks and a wrong one none."""
+
+import json
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.data.shapes import JITTER, draw
+from ldm.data.shapes import main as make_shapes
+from ldm.eval.detector import detect
+from ldm.eval.shapes import evaluate, main, prompt_set, summarise
+
+CAPTION = re.compile(r"a (small|large) (\w+) (\w+) (.+?)(?: and a (\w+) (\w+) (.+))?$")
+
+
+def test_the_detector_is_right_on_the_datasets_own_images(tmp_path):
+    make_shapes(["--out", str(tmp_path), "--n", "600", "--size", "64", "--seed", "11"])
+    right = 0
+    for i in range(600):
+        m = CAPTION.match((tmp_path / f"{i:05d}.txt").read_text().strip())
+        expected = {(m.group(2), m.group(3), m.group(4), m.group(1))}
+        if m.group(5):
+            expected.add((m.group(5), m.group(6), m.group(7), "small"))
+        found = {
+            (d.color, d.shape, d.position, d.size) for d in detect(np.asarray(Image.open(tmp_path / f"{i:05d}.png")))
+        }
+        right += found == expected
+    assert right / 600 >= 0.99, right
+
+
+def test_the_prompt_set_covers_the_grammar():
+    cases = prompt_set({("red", "circle"), ("blue", "square")})
+    kinds = [case.kind for case in cases]
+    assert (
+        kinds.count("seen") == 8 * 3 * 9 - 2 * 9
+        and kinds.count("left-out") == 2 * 9
+        and kinds.count("two-objects") == 24
+    )
+    assert {case.shapes[0].size for case in cases if case.kind == "seen"} == {"small", "large"}
+    assert "a large red circle in the top left" in [case.prompt for case in cases]
+
+
+def painter(correct: bool):
+    """A stand-in model: draws the prompt (or the wrong colour), with attention peaking on the shape."""
+
+    def generate(prompts, round_):
+        results = []
+        for k, prompt in enumerate(prompts):
+            case = next(c for c in prompt_set({("red", "circle"), ("blue", "square")}) if c.prompt == prompt)
+            shapes = (
+                case.shapes
+                if correct
+                else [
+                    type(s)("white" if s.color != "white" else "red", s.shape, s.position, s.size) for s in case.shapes
+                ]
+            )
+            rng = np.random.default_rng([round_, k])
+            image = draw(shapes, 64, rng)
+            mask = np.asarray(image).max(axis=2) > 0
+            heatmap = torch.tensor(mask, dtype=torch.float32)
+            words = prompt.split()
+            results.append((image, [(word, heatmap) for word in words]))
+        return results
+
+    return generate
+
+
+def test_a_perfect_model_scores_full_marks_and_a_wrong_colour_none():
+    cases = prompt_set({("red", "circle"), ("blue", "square")})[::7]  # a sample, for speed
+    perfect = summarise(evaluate(painter(True), cases, rounds=1))
+    assert perfect["seen"] == {"color": 100.0, "shape": 100.0, "position": 100.0, "size": 100.0, "whole prompt": 100.0}
+    assert perfect["pointing game"] == {"shape": 100.0, "color": 100.0}
+    wrong = summarise(evaluate(painter(False), cases, rounds=1))
+    assert wrong["seen"]["color"] == 0.0 and wrong["seen"]["whole prompt"] == 0.0 and wrong["seen"]["shape"] == 100.0
+    assert JITTER < 1 / 6  # jitter never moves a centre across a cell
+
+
+def test_the_command_writes_results_and_a_contact_sheet(tiny_model_dir, tmp_path, capsys):
+    assert main(["--model", str(tiny_model_dir), "--seeds", "1", "--steps", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["images"] == 240 and set(results) >= {"seen", "left-out pairs", "two objects", "pointing game"}
+    assert Image.open(tmp_path / "contact-sheet.png").width == 16 * (16 + 4)
+    assert json.loads(capsys.readouterr().out) == results
