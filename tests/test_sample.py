@@ -137,6 +137,13 @@ def test_a_missing_model_is_one_line(tmp_path, capsys):
     assert code == 2 and err == f"sample.py: error: --model {tmp_path / 'nowhere'}: no such file or folder\n"
 
 
+def test_without_a_model_the_shipped_default_is_used(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample, "DEFAULT_MODEL", tiny_model_dir)
+    code, out, _ = run(capsys, "--prompt", "a red circle", "--steps", "1", "--outdir", tmp_path)
+    assert code == 0 and out.startswith("wrote 1 image(s)")
+    assert Image.open(tmp_path / next(p.name for p in tmp_path.iterdir())).text["model"] == str(tiny_model_dir)
+
+
 def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "models" / "default")
     code, _, err = run(capsys, "--prompt", "x")
