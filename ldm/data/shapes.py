@@ -96,14 +96,14 @@ def sample_scene(rng: np.random.Generator, left_out: set[tuple[str, str]], two_o
     return [first, pick("small", free[rng.integers(len(free))])]
 
 
-def parse_pairs(text: str) -> set[tuple[str, str]]:
+def parse_pairs(text: str, flag: str = "--leave-out") -> set[tuple[str, str]]:
     """'red circle,blue square' -> {('red', 'circle'), ('blue', 'square')}."""
     pairs = set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         words = item.split()
         if len(words) != 2 or words[0] not in COLORS or words[1] not in SHAPES:
             raise ValueError(
-                f"--leave-out {item!r}: expected 'COLOR SHAPE' with COLOR in {list(COLORS)}, SHAPE in {list(SHAPES)}"
+                f"{flag} {item!r}: expected 'COLOR SHAPE' with COLOR in {list(COLORS)}, SHAPE in {list(SHAPES)}"
             )
         pairs.add((words[0], words[1]))
     return pairs

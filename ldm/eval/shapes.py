@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.text_to_image import TextToImagePipeline  # an entry point, like sample.py
 
     try:
-        left_out = parse_pairs(args.left_out)
+        if args.seeds < 1 or args.steps < 1:
+            raise ValueError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
+        left_out = parse_pairs(args.left_out, "--left-out")
         pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype="fp32")
     except ValueError as error:
         print(f"shapes eval: error: {error}", file=sys.stderr)

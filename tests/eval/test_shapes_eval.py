@@ -84,3 +84,10 @@ def test_the_command_writes_results_and_a_contact_sheet(tiny_model_dir, tmp_path
     assert results["images"] == 240 and set(results) >= {"seen", "left-out pairs", "two objects", "pointing game"}
     assert Image.open(tmp_path / "contact-sheet.png").width == 16 * (16 + 4)
     assert json.loads(capsys.readouterr().out) == results
+
+
+def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "none"), "--seeds", "0"]) == 2
+    assert capsys.readouterr().err == "shapes eval: error: --seeds 0, --steps 25: both must be at least 1\n"
+    assert main(["--model", str(tmp_path / "none"), "--left-out", "red"]) == 2
+    assert "--left-out 'red': expected 'COLOR SHAPE'" in capsys.readouterr().err
