@@ -216,4 +216,4 @@ def _load_pretrained(model_class: Any, folder: Path, **options: Any) -> nn.Modul
     except OSError as error:  # no config or no weights file
         raise ModelLoadError(f"{folder.name}: {str(error).strip().splitlines()[0]}") from None
     refuse_misfits(folder.name, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
-    return model
+    return model.float()  # fp16 files too: parts live in fp32; pipelines and trainers pick the run precision

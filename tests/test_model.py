@@ -219,3 +219,17 @@ def test_sd_presets_have_the_published_part_sizes(preset, counts):
     with torch.device("meta"):  # shapes only
         model = LatentDiffusion.from_preset(preset)
     assert {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()} == counts
+
+
+def test_half_precision_files_load_in_fp32(tiny_model, tmp_path):
+    for part in tiny_model.parts().values():
+        part.half()  # as the shipped demo model is stored
+    tiny_model.save(tmp_path / "model")
+    stored = load_file(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
+    loaded = LatentDiffusion.load(tmp_path / "model")
+    for name, part in loaded.parts().items():
+        expected = tiny_model.parts()[name].state_dict()
+        for key, value in part.state_dict().items():
+            assert value.dtype == torch.float32, (name, key)
+            assert torch.equal(value, expected[key].float()), (name, key)
