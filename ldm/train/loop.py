@@ -268,7 +268,8 @@ class Trainer:
         grid = self.validate(self.model, step)
         if self.ema:
             self.ema.restore(trained.parameters())
-        trained.train()
+        for module in self.wrapped:  # the pipeline switched every part to eval mode
+            module.train()
         folder = self.output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step-{step:08d}.png")
