@@ -9,7 +9,7 @@ the same picture here, in `diffusers.StableDiffusionPipeline`, and in any batch 
 
 import inspect
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +50,15 @@ class Request:
     negative_prompt: str
     steps: int
     guidance_scale: float
-    scheduler: str
-    height: int
-    width: int
+    scheduler: str | None  # None: the model's own
+    height: int | None  # None: the init image's size, else the model's
+    width: int | None
     init_image: Tensor | None  # (1, 3, H, W) in [-1, 1]
     strength: float
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
-    attention_maps: bool = False
-    truncate: bool = False
-    progress: bool = True
+    attention_maps: bool
+    truncate: bool
+    progress: bool
 
 
 class TextToImagePipeline:
@@ -131,9 +131,11 @@ class TextToImagePipeline:
         if num_images < 1 or batch_size < 1:
             raise GenerationError(f"num_images={num_images}, batch_size={batch_size}: both must be at least 1")
         request = self._request(
-            negative_prompt, steps, guidance_scale, scheduler, height, width, init_image, strength, mask
-        )
-        request.attention_maps, request.truncate, request.progress = attention_maps, truncate, progress
+            Request(negative_prompt, steps, guidance_scale, scheduler, height, width, None, strength, None,
+                    attention_maps, truncate, progress),
+            init_image,
+            mask,
+        )  # fmt: skip
         seed = random.randrange(2**32) if seed is None else seed
         jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
         results: list[Generated] = []
@@ -142,9 +144,11 @@ class TextToImagePipeline:
             results += self._generate_batch([p for p, _ in batch], [s for _, s in batch], request)
         return results
 
-    def _request(self, negative_prompt, steps, guidance_scale, scheduler, height, width, init_image, strength, mask):
-        """Check the settings a person gave and turn the images into tensors at the output size."""
+    def _request(self, request: Request, init_image: Image.Image | None, mask: Image.Image | None) -> Request:
+        """Check the settings a person gave; fill in the defaults (size, scheduler) and the images
+        as tensors at the output size."""
         factor = downsampling_factor(self.model.vae)
+        height, width = request.height, request.width
         if init_image is not None and height is None and width is None:
             width, height = (side // factor * factor for side in init_image.size)
         default = (self.model.unet.config.sample_size or 64) * factor
@@ -153,23 +157,20 @@ class TextToImagePipeline:
         for name, value in (("height", height), ("width", width)):
             if value < multiple or value % multiple:
                 raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
-        if steps < 1:
-            raise GenerationError(f"steps={steps}: must be at least 1")
-        if not 0 <= strength <= 1:
-            raise GenerationError(f"strength={strength}: must be between 0 and 1")
+        if request.steps < 1:
+            raise GenerationError(f"steps={request.steps}: must be at least 1")
+        if not 0 <= request.strength <= 1:
+            raise GenerationError(f"strength={request.strength}: must be between 0 and 1")
         if mask is not None and init_image is None:
             raise GenerationError("a mask needs an init image: the picture whose masked part is repainted")
         if self.model.unet.config.in_channels == 9 and mask is None:
             raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
-        return Request(
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler or self.default_scheduler,
+        return replace(
+            request,
             height=height,
             width=width,
+            scheduler=request.scheduler or self.default_scheduler,
             init_image=None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
-            strength=strength,
             mask=None if mask is None else mask_to_tensor(mask, width, height),
         )
 
@@ -189,11 +190,12 @@ class TextToImagePipeline:
         if request.mask is not None:  # outside the mask, the original pixels exactly
             mask, original = request.mask.to(images.device), request.init_image.to(images.device)
             images = mask * images + (1 - mask) * original
+        heatmaps = None if maps is None else maps.maps((request.height, request.width))
         results = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             results.append(Generated(tensor_to_image(images[i]), prompt, request.negative_prompt, seed))
-            if maps is not None:
-                results[-1].attention_maps = self._token_maps(prompt, maps.maps((request.height, request.width))[i])
+            if heatmaps is not None:
+                results[-1].attention_maps = self._token_maps(prompt, heatmaps[i])
         return results
 
     def _denoise(self, text: Tensor, seeds: list[int], request: Request, latent_size: tuple[int, int]) -> Tensor:
