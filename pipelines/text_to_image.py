@@ -130,12 +130,21 @@ class TextToImagePipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images < 1 or batch_size < 1:
             raise GenerationError(f"num_images={num_images}, batch_size={batch_size}: both must be at least 1")
-        request = self._request(
-            Request(negative_prompt, steps, guidance_scale, scheduler, height, width, None, strength, None,
-                    attention_maps, truncate, progress),
-            init_image,
-            mask,
-        )  # fmt: skip
+        settings = Request(
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            height=height,
+            width=width,
+            init_image=None,  # tensors made by _request, once the size is known
+            strength=strength,
+            mask=None,
+            attention_maps=attention_maps,
+            truncate=truncate,
+            progress=progress,
+        )
+        request = self._request(settings, init_image, mask)
         seed = random.randrange(2**32) if seed is None else seed
         jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
         results: list[Generated] = []
