@@ -8,30 +8,19 @@ Writes numbered PNGs carrying their parameters, and a grid, to a new folder unde
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
-import diffusers
-import transformers
 from PIL import Image, UnidentifiedImageError
 
 from ldm.model import ModelLoadError
 from ldm.unet import ConfigError
+from pipelines.cli import Parser, UsageError, quiet_libraries
 from pipelines.devices import DeviceError
 from pipelines.outputs import RunSettings, write_run
 from pipelines.schedulers import SCHEDULERS, UnknownScheduler
 from pipelines.text_to_image import GenerationError, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
-
-
-class UsageError(Exception):
-    """A mistake in the command line: one line on stderr, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(message)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -155,14 +144,6 @@ def run(args: argparse.Namespace) -> list[Path]:
     strength = args.strength if init_image is not None else None
     settings = RunSettings(source, args.steps, scheduler, args.guidance_scale, strength, tuple(args.lora))
     return write_run(args.outdir or new_outdir(), generated, settings)
-
-
-def quiet_libraries() -> None:
-    """Our own progress bar and errors only: no loading bars or advice from transformers and diffusers."""
-    warnings.simplefilter("ignore", FutureWarning)
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

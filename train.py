@@ -7,14 +7,10 @@ Writes to output_dir: config.yaml (the resolved recipe), checkpoints/, logs/ (Te
 validation/ (sample grids), and at the end model/ (EMA weights, diffusers layout).
 """
 
-import argparse
 import logging
 import sys
-import warnings
 
-import diffusers
 import torch
-import transformers
 from PIL import Image
 
 from ldm.data.datasets import DatasetError
@@ -22,17 +18,9 @@ from ldm.model import LatentDiffusion, ModelLoadError
 from ldm.train.config import TrainConfig, load_config
 from ldm.train.loop import Trainer, Validate
 from ldm.unet import ConfigError
+from pipelines.cli import Parser, UsageError, quiet_libraries
 from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
-
-
-class UsageError(Exception):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise UsageError(message)
 
 
 def sampler(config: TrainConfig, device: torch.device) -> Validate | None:
@@ -61,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a recipe in configs/")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.learning_rate=2e-4")
-    warnings.simplefilter("ignore", FutureWarning)
-    for library in (diffusers.utils.logging, transformers.utils.logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
+    quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ldm").setLevel(logging.INFO)
     try:

@@ -1,0 +1,26 @@
+"""What the command lines (sample.py, train.py) share: one-line usage errors, quiet libraries."""
+
+import argparse
+import warnings
+
+import diffusers
+import transformers
+
+
+class UsageError(Exception):
+    """A mistake in the command line: one line on stderr, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, raising UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def quiet_libraries() -> None:
+    """Our own progress bars and errors only: no loading bars or advice from transformers and diffusers."""
+    warnings.simplefilter("ignore", FutureWarning)
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
