@@ -64,8 +64,14 @@ class LatentDiffusion:
             raise ModelLoadError(f"model spec: missing section(s) {missing}")
         text_config = CLIPTextConfig(**_checked("text_encoder", spec["text_encoder"], CLIPTextConfig().to_dict()))
         vae_fields = inspect.signature(AutoencoderKL.__init__).parameters
+        tokenizer = clip_tokenizer(**_checked("tokenizer", spec["tokenizer"], {"pad_token", "model_max_length"}))
+        if tokenizer.model_max_length > text_config.max_position_embeddings:
+            raise ConfigError(
+                f"tokenizer config: model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
+                f"max_position_embeddings={text_config.max_position_embeddings}"
+            )
         return cls(
-            tokenizer=clip_tokenizer(**_checked("tokenizer", spec["tokenizer"], {"pad_token": None})),
+            tokenizer=tokenizer,
             text_encoder=CLIPTextModel(text_config),
             unet=UNet(UNetConfig.from_diffusers(spec["unet"])),
             vae=AutoencoderKL(**_checked("vae", spec["vae"], vae_fields)),

@@ -27,8 +27,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable + others, map(chr, chars), strict=True))
 
 
-def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """The CLIP tokenizer, built without network. SD 1.x pads with <|endoftext|>, SD 2.x with "!"."""
+def clip_tokenizer(pad_token: str = "<|endoftext|>", model_max_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
+    """The CLIP tokenizer, built without network. SD 1.x pads with <|endoftext|>, SD 2.x with "!".
+    A shorter context (model_max_length) suits a small model trained on short captions."""
     lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
     symbols = list(bytes_to_unicode().values())
@@ -39,7 +40,7 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
         vocab={token: i for i, token in enumerate(tokens)},
         merges=merges,
         pad_token=pad_token,
-        model_max_length=CONTEXT_LENGTH,
+        model_max_length=model_max_length,
     )
 
 

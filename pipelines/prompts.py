@@ -4,8 +4,9 @@ Emphasis: `(word)` multiplies the word's weight by 1.1, `[word]` divides it by 1
 1.3; brackets nest and multiply; `\\(` is a literal bracket. A weight scales the word's token
 embeddings, then the whole prompt's embedding is rescaled to its original mean (as A1111 does).
 
-Length: the tokens are cut into chunks of 75, each encoded on its own between start and end
-tokens, and the chunks' embeddings are concatenated; cross-attention takes any number of keys.
+Length: the tokens are cut into chunks of the tokenizer's context less two (75 for CLIP's 77),
+each encoded on its own between start and end tokens, and the chunks' embeddings are
+concatenated; cross-attention takes any number of keys.
 """
 
 import re
@@ -16,7 +17,6 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-CHUNK = 75  # tokens per chunk, between the start and end tokens
 _TOKENS = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
 
 
@@ -60,6 +60,11 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return merged or [("", 1.0)]
 
 
+def chunk_size(tokenizer: CLIPTokenizer) -> int:
+    """Prompt tokens per chunk: the context less the start and end tokens."""
+    return tokenizer.model_max_length - 2
+
+
 def tokenize_weighted(tokenizer: CLIPTokenizer, prompt: str) -> tuple[list[int], list[float]]:
     """Token ids (no start/end tokens) and one weight per token."""
     ids: list[int] = []
@@ -74,32 +79,33 @@ def tokenize_weighted(tokenizer: CLIPTokenizer, prompt: str) -> tuple[list[int],
 def encode_weighted(
     tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], truncate: bool = False
 ) -> Tensor:
-    """(batch,) prompts -> (batch, 77 * chunks, width) token embeddings, emphasis applied.
+    """(batch,) prompts -> (batch, context * chunks, width) token embeddings, emphasis applied.
     All prompts get the same number of chunks (short ones padded with empty chunks), so that
     a prompt and its negative can share a batch. With `truncate`, one chunk, and a warning
     names what was cut."""
     tokenized = [tokenize_weighted(tokenizer, prompt) for prompt in prompts]
+    chunk = chunk_size(tokenizer)
     if truncate:
         for ids, _ in tokenized:
-            if len(ids) > CHUNK:
-                warnings.warn(f"prompt cut to {CHUNK} tokens; dropped: {tokenizer.decode(ids[CHUNK:])!r}", stacklevel=2)
-        tokenized = [(ids[:CHUNK], weights[:CHUNK]) for ids, weights in tokenized]
-    chunks = max(1, *((len(ids) + CHUNK - 1) // CHUNK for ids, _ in tokenized))
+            if len(ids) > chunk:
+                warnings.warn(f"prompt cut to {chunk} tokens; dropped: {tokenizer.decode(ids[chunk:])!r}", stacklevel=2)
+        tokenized = [(ids[:chunk], weights[:chunk]) for ids, weights in tokenized]
+    chunks = max(1, *((len(ids) + chunk - 1) // chunk for ids, _ in tokenized))
 
     start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     all_ids, all_weights = [], []
     for ids, weights in tokenized:
         for c in range(chunks):
-            piece, piece_weights = ids[c * CHUNK : (c + 1) * CHUNK], weights[c * CHUNK : (c + 1) * CHUNK]
-            padding = CHUNK - len(piece)
+            piece, piece_weights = ids[c * chunk : (c + 1) * chunk], weights[c * chunk : (c + 1) * chunk]
+            padding = chunk - len(piece)
             all_ids.append([start, *piece, end] + [pad] * padding)
             all_weights.append([1.0, *piece_weights, 1.0] + [1.0] * padding)
 
     device = text_encoder.device
-    ids = torch.tensor(all_ids, device=device)  # (batch * chunks, 77)
-    embeddings = text_encoder(ids).last_hidden_state  # (batch * chunks, 77, width)
+    ids = torch.tensor(all_ids, device=device)  # (batch * chunks, context)
+    embeddings = text_encoder(ids).last_hidden_state  # (batch * chunks, context, width)
     batch, width = len(prompts), embeddings.shape[-1]
-    embeddings = embeddings.reshape(batch, chunks * (CHUNK + 2), width)
+    embeddings = embeddings.reshape(batch, chunks * (chunk + 2), width)
     weights = torch.tensor(all_weights, device=device, dtype=embeddings.dtype).reshape(batch, -1, 1)
     if (weights == 1).all():
         return embeddings  # no emphasis: exactly the plain embedding

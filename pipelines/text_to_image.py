@@ -26,7 +26,7 @@ from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
-from pipelines.prompts import CHUNK, encode_weighted, tokenize_weighted
+from pipelines.prompts import chunk_size, encode_weighted, tokenize_weighted
 from pipelines.schedulers import make_scheduler, scheduler_name
 
 
@@ -258,7 +258,8 @@ class TextToImagePipeline:
         """One (token text, map) per prompt token, skipping the start, end and padding tokens."""
         ids, _ = tokenize_weighted(self.model.tokenizer, prompt)
         tokens = self.model.tokenizer.convert_ids_to_tokens(ids)
-        positions = [(j // CHUNK) * (CHUNK + 2) + 1 + j % CHUNK for j in range(len(ids))]
+        chunk = chunk_size(self.model.tokenizer)
+        positions = [(j // chunk) * (chunk + 2) + 1 + j % chunk for j in range(len(ids))]
         return [
             (token.replace("</w>", ""), maps[p].cpu())
             for token, p in zip(tokens, positions, strict=True)

@@ -208,6 +208,22 @@ def test_a_preset_field_typo_is_named(tmp_path, section, field, message):
         LatentDiffusion.from_preset(tmp_path / "typo.yaml")
 
 
+def test_a_tokenizer_context_longer_than_the_text_encoder_is_refused(tmp_path):
+    import yaml
+
+    spec = yaml.safe_load((ldm.model.CONFIG_DIR / "tiny.yaml").read_text())
+    spec["tokenizer"]["model_max_length"] = spec["text_encoder"]["max_position_embeddings"] + 1
+    with pytest.raises(ConfigError, match="model_max_length=.* exceeds the text encoder's max_position_embeddings"):
+        LatentDiffusion.from_spec(spec)
+
+
+def test_a_shorter_tokenizer_context_survives_save_and_load(tmp_path):
+    spec = ldm.model.read_preset("tiny")
+    spec["tokenizer"]["model_max_length"] = 24
+    LatentDiffusion.from_spec(spec).save(tmp_path / "model")
+    assert LatentDiffusion.load(tmp_path / "model").tokenizer.model_max_length == 24
+
+
 @pytest.mark.parametrize(
     "preset, counts",
     [  # the published sizes of SD 1.5 and SD 2.1's parts

@@ -1,6 +1,6 @@
 """A synthetic captioned dataset: one or two coloured shapes on black, with captions from a small grammar.
 
-    python -m ldm.data.shapes --out data/shapes --n 5000 --size 64 --seed 0 --leave-out "red circle,blue square"
+    python -m ldm.data.shapes --out data/shapes --n 5000 --size 64 --seed 0 --leave-out "blue triangle,yellow circle"
 
 Writes NNNNN.png with NNNNN.txt beside it (the folder format train.py reads). Captions:
 `a [small|large] COLOR SHAPE POSITION`, optionally `... and a COLOR SHAPE POSITION`. Item i is

@@ -24,7 +24,7 @@ from torch import Tensor
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, Shape, caption, parse_pairs
 from ldm.eval.detector import Detection, detect
 
-DEFAULT_LEFT_OUT = "red circle,blue square"  # what configs/shapes-*.yaml leave out
+DEFAULT_LEFT_OUT = "blue triangle,yellow circle"  # what configs/shapes-*.yaml leave out
 
 
 @dataclass

@@ -97,6 +97,7 @@ class TrainConfig:
     ema_decay: float | None = 0.999  # EMA of the trained model's weights; null for none
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard, wandb or none
+    save_precision: str = "fp32"  # the final model's weights on disk: fp32, fp16 (half the size) or bf16
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -111,6 +112,7 @@ class TrainConfig:
             "stage": (self.stage, ("diffusion", "autoencoder")),
             "report_to": (self.report_to, ("tensorboard", "wandb", "none")),
             "steps.mixed_precision": (self.steps.mixed_precision, ("no", "fp16", "bf16")),
+            "save_precision": (self.save_precision, ("fp32", "fp16", "bf16")),
             "autoencoder.loss": (self.autoencoder.loss, ("l1", "mse")),
             "diffusion.prediction_type": (self.diffusion.prediction_type, (None, "epsilon", "v_prediction")),
         }

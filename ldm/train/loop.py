@@ -288,6 +288,9 @@ class Trainer:
         if self.config.stage == "autoencoder" and holdout is not None:
             self._calibrate_autoencoder(holdout)
         if accelerator.is_main_process:
+            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.save_precision]
+            for part in self.model.parts().values():
+                part.to(dtype)
             self.model.save(self.output / "model")
             summary = f"trained {self.progress.step} steps; skipped {skipped} bad item(s)"
             if self.skipped:

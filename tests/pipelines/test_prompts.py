@@ -74,3 +74,16 @@ def test_truncation_warns_with_the_words_it_cut(text_model):
     with pytest.warns(UserWarning, match="dropped: 'blue square'"), torch.no_grad():
         embeddings = encode_weighted(tokenizer, encoder, [prompt], truncate=True)
     assert embeddings.shape == (1, 77, 16)
+
+
+def test_a_shorter_context_chunks_at_its_own_length(text_model):
+    _, encoder = text_model
+    tokenizer = clip_tokenizer(model_max_length=24)  # 22 prompt tokens per chunk
+    words = " ".join(["red circle"] * 15)  # 30 tokens: two chunks
+    ids = tokenizer(words, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        embeddings = encode_weighted(tokenizer, encoder, [words])
+        second = encoder(torch.tensor([[49406, *ids[22:], 49407] + [49407] * 14])).last_hidden_state
+        plain = encode_prompts(tokenizer, encoder, ["a red circle"])
+    assert embeddings.shape == (1, 48, 16) and plain.shape == (1, 24, 16)
+    torch.testing.assert_close(embeddings[0, 24:], second[0])

@@ -5,6 +5,7 @@ import torch
 import yaml
 from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
 
 import train
 from conftest import perturbed_tiny_model
@@ -100,6 +101,20 @@ def test_what_train_py_saves_loads_in_diffusers_and_in_ours(four_images, tmp_pat
     theirs = StableDiffusionPipeline.from_pretrained(run / "model")
     for key, value in ours.unet.state_dict().items():
         assert torch.equal(theirs.unet.state_dict()[key], value)
+
+
+def test_save_precision_fp16_halves_the_files_and_loads_back_in_fp32(four_images, tmp_path):
+    trainer = Trainer(load_config(recipe(tmp_path, four_images, steps={"max": 2}), ["save_precision=fp16"]))
+    trainer.run()
+    model = tmp_path / "run" / "model"
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):  # fmt: skip
+        assert {tensor.dtype for tensor in load_file(model / part).values()} == {torch.float16}, part
+    loaded = LatentDiffusion.load(model)
+    assert all(p.dtype == torch.float32 for part in loaded.parts().values() for p in part.parameters())
+    saved = trainer.model.unet.state_dict()
+    for key, value in loaded.unet.state_dict().items():
+        assert torch.equal(value, saved[key].float())
 
 
 def test_a_finished_run_is_never_overwritten(four_images, tmp_path, capsys):
