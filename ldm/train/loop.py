@@ -89,7 +89,7 @@ class Trainer:
         *self.wrapped, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
         self.trained = self.wrapped[0]
         self.text_encoder = self.wrapped[1] if len(self.wrapped) > 1 else self.model.text_encoder
-        self.ema = EMAModel(modules[0].parameters(), decay=config.ema_decay) if config.ema_decay else None
+        self.ema = EMAModel(self._trained_parameters(), decay=config.ema_decay) if config.ema_decay else None
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress, *([self.ema] if self.ema else []))
         if config.checkpoint.resume:
@@ -103,7 +103,7 @@ class Trainer:
             save_config(config, self.output / "config.yaml")
         accelerator.init_trackers("train")
         self._loop(optimizer, lr_scheduler)
-        return self._finish(modules[0], holdout)
+        return self._finish(holdout)
 
     def _check_output_dir(self) -> None:
         if (self.output / "model").exists():
@@ -249,7 +249,7 @@ class Trainer:
         step = self.progress.step
         self.losses.append(loss)
         if self.ema:
-            self.ema.step(self.accelerator.unwrap_model(self.trained).parameters())
+            self.ema.step(self._trained_parameters())
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if step % config.log_every == 0:
@@ -259,15 +259,18 @@ class Trainer:
         if self.validate and step % config.validation.every == 0 and accelerator.is_main_process:
             self._validation(step)
 
+    def _trained_parameters(self) -> list[torch.nn.Parameter]:
+        """Every trained weight (UNet and a jointly trained text encoder): what the EMA averages."""
+        return [p for module in self.wrapped for p in self.accelerator.unwrap_model(module).parameters()]
+
     def _validation(self, step: int) -> None:
         """Sample with the EMA weights, save the grid, log it; then back to training."""
-        trained = self.accelerator.unwrap_model(self.trained)
         if self.ema:
-            self.ema.store(trained.parameters())
-            self.ema.copy_to(trained.parameters())
+            self.ema.store(self._trained_parameters())
+            self.ema.copy_to(self._trained_parameters())
         grid = self.validate(self.model, step)
         if self.ema:
-            self.ema.restore(trained.parameters())
+            self.ema.restore(self._trained_parameters())
         for module in self.wrapped:  # the pipeline switched every part to eval mode
             module.train()
         folder = self.output / "validation"
@@ -277,14 +280,15 @@ class Trainer:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("validation", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
 
-    def _finish(self, trained: torch.nn.Module, holdout: CaptionedImages | None) -> LatentDiffusion:
+    def _finish(self, holdout: CaptionedImages | None) -> LatentDiffusion:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         total = torch.tensor(sum(self.skipped.values()), device=accelerator.device)
         skipped = int(accelerator.reduce(total, reduction="sum"))
         if self.ema:
-            self.ema.copy_to(trained.parameters())
-        trained.eval()
+            self.ema.copy_to(self._trained_parameters())
+        for module in self.wrapped:
+            module.eval()
         if self.config.stage == "autoencoder" and holdout is not None:
             self._calibrate_autoencoder(holdout)
         if accelerator.is_main_process:

@@ -103,6 +103,16 @@ def test_what_train_py_saves_loads_in_diffusers_and_in_ours(four_images, tmp_pat
         assert torch.equal(theirs.unet.state_dict()[key], value)
 
 
+def test_the_ema_averages_a_jointly_trained_text_encoder_too(four_images, tmp_path):
+    options = ["diffusion.train_text_encoder=true", "ema_decay=0.5"]
+    trainer = Trainer(load_config(recipe(tmp_path, four_images, steps={"max": 3}), options))
+    trainer.run()
+    unet, text_encoder = list(trainer.model.unet.parameters()), list(trainer.model.text_encoder.parameters())
+    assert len(trainer.ema.shadow_params) == len(unet) + len(text_encoder)
+    # what was saved is the average: the shadow weights were copied into both parts
+    assert all(torch.equal(p, s) for p, s in zip(text_encoder, trainer.ema.shadow_params[len(unet) :], strict=True))
+
+
 def test_save_precision_fp16_halves_the_files_and_loads_back_in_fp32(four_images, tmp_path):
     trainer = Trainer(load_config(recipe(tmp_path, four_images, steps={"max": 2}), ["save_precision=fp16"]))
     trainer.run()
