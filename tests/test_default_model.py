@@ -19,13 +19,13 @@ def test_it_ships_as_fp16_safetensors_within_30_mb():
         assert {t.dtype for t in load_file(sample.DEFAULT_MODEL / name).values()} == {torch.float16}, name
 
 
-def test_sample_py_without_a_model_draws_the_readme_prompt_in_colour_and_size(tmp_path, capsys):
-    """What the shipped model does reliably: the colour and the size. It does not follow the
-    position words yet (see README, Evaluate), so the position is not checked."""
+def test_sample_py_without_a_model_draws_the_readme_prompt(tmp_path, capsys):
+    """Colour, size and position, on four seeds. The shape is not checked: the model gets it
+    right about two times in three (see README, Evaluate)."""
     argv = ["--prompt", "a large red circle in the top left", "--num-images", "4", "--seed", "0"]
     assert sample.main([*argv, "--outdir", str(tmp_path)]) == 0
     images = sorted(p for p in tmp_path.iterdir() if p.suffix == ".png" and "grid" not in p.name)
     assert len(images) == 4
     for image in images:
         found = detect(np.asarray(Image.open(image).convert("RGB")))
-        assert [(d.color, d.size) for d in found[:1]] == [("red", "large")], image.name
+        assert [(d.color, d.size, d.position) for d in found[:1]] == [("red", "large", "in the top left")], image.name

@@ -55,6 +55,7 @@ class AutoencoderConfig:
 @dataclass
 class OptimConfig:
     learning_rate: float = 1e-4
+    text_encoder_lr: float | None = None  # a jointly trained text encoder's own rate; default learning_rate
     lr_scheduler: str = "constant"  # any of diffusers.optimization's: linear, cosine, constant_with_warmup, ...
     warmup_steps: int = 0
     weight_decay: float = 1e-2

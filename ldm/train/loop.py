@@ -168,7 +168,11 @@ class Trainer:
 
     def _optimizer(self, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
         optim = self.config.optim
-        parameters = [p for module in modules for p in module.parameters()]
+        text_lr = optim.learning_rate if optim.text_encoder_lr is None else optim.text_encoder_lr
+        parameters = [
+            {"params": list(m.parameters()), "lr": text_lr if m is self.model.text_encoder else optim.learning_rate}
+            for m in modules
+        ]
         options = dict(lr=optim.learning_rate, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
         if not optim.use_8bit_adam:
             return torch.optim.AdamW(parameters, **options)

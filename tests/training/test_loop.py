@@ -13,7 +13,7 @@ from ldm.data.datasets import ImageOptions, open_dataset
 from ldm.data.shapes import main as make_shapes
 from ldm.model import LatentDiffusion
 from ldm.train.config import load_config
-from ldm.train.loop import Trainer
+from ldm.train.loop import Trainer, build_model
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +111,14 @@ def test_the_ema_averages_a_jointly_trained_text_encoder_too(four_images, tmp_pa
     assert len(trainer.ema.shadow_params) == len(unet) + len(text_encoder)
     # what was saved is the average: the shadow weights were copied into both parts
     assert all(torch.equal(p, s) for p, s in zip(text_encoder, trainer.ema.shadow_params[len(unet) :], strict=True))
+
+
+def test_a_jointly_trained_text_encoder_can_have_its_own_learning_rate(four_images, tmp_path):
+    options = ["diffusion.train_text_encoder=true", "optim.text_encoder_lr=1e-5"]
+    trainer = Trainer(load_config(recipe(tmp_path, four_images), options))
+    trainer.model = build_model(trainer.config)
+    optimizer = trainer._optimizer([trainer.model.unet, trainer.model.text_encoder])
+    assert [group["lr"] for group in optimizer.param_groups] == [3e-3, 1e-5]
 
 
 def test_save_precision_fp16_halves_the_files_and_loads_back_in_fp32(four_images, tmp_path):
