@@ -35,6 +35,7 @@ PARTS = {  # part -> (library, class) as model_index.json names them
     "scheduler": ("diffusers", None),  # any diffusers scheduler
 }
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by the names configs use
 
 
 class ModelLoadError(ValueError):

@@ -2,7 +2,7 @@
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ldm.model import DTYPES
 
 
 class DeviceError(ValueError):

@@ -30,7 +30,7 @@ from ldm.data.datasets import (
     collate,
     open_dataset,
 )
-from ldm.model import LatentDiffusion
+from ldm.model import DTYPES, LatentDiffusion
 from ldm.text import encode_prompts
 from ldm.train.cache import build_cache, load_cache
 from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
@@ -296,9 +296,8 @@ class Trainer:
         if self.config.stage == "autoencoder" and holdout is not None:
             self._calibrate_autoencoder(holdout)
         if accelerator.is_main_process:
-            dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.config.save_precision]
             for part in self.model.parts().values():
-                part.to(dtype)
+                part.to(DTYPES[self.config.save_precision])
             self.model.save(self.output / "model")
             summary = f"trained {self.progress.step} steps; skipped {skipped} bad item(s)"
             if self.skipped:
