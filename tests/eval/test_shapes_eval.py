@@ -5,8 +5,9 @@ import json
 import re
 
 import numpy as np
+import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from ldm.data.shapes import JITTER, draw
 from ldm.data.shapes import main as make_shapes
@@ -16,7 +17,8 @@ from ldm.eval.shapes import evaluate, main, prompt_set, summarise
 CAPTION = re.compile(r"a (small|large) (\w+) (\w+) (.+?)(?: and a (\w+) (\w+) (.+))?$")
 
 
-def test_the_detector_is_right_on_the_datasets_own_images(tmp_path):
+@pytest.mark.parametrize("blur", [0, 1.0], ids=["crisp", "blurred like a decoded image"])
+def test_the_detector_is_right_on_the_datasets_own_images(tmp_path, blur):
     make_shapes(["--out", str(tmp_path), "--n", "600", "--size", "64", "--seed", "11"])
     right = 0
     for i in range(600):
@@ -24,9 +26,8 @@ def test_the_detector_is_right_on_the_datasets_own_images(tmp_path):
         expected = {(m.group(2), m.group(3), m.group(4), m.group(1))}
         if m.group(5):
             expected.add((m.group(5), m.group(6), m.group(7), "small"))
-        found = {
-            (d.color, d.shape, d.position, d.size) for d in detect(np.asarray(Image.open(tmp_path / f"{i:05d}.png")))
-        }
+        image = Image.open(tmp_path / f"{i:05d}.png").filter(ImageFilter.GaussianBlur(blur))
+        found = {(d.color, d.shape, d.position, d.size) for d in detect(np.asarray(image))}
         right += found == expected
     assert right / 600 >= 0.99, right
 
