@@ -243,9 +243,12 @@ class Trainer:
             captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
             with torch.set_grad_enabled(diffusion.train_text_encoder):
                 text = encode_prompts(self.model.tokenizer, self.text_encoder, captions)
-        return diffusion_loss(
-            self.trained, self.noise_schedule, latents, text, diffusion.snr_gamma, diffusion.noise_offset
+        weighting = dict(
+            snr_gamma=diffusion.snr_gamma,
+            noise_offset=diffusion.noise_offset,
+            high_noise_bias=diffusion.high_noise_bias,
         )
+        return diffusion_loss(self.trained, self.noise_schedule, latents, text, **weighting)
 
     def _after_step(self, loss: float, lr: float, bar: tqdm) -> None:
         config, accelerator = self.config, self.accelerator

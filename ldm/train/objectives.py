@@ -15,17 +15,26 @@ def diffusion_loss(
     text: Tensor,
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
+    high_noise_bias: float = 1.0,
 ) -> Tensor:
     """Noise the latents to a random timestep, x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and regress the UNet's
     output on its target: ε for `epsilon`, v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for `v_prediction`.
 
     noise_offset adds a per-channel constant to ε, which lets the model learn very dark and very
-    bright images; snr_gamma weights each timestep by min(SNR, γ)/SNR (Hang et al., 2023, "Min-SNR")."""
+    bright images; high_noise_bias draws the noisiest quarter of timesteps that many times as often
+    as the rest (diffusers' "later" timestep bias), where the layout is decided; snr_gamma weights
+    each timestep by min(SNR, γ)/SNR (Hang et al., 2023, "Min-SNR")."""
     batch = latents.shape[0]
     noise = torch.randn_like(latents)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(batch, latents.shape[1], 1, 1, device=latents.device)
-    timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), device=latents.device)
+    steps = noise_schedule.config.num_train_timesteps
+    if high_noise_bias == 1.0:
+        timesteps = torch.randint(0, steps, (batch,), device=latents.device)
+    else:
+        weights = torch.ones(steps)
+        weights[steps - steps // 4 :] = high_noise_bias
+        timesteps = torch.multinomial(weights, batch, replacement=True).to(latents.device)
     noisy = noise_schedule.add_noise(latents, noise, timesteps)
     if noise_schedule.config.prediction_type == "v_prediction":
         target = noise_schedule.get_velocity(latents, noise, timesteps)

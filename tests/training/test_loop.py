@@ -149,6 +149,7 @@ def test_a_finished_run_is_never_overwritten(four_images, tmp_path, capsys):
         (["steps.max=many"], "steps.max: Value 'many' of type 'str' could not be converted to Integer"),
         (["stage=vae"], "stage='vae': use one of diffusion, autoencoder"),
         (["optim.lr_scheduler=warm"], "optim.lr_scheduler='warm': use one of linear, cosine"),
+        (["diffusion.high_noise_bias=0"], "diffusion.high_noise_bias=0.0: must be above 0"),
         (["data.path=/nowhere"], "data.path='/nowhere': no such folder or .tar file"),
         (["checkpoint.resume=latest"], "checkpoint.resume=latest: no checkpoint in"),
         (["steps.max"], "'steps.max': overrides are dotted.key=value"),

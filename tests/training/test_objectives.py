@@ -45,6 +45,15 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
     torch.testing.assert_close(loss, expected)
 
 
+def test_high_noise_bias_draws_the_noisiest_quarter_that_many_times_as_often():
+    schedule, unet = DDPMScheduler(), Recorder()
+    torch.manual_seed(2)
+    diffusion_loss(unet, schedule, torch.randn(4000, 1, 1, 1), torch.zeros(4000, 1, 1), high_noise_bias=3.0)
+    noisiest = (unet.timesteps >= 750).float().mean()
+    assert noisiest == pytest.approx(3 * 0.25 / (0.75 + 3 * 0.25), abs=0.03)  # a half, instead of a quarter
+    assert unet.timesteps.min() < 10 and unet.timesteps.max() > 990
+
+
 def test_psnr_of_a_known_error():
     images = torch.zeros(1, 3, 4, 4)
     assert psnr(images + 0.2, images) == pytest.approx(10 * torch.log10(torch.tensor(4 / 0.04)).item(), rel=1e-5)
