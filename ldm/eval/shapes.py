@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a model folder trained on the shapes dataset")
     parser.add_argument("--seeds", type=int, default=2, help="images per prompt")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--guidance-scale", type=float, default=2.5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--left-out", default=DEFAULT_LEFT_OUT, help="the pairs the model never saw")
     parser.add_argument("--out", type=Path, default=Path("eval-shapes"), help="contact sheet and results.json")
