@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, Shape, caption, parse_pairs
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, caption, parse_pairs
 from ldm.eval.detector import Detection, detect
 
 DEFAULT_LEFT_OUT = "blue triangle,yellow circle"  # what configs/shapes-*.yaml leave out
@@ -100,10 +100,12 @@ def word_map(maps: list[tuple[str, Tensor]], word: str) -> np.ndarray:
     raise KeyError(f"{word!r} is not among the prompt's tokens {tokens}")
 
 
-def summarise(verdicts: list[Verdict]) -> dict:
-    def rate(values: list[bool]) -> float | None:
-        return round(100 * sum(values) / len(values), 1) if values else None
+def rate(values: list[bool]) -> float | None:
+    """Percent true, to one decimal; None for no values."""
+    return round(100 * sum(values) / len(values), 1) if values else None
 
+
+def summarise(verdicts: list[Verdict]) -> dict:
     seen = [v for v in verdicts if v.case.kind == "seen"]
     left_out = [v for v in verdicts if v.case.kind == "left-out"]
     singles = seen + left_out
@@ -114,9 +116,22 @@ def summarise(verdicts: list[Verdict]) -> dict:
         "left-out pairs": {"whole prompt": rate([v.correct for v in left_out])}
         | {name: rate([v.attributes[name] for v in left_out]) for name in ("color", "shape")},
         "two objects": {"whole prompt": rate([v.correct for v in verdicts if v.case.kind == "two-objects"])},
-        "pointing game": {
-            role: rate([v.pointing[role] for v in singles if role in v.pointing]) for role in ("shape", "color")
-        },
+        "pointing game": {role: pointing(singles, role) for role in ("shape", "color")},
+        "seen, by size": {size: by_size([v for v in seen if v.case.shapes[0].size == size]) for size in SIZES},
+    }
+
+
+def pointing(verdicts: list[Verdict], role: str) -> float | None:
+    return rate([v.pointing[role] for v in verdicts if role in v.pointing])
+
+
+def by_size(verdicts: list[Verdict]) -> dict:
+    """Where the misses are: a small object spans four latent pixels, a large one eight."""
+    return {
+        "shape": rate([v.attributes["shape"] for v in verdicts]),
+        "whole prompt": rate([v.correct for v in verdicts]),
+        "pointing, shape word": pointing(verdicts, "shape"),
+        "pointing, color word": pointing(verdicts, "color"),
     }
 
 

@@ -74,8 +74,11 @@ def test_a_perfect_model_scores_full_marks_and_a_wrong_colour_none():
     perfect = summarise(evaluate(painter(True), cases, rounds=1))
     assert perfect["seen"] == {"color": 100.0, "shape": 100.0, "position": 100.0, "size": 100.0, "whole prompt": 100.0}
     assert perfect["pointing game"] == {"shape": 100.0, "color": 100.0}
+    full = {"shape": 100.0, "whole prompt": 100.0, "pointing, shape word": 100.0, "pointing, color word": 100.0}
+    assert perfect["seen, by size"] == {"small": full, "large": full}
     wrong = summarise(evaluate(painter(False), cases, rounds=1))
     assert wrong["seen"]["color"] == 0.0 and wrong["seen"]["whole prompt"] == 0.0 and wrong["seen"]["shape"] == 100.0
+    assert [wrong["seen, by size"][size]["whole prompt"] for size in ("small", "large")] == [0.0, 0.0]
     assert JITTER < 1 / 6  # jitter never moves a centre across a cell
 
 
