@@ -20,12 +20,15 @@ def test_it_ships_as_fp16_safetensors_within_30_mb():
 
 
 def test_sample_py_without_a_model_draws_the_readme_prompt(tmp_path, capsys):
-    """Colour, size and position, on four seeds. The shape is not checked: for this prompt the
-    model mostly draws a rounded square, cut by the corner (see README, Evaluate)."""
+    """Colour, shape, size and position, on four seeds, at the guidance sample.py picks for it."""
     argv = ["--prompt", "a large red circle in the top left", "--num-images", "4", "--seed", "0"]
     assert sample.main([*argv, "--outdir", str(tmp_path)]) == 0
     images = sorted(p for p in tmp_path.iterdir() if p.suffix == ".png" and "grid" not in p.name)
     assert len(images) == 4
     for image in images:
-        found = detect(np.asarray(Image.open(image).convert("RGB")))
-        assert [(d.color, d.size, d.position) for d in found[:1]] == [("red", "large", "in the top left")], image.name
+        png = Image.open(image)
+        assert png.text["guidance_scale"] == str(sample.DEFAULT_MODEL_GUIDANCE)
+        found = detect(np.asarray(png.convert("RGB")))
+        assert [(d.color, d.shape, d.size, d.position) for d in found] == [
+            ("red", "circle", "large", "in the top left")
+        ], image.name
