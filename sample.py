@@ -21,7 +21,6 @@ from pipelines.schedulers import SCHEDULERS, UnknownScheduler
 from pipelines.text_to_image import GenerationError, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
-GUIDANCE, DEFAULT_MODEL_GUIDANCE = 7.5, 2.5  # at 7.5 the demo model's reds turn magenta (README: Evaluate)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images generated at once")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance-scale", type=float, help="default: 7.5, or 2.5 for the shipped model")
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help=", ".join(SCHEDULERS))
     parser.add_argument("--seed", type=int, help="image k uses seed+k (default: random)")
     parser.add_argument("--height", type=int)
@@ -125,16 +124,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     for path, scale in args.lora:
         pipe.load_lora(path, scale)
     scheduler = args.scheduler or pipe.default_scheduler
-    guidance = args.guidance_scale
-    if guidance is None:
-        guidance = DEFAULT_MODEL_GUIDANCE if args.model is None else GUIDANCE
     generated = pipe.generate(
         prompts,
         negative_prompt=args.negative_prompt,
         num_images=args.num_images,
         batch_size=args.batch_size,
         steps=args.steps,
-        guidance_scale=guidance,
+        guidance_scale=args.guidance_scale,
         scheduler=scheduler,
         seed=args.seed,
         height=args.height,
@@ -146,7 +142,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         truncate=args.truncate_prompts,
     )
     strength = args.strength if init_image is not None else None
-    settings = RunSettings(source, args.steps, scheduler, guidance, strength, tuple(args.lora))
+    settings = RunSettings(source, args.steps, scheduler, args.guidance_scale, strength, tuple(args.lora))
     return write_run(args.outdir or new_outdir(), generated, settings)
 
 

@@ -20,15 +20,13 @@ def test_it_ships_as_fp16_safetensors_within_30_mb():
 
 
 def test_sample_py_without_a_model_draws_the_readme_prompt(tmp_path, capsys):
-    """Colour, shape, size and position, on four seeds, at the guidance sample.py picks for it."""
+    """Colour, shape, size and position, on four seeds, at sample.py's defaults."""
     argv = ["--prompt", "a large red circle in the top left", "--num-images", "4", "--seed", "0"]
     assert sample.main([*argv, "--outdir", str(tmp_path)]) == 0
     images = sorted(p for p in tmp_path.iterdir() if p.suffix == ".png" and "grid" not in p.name)
     assert len(images) == 4
     for image in images:
-        png = Image.open(image)
-        assert png.text["guidance_scale"] == str(sample.DEFAULT_MODEL_GUIDANCE)
-        found = detect(np.asarray(png.convert("RGB")))
+        found = detect(np.asarray(Image.open(image).convert("RGB")))
         assert [(d.color, d.shape, d.size, d.position) for d in found] == [
             ("red", "circle", "large", "in the top left")
         ], image.name
