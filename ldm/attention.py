@@ -89,3 +89,12 @@ def capture_attention_probs(model: nn.Module, sink: Callable[[str, Tensor], None
     finally:
         for layer in layers.values():
             layer.probs_sink = None
+
+
+def layer_size(latent_size: tuple[int, int], pixels: int) -> tuple[int, int]:
+    """The (h, w) of a UNet level with `pixels` positions: each level halves the sides, rounding up."""
+    height, width = latent_size
+    while height * width > pixels:
+        height, width = (height + 1) // 2, (width + 1) // 2
+    assert height * width == pixels, f"{pixels} positions do not fit a {latent_size} latent"
+    return height, width

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldm.attention import layer_size
+
 
 class AttentionMapAccumulator:
     """A sink for `capture_attention_probs`: keeps one running (batch, tokens, h, w) sum at
@@ -32,12 +34,3 @@ class AttentionMapAccumulator:
         assert self.total is not None, "no cross-attention ran"
         maps = F.interpolate(self.total, size=image_size, mode="bicubic", align_corners=False).clamp(min=0)
         return maps / maps.amax(dim=(2, 3), keepdim=True).clamp(min=torch.finfo(maps.dtype).tiny)
-
-
-def layer_size(latent_size: tuple[int, int], pixels: int) -> tuple[int, int]:
-    """The (h, w) of a UNet level with `pixels` positions: each level halves the sides, rounding up."""
-    height, width = latent_size
-    while height * width > pixels:
-        height, width = (height + 1) // 2, (width + 1) // 2
-    assert height * width == pixels, f"{pixels} positions do not fit a {latent_size} latent"
-    return height, width

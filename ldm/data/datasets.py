@@ -4,6 +4,10 @@
 2. a folder with metadata.jsonl or metadata.csv: `file_name` and a caption column (Hugging Face imagefolder);
 3. WebDataset tar shards (a folder of .tar files, or one .tar): image plus .txt or .json caption, streamed.
 
+Optionally, for the grounding loss, boxes of caption words beside each image: NAME.boxes.json
+beside NAME.png (formats 1 and 2), or a .boxes.json member (3), holding {"word": [[x0, y0, x1,
+y1], ...]} in the source image's pixels; they follow the image's resize, crop and flip.
+
 A bad item (unreadable, truncated or empty image, missing or unreadable caption, too small) is
 not an error: it comes out as a `Skipped` record, which the collate function sets aside for the
 training loop to warn about and count.
@@ -24,7 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from ldm.data.transforms import BadItem, prepare_image
+from ldm.data.transforms import BadItem, Placement, prepare_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -47,17 +51,48 @@ class Skipped:
     reason: str
 
 
-def load_item(image: Path | bytes, caption: str | None, source: str, options: ImageOptions, key: list[int]):
-    """One example as {"pixels", "caption"}, or Skipped. `key` seeds this item's crop and flip."""
+def boxes_file(image: Path) -> Path:
+    return image.with_name(image.stem + ".boxes.json")
+
+
+def read_boxes(text: str | bytes, placement: Placement) -> list[list]:
+    """A .boxes.json's {"word": [[x0, y0, x1, y1], ...]} as [word, x0, y0, x1, y1] rows in
+    fractions of the training square (boxes cropped away are dropped)."""
+    rows = []
+    try:
+        for word, group in json.loads(text).items():
+            for box in group:
+                x0, y0, x1, y1 = map(float, box)
+                placed = placement.box((x0, y0, x1, y1))
+                if placed is not None:
+                    rows.append([str(word), *placed])
+    except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not {word: [[4 numbers], ...]}
+        raise BadItem(f"unreadable boxes ({type(error).__name__}: {error})") from None
+    return rows
+
+
+def load_item(
+    image: Path | bytes,
+    caption: str | None,
+    source: str,
+    options: ImageOptions,
+    key: list[int],
+    boxes: str | bytes | None = None,
+):
+    """One example as {"pixels", "caption"} (and "boxes" when given), or Skipped. `key` seeds
+    this item's crop and flip."""
     try:
         if caption is None or not caption.strip():
             raise BadItem("no caption")
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as file:
             file.load()
-            pixels = prepare_image(
+            pixels, placement = prepare_image(
                 file, options.resolution, options.center_crop, options.random_flip, np.random.default_rng(key)
             )
-        return {"pixels": pixels, "caption": caption.strip()}
+        item = {"pixels": pixels, "caption": caption.strip()}
+        if boxes is not None:
+            item["boxes"] = read_boxes(boxes, placement)
+        return item
     except BadItem as error:
         return Skipped(source, str(error))
     except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
@@ -82,7 +117,12 @@ class CaptionedImages(Dataset):
                 caption = caption.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
                 return Skipped(str(image), f"unreadable caption {caption.name} ({type(error).__name__})")
-        return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index])
+        boxes = boxes_file(image)
+        try:
+            boxes = boxes.read_bytes() if boxes.is_file() else None
+        except OSError as error:
+            return Skipped(str(image), f"unreadable boxes {boxes.name} ({type(error).__name__})")
+        return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index], boxes)
 
 
 class EpochSampler(Sampler):
@@ -151,9 +191,8 @@ class TarShards(IterableDataset):
             if image is None:
                 yield Skipped(source, "no image file")
                 continue
-            yield load_item(
-                image, self._caption(files), source, self.options, [self.options.seed, epoch, shard_index, number]
-            )
+            key = [self.options.seed, epoch, shard_index, number]
+            yield load_item(image, self._caption(files), source, self.options, key, files.get("boxes.json"))
 
     def _caption(self, files: dict[str, bytes]) -> str | None:
         try:
@@ -167,15 +206,17 @@ class TarShards(IterableDataset):
 
 
 def collate(items: list) -> dict:
-    """Stack the good items' tensors ("pixels", or cached latents); hand the skipped ones on for
-    the loop to report."""
+    """Stack the good items' tensors ("pixels", or cached latents); list their captions and boxes
+    (None for an item without); hand the skipped ones on for the loop to report."""
     good = [item for item in items if not isinstance(item, Skipped)]
     batch = {
         "captions": [item["caption"] for item in good],
         "skipped": [item for item in items if isinstance(item, Skipped)],
     }
+    if any("boxes" in item for item in good):
+        batch["boxes"] = [item.get("boxes") for item in good]
     for name in good[0] if good else ():
-        if name != "caption":
+        if name not in ("caption", "boxes"):
             batch[name] = torch.stack([item[name] for item in good])
     return batch
 

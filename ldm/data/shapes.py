@@ -2,13 +2,15 @@
 
     python -m ldm.data.shapes --out data/shapes --n 5000 --size 64 --seed 0 --leave-out "blue triangle,yellow circle"
 
-Writes NNNNN.png with NNNNN.txt beside it (the folder format train.py reads). Captions:
+Writes NNNNN.png with NNNNN.txt beside it (the folder format train.py reads), and NNNNN.boxes.json
+with each shape's box under its colour and shape words (for `diffusion.grounding_loss`). Captions:
 `a [small|large] COLOR SHAPE POSITION`, optionally `... and a COLOR SHAPE POSITION`. Item i is
 drawn from its own generator seeded by (seed, i), so the first n items do not depend on --n.
 `--leave-out` keeps chosen colour-shape pairs out of the data, to test composition on pairs never seen.
 """
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,19 +56,23 @@ class Shape:
         return ((2 * column + 1) / 6 + offset[0]) * side, ((2 * row + 1) / 6 + offset[1]) * side
 
 
-def draw(shapes: list[Shape], side: int, rng: np.random.Generator) -> Image.Image:
+def draw(shapes: list[Shape], side: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, list]]:
+    """The picture, and the box (x0, y0, x1, y1 in pixels) of each shape under its colour and shape words."""
     image = Image.new("RGB", (side, side))
     canvas = ImageDraw.Draw(image)
+    boxes: dict[str, list] = {}
     for item in shapes:
         x, y = item.centre(side, tuple(rng.uniform(-JITTER, JITTER, 2)))
         r = SIZES[item.size] * side / 2
+        for word in (item.color, item.shape):
+            boxes.setdefault(word, []).append([round(v, 2) for v in (x - r, y - r, x + r, y + r)])
         if item.shape == "circle":
             canvas.ellipse([x - r, y - r, x + r, y + r], fill=COLORS[item.color])
         elif item.shape == "square":
             canvas.rectangle([x - r, y - r, x + r, y + r], fill=COLORS[item.color])
         else:  # pointing up, its box the same as the square's
             canvas.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=COLORS[item.color])
-    return image
+    return image, boxes
 
 
 def caption(shapes: list[Shape]) -> str:
@@ -114,8 +120,10 @@ def generate(out: Path, n: int, size: int, seed: int, left_out: set[tuple[str, s
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         shapes = sample_scene(rng, left_out, two_objects)
-        draw(shapes, size, rng).save(out / f"{i:05d}.png")
+        image, boxes = draw(shapes, size, rng)
+        image.save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption(shapes) + "\n")
+        (out / f"{i:05d}.boxes.json").write_text(json.dumps(boxes) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,9 @@
 """From any image file to a training tensor: RGB, resized by the shorter side, cropped, maybe
 flipped, scaled to [-1, 1]. Randomness comes from a generator the caller seeds per item, so a
-resumed run sees exactly the crops and flips the uninterrupted run would have."""
+resumed run sees exactly the crops and flips the uninterrupted run would have. Boxes drawn on
+the source image (grounding) follow the same resize, crop and flip."""
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,10 +30,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the source image went: scaled by `scale`, cropped at (left, top), maybe mirrored."""
+
+    resolution: int
+    scale: float
+    left: int
+    top: int
+    flip: bool
+
+    def box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
+        """A source-pixel box (x0, y0, x1, y1) as fractions of the training square; None if cropped away."""
+        side = self.resolution
+        x0, x1 = (min(max(x * self.scale - self.left, 0), side) / side for x in (box[0], box[2]))
+        y0, y1 = (min(max(y * self.scale - self.top, 0), side) / side for y in (box[1], box[3]))
+        if x1 <= x0 or y1 <= y0:
+            return None
+        return (1 - x1, y0, 1 - x0, y1) if self.flip else (x0, y0, x1, y1)
+
+
 def prepare_image(
     image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
-) -> Tensor:
-    """(3, resolution, resolution) in [-1, 1]."""
+) -> tuple[Tensor, Placement]:
+    """(3, resolution, resolution) in [-1, 1], and where the source image went."""
     image = to_rgb(image)
     width, height = image.size
     if min(width, height) < resolution:
@@ -44,7 +67,8 @@ def prepare_image(
     else:
         left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
+    flip = random_flip and rng.random() < 0.5
+    if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return torch.from_numpy(array).permute(2, 0, 1), Placement(resolution, scale, left, top, flip)

@@ -2,7 +2,7 @@
 a frozen text encoder), store the results as safetensors, and train from those.
 
 The cache file is named by a fingerprint of the dataset (files, sizes, modification times,
-captions, resolution, crop) and of the encoders' weights, so it is reused exactly while they are
+captions, grounding boxes, resolution, crop) and of the encoders' weights, so it is reused exactly while they are
 unchanged and rebuilt when anything changes. The VAE posterior is kept (mean and std), not one
 sample of it, so every step still draws a fresh latent, as without the cache.
 """
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ldm.data.datasets import CaptionedImages, Skipped, collate
+from ldm.data.datasets import CaptionedImages, Skipped, boxes_file, collate
 from ldm.model import LatentDiffusion
 from ldm.text import encode_prompts
 
@@ -25,8 +25,14 @@ from ldm.text import encode_prompts
 class CachedExamples(Dataset):
     """Indexed by (epoch, index) like CaptionedImages; items are posteriors (and text), not pixels."""
 
-    def __init__(self, tensors: dict[str, Tensor], captions: list[str | None], reasons: dict[int, list[str]]):
-        self.tensors, self.captions, self.reasons = tensors, captions, reasons
+    def __init__(
+        self,
+        tensors: dict[str, Tensor],
+        captions: list[str | None],
+        reasons: dict[int, list[str]],
+        boxes: list[list | None],
+    ):
+        self.tensors, self.captions, self.reasons, self.boxes = tensors, captions, reasons, boxes
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -36,6 +42,8 @@ class CachedExamples(Dataset):
         if index in self.reasons:
             return Skipped(*self.reasons[index])
         item = {name: tensor[index] for name, tensor in self.tensors.items() if name != "empty_text"}
+        if self.boxes[index] is not None:
+            item["boxes"] = self.boxes[index]
         return item | {"caption": self.captions[index]}
 
 
@@ -46,6 +54,8 @@ def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
         digest.update(f"{image}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
         text = caption.read_bytes() if isinstance(caption, Path) and caption.exists() else str(caption).encode()
         digest.update(text)
+        boxes = boxes_file(image)
+        digest.update(boxes.read_bytes() if boxes.is_file() else b"no boxes")
     for encoder in encoders:
         for name, tensor in encoder.state_dict().items():
             digest.update(name.encode())
@@ -67,11 +77,12 @@ def build_cache(
     path = folder / f"latents-{fingerprint(dataset, encoders)}.safetensors"
     if path.exists():
         return path
-    means, stds, texts, captions, reasons = [], [], [], [], {}
+    means, stds, texts, captions, boxes, reasons = [], [], [], [], [], {}
     for start in range(0, len(dataset), batch):
         items = [dataset[(0, index)] for index in range(start, min(start + batch, len(dataset)))]
         for offset, item in enumerate(items):
             captions.append(item["caption"] if isinstance(item, dict) else None)
+            boxes.append(item.get("boxes") if isinstance(item, dict) else None)
             if isinstance(item, Skipped):
                 reasons[start + offset] = [item.source, item.reason]
         good = collate(items)
@@ -90,7 +101,7 @@ def build_cache(
     if cache_text:
         tensors["text"] = _stack(texts)
         tensors["empty_text"] = encode_prompts(model.tokenizer, model.text_encoder, [""]).cpu()[0]
-    metadata = {"captions": json.dumps(captions), "reasons": json.dumps(reasons)}
+    metadata = {"captions": json.dumps(captions), "reasons": json.dumps(reasons), "boxes": json.dumps(boxes)}
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, partial, metadata=metadata)
@@ -116,4 +127,4 @@ def load_cache(path: Path) -> CachedExamples:
         tensors = {name: file.get_tensor(name) for name in file.keys()}
         metadata = file.metadata()
     reasons = {int(k): v for k, v in json.loads(metadata["reasons"]).items()}
-    return CachedExamples(tensors, json.loads(metadata["captions"]), reasons)
+    return CachedExamples(tensors, json.loads(metadata["captions"]), reasons, json.loads(metadata["boxes"]))

@@ -44,6 +44,7 @@ class DiffusionConfig:
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice)
     noise_offset: float = 0.0
     high_noise_bias: float = 1.0  # the noisiest quarter of timesteps drawn this many times as often
+    grounding_loss: float = 0.0  # weight of the loss that puts words' attention in their .boxes.json boxes
 
 
 @dataclass
@@ -137,6 +138,8 @@ class TrainConfig:
             raise ConfigError(f"optim.lr_scheduler={self.optim.lr_scheduler!r}: use one of {', '.join(schedules)}")
         if not 0 <= self.diffusion.caption_dropout < 1:
             raise ConfigError(f"diffusion.caption_dropout={self.diffusion.caption_dropout}: must be in [0, 1)")
+        if self.diffusion.grounding_loss < 0:
+            raise ConfigError(f"diffusion.grounding_loss={self.diffusion.grounding_loss}: must be 0 or more")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
 

@@ -20,12 +20,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ldm.attention import capture_attention_probs
 from ldm.autoencoder import images_to_latents
 from ldm.data.datasets import (
     CaptionedImages,
     EpochSampler,
     ImageOptions,
     TarShards,
+    boxes_file,
     check_usable,
     collate,
     open_dataset,
@@ -35,6 +37,7 @@ from ldm.text import encode_prompts
 from ldm.train.cache import build_cache, load_cache
 from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
 from ldm.train.config import TrainConfig, save_config
+from ldm.train.grounding import grounding_loss, grounding_targets
 from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
 from ldm.unet import ConfigError
 
@@ -126,6 +129,12 @@ class Trainer:
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes
         )
         check_usable(dataset)
+        if self.config.stage == "diffusion" and self.config.diffusion.grounding_loss:
+            if not isinstance(dataset, CaptionedImages) or not any(boxes_file(i).is_file() for i, _ in dataset.entries):
+                raise ConfigError(
+                    f"diffusion.grounding_loss={self.config.diffusion.grounding_loss}: needs NAME.boxes.json files "
+                    f"beside the images of a folder dataset; {data.path} has none"
+                )
         holdout = None
         if self.config.stage == "autoencoder" and isinstance(dataset, CaptionedImages):
             count = min(self.config.autoencoder.holdout, len(dataset) - 1)
@@ -242,11 +251,11 @@ class Trainer:
             with torch.no_grad():
                 latents = images_to_latents(self.model.vae, batch["pixels"].to(device))
         dropped = torch.rand(len(batch["captions"])) < diffusion.caption_dropout
+        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
         if "text" in batch:
             empty = self.dataset.tensors["empty_text"]
             text = torch.where(dropped[:, None, None], empty, batch["text"]).to(device)
         else:
-            captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
             with torch.set_grad_enabled(diffusion.train_text_encoder):
                 text = encode_prompts(self.model.tokenizer, self.text_encoder, captions)
         weighting = dict(
@@ -254,7 +263,13 @@ class Trainer:
             noise_offset=diffusion.noise_offset,
             high_noise_bias=diffusion.high_noise_bias,
         )
-        return diffusion_loss(self.trained, self.noise_schedule, latents, text, **weighting)
+        if not (diffusion.grounding_loss and "boxes" in batch):
+            return diffusion_loss(self.trained, self.noise_schedule, latents, text, **weighting)
+        targets = grounding_targets(self.model.tokenizer, captions, batch["boxes"], tuple(latents.shape[-2:]))
+        layers: list[torch.Tensor] = []
+        with capture_attention_probs(self.trained, lambda _, probs: layers.append(probs)):
+            loss = diffusion_loss(self.trained, self.noise_schedule, latents, text, **weighting)
+        return loss + diffusion.grounding_loss * grounding_loss(layers, targets)
 
     def _after_step(self, loss: float, lr: float, bar: tqdm) -> None:
         config, accelerator = self.config, self.accelerator

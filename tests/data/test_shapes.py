@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -20,6 +21,20 @@ def test_captions_follow_the_grammar_and_images_are_shapes_on_black(tmp_path):
     assert image.shape == (32, 32, 3)
     colours = {tuple(p) for p in image.reshape(-1, 3)}
     assert (0, 0, 0) in colours and colours <= {(0, 0, 0), *COLORS.values()}
+
+
+def test_each_shape_is_boxed_under_its_colour_and_shape_words(tmp_path):
+    assert main(["--out", str(tmp_path / "d"), "--n", "20", "--size", "32", "--seed", "2"]) == 0
+    for i in range(20):
+        words = (tmp_path / "d" / f"{i:05d}.txt").read_text().split()
+        boxes = json.loads((tmp_path / "d" / f"{i:05d}.boxes.json").read_text())
+        assert set(boxes) == {w for w in words if w in COLORS or w in SHAPES}
+        if " and " in " ".join(words):
+            continue
+        (box,) = boxes[next(w for w in words if w in SHAPES)]
+        ys, xs = np.nonzero(np.asarray(Image.open(tmp_path / "d" / f"{i:05d}.png")).max(axis=2))
+        assert box[0] <= xs.min() + 1 and xs.max() <= box[2] + 1 and box[1] <= ys.min() + 1 and ys.max() <= box[3] + 1
+        assert xs.max() - xs.min() >= (min(box[2], 31) - max(box[0], 0)) * 0.7  # tight, not anywhere around
 
 
 def test_the_same_seed_gives_the_same_data_and_n_does_not_change_earlier_items(tmp_path):

@@ -59,7 +59,7 @@ def painter(correct: bool):
                 ]
             )
             rng = np.random.default_rng([round_, k])
-            image = draw(shapes, 64, rng)
+            image, _ = draw(shapes, 64, rng)
             mask = np.asarray(image).max(axis=2) > 0
             heatmap = torch.tensor(mask, dtype=torch.float32)
             words = prompt.split()

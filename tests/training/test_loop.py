@@ -150,6 +150,7 @@ def test_a_finished_run_is_never_overwritten(four_images, tmp_path, capsys):
         (["stage=vae"], "stage='vae': use one of diffusion, autoencoder"),
         (["optim.lr_scheduler=warm"], "optim.lr_scheduler='warm': use one of linear, cosine"),
         (["diffusion.high_noise_bias=0"], "diffusion.high_noise_bias=0.0: must be above 0"),
+        (["diffusion.grounding_loss=-1"], "diffusion.grounding_loss=-1.0: must be 0 or more"),
         (["data.path=/nowhere"], "data.path='/nowhere': no such folder or .tar file"),
         (["checkpoint.resume=latest"], "checkpoint.resume=latest: no checkpoint in"),
         (["steps.max"], "'steps.max': overrides are dotted.key=value"),
@@ -208,6 +209,26 @@ def test_caching_refuses_random_augmentation(four_images, tmp_path, capsys):
     path = recipe(tmp_path, four_images)
     assert train.main(["--config", str(path), "data.cache_latents=true", "data.random_flip=true"]) == 2
     assert "data.cache_latents=true: needs data.center_crop=true and data.random_flip=false" in capsys.readouterr().err
+
+
+def test_the_grounding_loss_adds_to_the_loss_and_its_boxes_survive_the_latent_cache(four_images, tmp_path):
+    runs = {}
+    for weight in (0, 1):
+        options = [f"diffusion.grounding_loss={weight}", "data.cache_latents=true", f"data.cache_dir={tmp_path}/c"]
+        runs[weight] = Trainer(load_config(recipe(tmp_path / str(weight), four_images, steps={"max": 2}), options))
+        runs[weight].run()
+    assert runs[1].losses[0] > runs[0].losses[0] + 0.1  # same noise, plus (1 - share inside)² for each word
+    cached = runs[1].dataset[(0, 1)]["boxes"]
+    assert cached == open_dataset(four_images, ImageOptions(16))[(0, 1)]["boxes"] and len(cached) >= 2
+
+
+def test_the_grounding_loss_needs_boxes(four_images, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in four_images.glob("0000[0-3].[pt]*"):  # images and captions, no .boxes.json
+        (bare / file.name).write_bytes(file.read_bytes())
+    assert train.main(["--config", str(recipe(tmp_path, bare)), "diffusion.grounding_loss=0.1"]) == 2
+    assert "diffusion.grounding_loss=0.1: needs NAME.boxes.json files beside the images" in capsys.readouterr().err
 
 
 def test_the_autoencoder_stage_reports_psnr_and_sets_the_latent_scale(four_images, tmp_path):
