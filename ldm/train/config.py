@@ -140,6 +140,9 @@ class TrainConfig:
             raise ConfigError(f"diffusion.caption_dropout={self.diffusion.caption_dropout}: must be in [0, 1)")
         if self.diffusion.grounding_loss < 0:
             raise ConfigError(f"diffusion.grounding_loss={self.diffusion.grounding_loss}: must be 0 or more")
+        if self.diffusion.grounding_loss and self.steps.gradient_checkpointing:
+            # A checkpointed block is recomputed in the backward pass without the probabilities taken from it.
+            raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
 

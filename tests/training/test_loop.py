@@ -151,6 +151,10 @@ def test_a_finished_run_is_never_overwritten(four_images, tmp_path, capsys):
         (["optim.lr_scheduler=warm"], "optim.lr_scheduler='warm': use one of linear, cosine"),
         (["diffusion.high_noise_bias=0"], "diffusion.high_noise_bias=0.0: must be above 0"),
         (["diffusion.grounding_loss=-1"], "diffusion.grounding_loss=-1.0: must be 0 or more"),
+        (
+            ["diffusion.grounding_loss=0.1", "steps.gradient_checkpointing=true"],
+            "diffusion.grounding_loss: needs steps.gradient_checkpointing=false",
+        ),
         (["data.path=/nowhere"], "data.path='/nowhere': no such folder or .tar file"),
         (["checkpoint.resume=latest"], "checkpoint.resume=latest: no checkpoint in"),
         (["steps.max"], "'steps.max': overrides are dotted.key=value"),
