@@ -42,9 +42,10 @@ def grounding_targets(
     tokens = torch.zeros(len(captions), words, tokenizer.model_max_length)
     masks = torch.zeros(len(captions), words, height, width)
     ys, xs = torch.arange(height)[:, None], torch.arange(width)[None, :]
+    spellings = {word: tokenizer(word, add_special_tokens=False).input_ids for item in grouped for word in item}
     for b, item in enumerate(grouped):
         for w, (word, word_boxes) in enumerate(item.items()):
-            spelled = tokenizer(word, add_special_tokens=False).input_ids
+            spelled = spellings[word]
             for start in range(len(ids[b]) - len(spelled) + 1):
                 if spelled and ids[b][start : start + len(spelled)] == spelled:
                     tokens[b, w, start : start + len(spelled)] = 1
