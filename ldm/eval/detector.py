@@ -54,16 +54,49 @@ def classify(image: np.ndarray, mask: np.ndarray, area: int) -> Detection:
     span = max(bottom - top, right - left) / max(height, width)
     size = "large" if span > (SIZES["small"] + SIZES["large"]) / 2 else "small"
     cell = (min(int((left + right) / 2 / width * 3), 2), min(int((top + bottom) / 2 / height * 3), 2))
-    return Detection(color, shape_of(mask[top:bottom, left:right]), size, CELLS[cell], area, mask)
+    clipped = (top == 0, bottom == height, left == 0, right == width)
+    return Detection(color, shape_of(mask[top:bottom, left:right], clipped), size, CELLS[cell], area, mask)
 
 
-def shape_of(box: np.ndarray) -> str:
-    """A square fills its bounding box; a triangle (apex up) has most of its pixels in the lower
-    half of the box; a circle fills π/4 of its box, evenly top and bottom."""
+def shape_of(box: np.ndarray, clipped: tuple[bool, bool, bool, bool] = (False,) * 4) -> str:
+    """A triangle (apex up) has most of its pixels in the lower half of its bounding box. A square
+    fills its box, or, when its corners are soft and its edges wobble a pixel (as decoded small
+    squares do, which then fill as little as 0.8 of the box), still reaches √2 times as far from
+    its centre along the diagonals as along the axes, where a circle reaches as far: the rule cuts
+    that ratio halfway, at 1.2. Rays towards the sides in `clipped` (top, bottom, left, right;
+    cut by the image border) are left out. Holes are filled first: shapes are solid."""
+    box = ndimage.binary_fill_holes(box)
     fill = box.mean()
-    lower = box[box.shape[0] // 2 :].sum() / max(box.sum(), 1)
-    if fill > 0.9:
-        return "square"
+    lower = box[box.shape[0] // 2 :].sum() / box.sum()
     if lower > 0.62 or fill < 0.62:
         return "triangle"
+    if fill > 0.9 or diagonal_reach_ratio(box, clipped) > 1.2:
+        return "square"
     return "circle"
+
+
+def diagonal_reach_ratio(box: np.ndarray, clipped: tuple[bool, bool, bool, bool]) -> float:
+    """Mean reach from the centroid along the diagonals over mean reach along the axes; 1 (no
+    evidence of corners) when the border cuts the shape on opposite sides."""
+    top, bottom, left, right = clipped
+    rows, columns = np.nonzero(box)
+    centre = rows.mean(), columns.mean()
+
+    def free(dy: float, dx: float) -> bool:
+        return not ((dy < 0 and top) or (dy > 0 and bottom) or (dx < 0 and left) or (dx > 0 and right))
+
+    d = 2**-0.5
+    axes = [reach(box, centre, ray) for ray in [(0, 1), (0, -1), (1, 0), (-1, 0)] if free(*ray)]
+    diagonals = [reach(box, centre, ray) for ray in [(d, d), (d, -d), (-d, d), (-d, -d)] if free(*ray)]
+    if not diagonals:
+        return 1.0
+    return float(np.mean(diagonals) / max(np.mean(axes), 1e-6))
+
+
+def reach(box: np.ndarray, centre: tuple[float, float], ray: tuple[float, float]) -> float:
+    """Distance in pixels from `centre` to the farthest pixel of the shape along `ray`, in quarter-pixel steps."""
+    steps = np.arange(0, sum(box.shape), 0.25)
+    rows = np.rint(centre[0] + steps * ray[0]).astype(int)
+    columns = np.rint(centre[1] + steps * ray[1]).astype(int)
+    inside = (rows >= 0) & (rows < box.shape[0]) & (columns >= 0) & (columns < box.shape[1])
+    return float(steps[inside][box[rows[inside], columns[inside]]].max(initial=0.0))
