@@ -61,7 +61,7 @@ def classify(image: np.ndarray, mask: np.ndarray, area: int) -> Detection:
 def shape_of(box: np.ndarray, clipped: tuple[bool, bool, bool, bool] = (False,) * 4) -> str:
     """A triangle (apex up) has most of its pixels in the lower half of its bounding box. A square
     fills its box, or, when its corners are soft and its edges wobble a pixel (as decoded small
-    squares do, which then fill as little as 0.8 of the box), still reaches √2 times as far from
+    squares do, which then fill as little as 0.75 of the box), still reaches √2 times as far from
     its centre along the diagonals as along the axes, where a circle reaches as far: the rule cuts
     that ratio halfway, at 1.2. Rays towards the sides in `clipped` (top, bottom, left, right;
     cut by the image border) are left out. Holes are filled first: shapes are solid."""
