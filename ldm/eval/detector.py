@@ -58,7 +58,7 @@ def classify(image: np.ndarray, mask: np.ndarray, area: int) -> Detection:
     return Detection(color, shape_of(mask[top:bottom, left:right], clipped), size, CELLS[cell], area, mask)
 
 
-def shape_of(box: np.ndarray, clipped: tuple[bool, bool, bool, bool] = (False,) * 4) -> str:
+def shape_of(box: np.ndarray, clipped: tuple[bool, bool, bool, bool]) -> str:
     """A triangle (apex up) has most of its pixels in the lower half of its bounding box. A square
     fills its box, or, when its corners are soft and its edges wobble a pixel (as decoded small
     squares do, which then fill as little as 0.75 of the box), still reaches √2 times as far from

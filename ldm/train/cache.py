@@ -3,8 +3,9 @@ a frozen text encoder), store the results as safetensors, and train from those.
 
 The cache file is named by a fingerprint of the dataset (files, sizes, modification times,
 captions, grounding boxes, resolution, crop) and of the encoders' weights, so it is reused
-exactly while they are unchanged and rebuilt when anything changes. The VAE posterior is kept (mean and std), not one
-sample of it, so every step still draws a fresh latent, as without the cache.
+exactly while they are unchanged and rebuilt when anything changes. The VAE posterior is kept
+(mean and std), not one sample of it, so every step still draws a fresh latent, as without the
+cache.
 """
 
 import hashlib
