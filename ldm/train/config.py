@@ -111,6 +111,8 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
+        if self.steps.mixed_precision == "False":  # YAML reads a bare `no` as false
+            self.steps.mixed_precision = "no"
         choices = {
             "stage": (self.stage, ("diffusion", "autoencoder")),
             "report_to": (self.report_to, ("tensorboard", "wandb", "none")),

@@ -142,6 +142,14 @@ def test_a_finished_run_is_never_overwritten(four_images, tmp_path, capsys):
     assert "already holds a trained model; choose a new one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["no", "bf16"])
+def test_mixed_precision_reads_as_written_in_yaml_and_on_the_command_line(four_images, tmp_path, value):
+    path = recipe(tmp_path, four_images)
+    assert load_config(path, [f"steps.mixed_precision={value}"]).steps.mixed_precision == value
+    path.write_text(path.read_text().replace("steps:\n", f"steps:\n  mixed_precision: {value}\n"))  # bare, unquoted
+    assert load_config(path, []).steps.mixed_precision == value
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
