@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
+from ldm.autoencoder import images_to_latents, latents_to_images
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, draw, parse_pairs
 from ldm.eval.detector import detect
 from ldm.eval.shapes import DEFAULT_LEFT_OUT
@@ -50,13 +51,13 @@ def probe(vae: AutoencoderKL, left_out: set[tuple[str, str]], side: int = 64) ->
         renders = [draw([Shape(colors[c], shapes[s], position, size)], side, np.random.default_rng(cell))[0]
                    for c, s in pairs]  # fmt: skip
         pixels = torch.from_numpy(np.stack([np.asarray(image) for image in renders])).permute(0, 3, 1, 2)
-        means = vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean
+        means = images_to_latents(vae, pixels.float() / 127.5 - 1, mean=True)
         latents = means.reshape(len(colors), len(shapes), -1)
         for c, s in pairs:
             known = seen.clone()
             known[c, s] = False
             prediction = additive_fit(latents, known)[c, s].reshape(means.shape[1:])
-            image = vae.decode(prediction[None]).sample[0]
+            image = latents_to_images(vae, prediction[None])[0]
             found = detect(((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
             right = len(found) == 1 and (found[0].color, found[0].shape) == (colors[c], shapes[s])
             count = counts["seen" if seen[c, s] else "left-out"]

@@ -22,10 +22,13 @@ class MaskAndColour:
     """An ideal code: the shape's mask in one channel, its colour spread over the other three, so a
     colour-shape pair's code is exactly colour part + shape part."""
 
+    config = SimpleNamespace(scaling_factor=1.0)
+
     def encode(self, pixels):
         mask = (pixels.amax(1, keepdim=True) > 0).float()
         colour = (pixels * mask).sum((2, 3), keepdim=True) / mask.sum((2, 3), keepdim=True)
-        return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.cat([mask, colour.expand_as(pixels)], 1)))
+        code = torch.cat([mask, colour.expand_as(pixels)], 1)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: code))
 
     def decode(self, code):
         mask, colour = code[:, :1].round(), code[:, 1:]
