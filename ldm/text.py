@@ -7,9 +7,12 @@ the start and end tokens, exactly as CLIP's `simple_tokenizer.py` builds its voc
 """
 
 import gzip
+import html
 import json
+import re
 from pathlib import Path
 
+import ftfy
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -70,10 +73,18 @@ def text_state_from_files(text_encoder: CLIPTextModel, state: dict[str, Tensor])
     return {key.removeprefix(TEXT_PREFIX): value for key, value in state.items()}
 
 
+def clean_text(text: str) -> str:
+    """What CLIP's own tokenizer does before BPE: fix mojibake and typography with ftfy, undo HTML
+    escapes (twice, as CLIP does), collapse whitespace, lower-case. `it’s` -> `it's`."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> Tensor:
     """(batch,) prompts -> (batch, 77, width) token embeddings: the last hidden state of the
-    text encoder, as SD conditions on it (for SD 2.x the saved encoder already stops one layer early)."""
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    text encoder, as SD conditions on it (for SD 2.x the saved encoder already stops one layer early).
+    Training's captions go through here, cleaned as CLIP cleans them."""
+    cleaned = [clean_text(prompt) for prompt in prompts]
+    length = tokenizer.model_max_length
+    ids = tokenizer(cleaned, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
     return text_encoder(ids.to(next(text_encoder.parameters()).device)).last_hidden_state

@@ -5,6 +5,9 @@ Attention"): the attention probabilities of every cross-attention layer, summed 
 upsampled to one resolution, and summed over layers and denoising steps.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,8 +23,20 @@ class AttentionMapAccumulator:
     def __init__(self, batch: int, latent_size: tuple[int, int]):
         self.batch, self.latent_size = batch, latent_size
         self.total: Tensor | None = None
+        self.listening = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore the UNet calls inside: an unconditional pass run apart from the conditional one."""
+        self.listening = False
+        try:
+            yield
+        finally:
+            self.listening = True
 
     def __call__(self, layer: str, probs: Tensor) -> None:
+        if not self.listening:
+            return
         probs = probs[-self.batch :].float()  # (batch, heads, pixels, tokens)
         batch, _, pixels, tokens = probs.shape
         height, width = layer_size(self.latent_size, pixels)

@@ -1,27 +1,53 @@
-"""Prompts as web-UI users write them: emphasis brackets and prompts longer than CLIP's 77 tokens.
+"""Prompts as web-UI users write them: emphasis brackets, BREAK, and prompts longer than CLIP's context.
 
-Emphasis: `(word)` multiplies the word's weight by 1.1, `[word]` divides it by 1.1, `(word:1.3)` sets
-1.3; brackets nest and multiply; `\\(` is a literal bracket. A weight scales the word's token
-embeddings, then the whole prompt's embedding is rescaled to its original mean (as A1111 does).
+Syntax, as AUTOMATIC1111's `parse_prompt_attention` reads it (modules/prompt_parser.py at commit
+0674fabd): `(word)` multiplies the word's weight by 1.1, `[word]` divides it by 1.1, `(word:1.3)`
+sets 1.3; brackets nest and multiply; `\\(` is a literal bracket; `BREAK` ends a chunk.
 
-Length: the tokens are cut into chunks of the tokenizer's context less two (75 for CLIP's 77),
-each encoded on its own between start and end tokens, and the chunks' embeddings are
-concatenated; cross-attention takes any number of keys.
+Chunks, as A1111's `tokenize_line` makes them (modules/sd_hijack_clip.py at commit 00e09382): a
+prompt is cut into chunks of the context less two tokens (75 for CLIP's 77), each encoded on its own
+between start and end tokens, and their embeddings concatenated; cross-attention takes any number of
+keys. A chunk that would split the text within 20 tokens after a comma ends at that comma instead.
+
+Emphasis modes (how a weight changes a token's embedding), per chunk:
+- `original`: A1111's default: scale each token's embedding by its weight, then rescale the chunk to
+  its old mean. Where that mean is about zero (a text encoder whose final LayerNorm has no bias, as
+  small models trained from scratch), restoring it divides noise by noise, so it is skipped there.
+- `no-norm`: A1111's "No norm": scale by the weight only.
+- `comfy`: ComfyUI's: move each weighted token away from (or toward) the empty prompt's embedding at
+  its position, `empty + weight * (token - empty)` (comfy/sd1_clip.py, `encode_token_weights`,
+  at commit b55c2247).
+- `none`: A1111's "None": brackets are plain text.
 """
 
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.text import clean_text
+
 ROUND, SQUARE = 1.1, 1 / 1.1
-_TOKENS = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:|\\")
+EMPHASIS_MODES = ("original", "no-norm", "comfy", "none")
+WEBUI_EMPHASIS = {"original": "Original", "no-norm": "No norm", "comfy": "comfy", "none": "None"}
+COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
+MEAN_FLOOR = 0.01  # a chunk mean under 1% of the mean |value| is taken as zero (`original` mode)
+BREAK = ("BREAK", -1.0)  # as A1111's parser marks it
+
+_TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be read (a malformed weight); one line."""
 
 
 def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
-    """'a (red:1.5) [circle]' -> [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('circle', 0.909...)]."""
+    """'a (red:1.5) [circle]' -> [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('circle', 0.909...)];
+    BREAK -> ('BREAK', -1). The same pieces and weights as A1111's parser."""
     pieces: list[list] = []  # [text, weight]
     open_round: list[int] = []  # where each open bracket's span starts in `pieces`
     open_square: list[int] = []
@@ -32,20 +58,22 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
 
     for match in _TOKENS.finditer(prompt):
         text, weight = match.group(0), match.group(1)
-        if text.startswith("\\") and len(text) == 2:
-            pieces.append([text[1], 1.0])  # an escaped bracket or backslash is plain text
+        if text.startswith("\\"):
+            pieces.append([text[1:], 1.0])  # an escaped character is text; a lone backslash is dropped
         elif text == "(":
             open_round.append(len(pieces))
         elif text == "[":
             open_square.append(len(pieces))
         elif weight is not None and open_round:
-            scale_from(open_round.pop(), float(weight))
+            scale_from(open_round.pop(), _weight(weight))
         elif text == ")" and open_round:
             scale_from(open_round.pop(), ROUND)
         elif text == "]" and open_square:
             scale_from(open_square.pop(), SQUARE)
         else:
-            pieces.append([text, 1.0])
+            for i, part in enumerate(_BREAK.split(text)):
+                pieces += [list(BREAK)] if i else []
+                pieces.append([part, 1.0])
     for start in open_round:  # unclosed brackets reach to the end
         scale_from(start, ROUND)
     for start in open_square:
@@ -60,55 +88,112 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return merged or [("", 1.0)]
 
 
+def _weight(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise PromptError(f"({text!r} is not a number: write a weight as (word:1.2)") from None
+
+
 def chunk_size(tokenizer: CLIPTokenizer) -> int:
     """Prompt tokens per chunk: the context less the start and end tokens."""
     return tokenizer.model_max_length - 2
 
 
-def tokenize_weighted(tokenizer: CLIPTokenizer, prompt: str) -> tuple[list[int], list[float]]:
-    """Token ids (no start/end tokens) and one weight per token."""
-    ids: list[int] = []
-    weights: list[float] = []
-    for text, weight in parse_emphasis(prompt):
-        piece = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
-        ids += piece
-        weights += [weight] * len(piece)
-    return ids, weights
+@dataclass(frozen=True)
+class Chunks:
+    """A prompt as the text encoder reads it: chunks of ids (start and end tokens included, padded
+    to the context) with a weight per id, and where each of the prompt's own tokens went."""
+
+    ids: list[list[int]]
+    weights: list[list[float]]
+    positions: list[int]  # prompt token i sits at positions[i] in the concatenated chunks
+    tokens: list[str]  # prompt token i's text
+
+
+def split_into_chunks(tokenizer: CLIPTokenizer, prompt: str, emphasis: str = "original") -> Chunks:
+    """Parse, clean and tokenize the prompt; cut it into chunks as A1111 does (BREAK, comma backtrack)."""
+    parsed = [(prompt, 1.0)] if emphasis == "none" else parse_emphasis(prompt)
+    pieces = [
+        None if (text, weight) == BREAK else (tokenizer(clean_text(text), add_special_tokens=False).input_ids, weight)
+        for text, weight in parsed
+    ]
+    size = chunk_size(tokenizer)
+    chunks = _cut(pieces, size, comma=tokenizer.convert_tokens_to_ids(",</w>"))
+    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = [[start, *(t for t, _ in chunk), end] + [pad] * (size - len(chunk)) for chunk in chunks]
+    weights = [[1.0, *(w for _, w in chunk), 1.0] + [1.0] * (size - len(chunk)) for chunk in chunks]
+    positions = [c * (size + 2) + 1 + j for c, chunk in enumerate(chunks) for j in range(len(chunk))]
+    tokens = tokenizer.convert_ids_to_tokens([t for chunk in chunks for t, _ in chunk])
+    return Chunks(ids, weights, positions, [token.replace("</w>", "") for token in tokens])
+
+
+def _cut(pieces: list[tuple[list[int], float] | None], size: int, comma: int) -> list[list[tuple[int, float]]]:
+    """(ids, weight) pieces, None for BREAK -> chunks of at most `size` (id, weight) pairs."""
+    chunks: list[list[tuple[int, float]]] = []
+    current: list[tuple[int, float]] = []
+    last_comma = -1
+    for piece in pieces:
+        if piece is None:  # BREAK
+            chunks, current, last_comma = [*chunks, current], [], -1
+            continue
+        ids, weight = piece
+        for token in ids:
+            if token == comma:
+                last_comma = len(current)
+            elif len(current) == size and last_comma != -1 and len(current) - last_comma <= COMMA_BACKTRACK:
+                chunks.append(current[: last_comma + 1])  # end at the comma; carry the rest over
+                current, last_comma = current[last_comma + 1 :], -1
+            if len(current) == size:
+                chunks, current, last_comma = [*chunks, current], [], -1
+            current.append((token, weight))
+    if current or not chunks:
+        chunks.append(current)
+    return chunks
 
 
 def encode_weighted(
-    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], truncate: bool = False
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    prompt: str,
+    emphasis: str = "original",
+    truncate: bool = False,
 ) -> Tensor:
-    """(batch,) prompts -> (batch, context * chunks, width) token embeddings, emphasis applied.
-    All prompts get the same number of chunks (short ones padded with empty chunks), so that
-    a prompt and its negative can share a batch. With `truncate`, one chunk, and a warning
-    names what was cut."""
-    tokenized = [tokenize_weighted(tokenizer, prompt) for prompt in prompts]
-    chunk = chunk_size(tokenizer)
-    if truncate:
-        for ids, _ in tokenized:
-            if len(ids) > chunk:
-                warnings.warn(f"prompt cut to {chunk} tokens; dropped: {tokenizer.decode(ids[chunk:])!r}", stacklevel=2)
-        tokenized = [(ids[:chunk], weights[:chunk]) for ids, weights in tokenized]
-    chunks = max(1, *((len(ids) + chunk - 1) // chunk for ids, _ in tokenized))
-
-    start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    all_ids, all_weights = [], []
-    for ids, weights in tokenized:
-        for c in range(chunks):
-            piece, piece_weights = ids[c * chunk : (c + 1) * chunk], weights[c * chunk : (c + 1) * chunk]
-            padding = chunk - len(piece)
-            all_ids.append([start, *piece, end] + [pad] * padding)
-            all_weights.append([1.0, *piece_weights, 1.0] + [1.0] * padding)
-
+    """A prompt -> (1, context * chunks, width) token embeddings, emphasis applied. With `truncate`,
+    the first chunk only, and a warning names what was cut."""
+    if emphasis not in EMPHASIS_MODES:
+        raise PromptError(f"emphasis={emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
+    chunks = split_into_chunks(tokenizer, prompt, emphasis)
+    ids, weights = chunks.ids, chunks.weights
+    if truncate and len(ids) > 1:
+        dropped = [t for chunk in ids[1:] for t in chunk if t not in tokenizer.all_special_ids]
+        warnings.warn(f"prompt cut to one chunk; dropped: {tokenizer.decode(dropped)!r}", stacklevel=2)
+        ids, weights = ids[:1], weights[:1]
     device = text_encoder.device
-    ids = torch.tensor(all_ids, device=device)  # (batch * chunks, context)
-    embeddings = text_encoder(ids).last_hidden_state  # (batch * chunks, context, width)
-    batch, width = len(prompts), embeddings.shape[-1]
-    embeddings = embeddings.reshape(batch, chunks * (chunk + 2), width)
-    weights = torch.tensor(all_weights, device=device, dtype=embeddings.dtype).reshape(batch, -1, 1)
-    if (weights == 1).all():
-        return embeddings  # no emphasis: exactly the plain embedding
-    original_mean = embeddings.mean(dim=(1, 2), keepdim=True)
-    embeddings = embeddings * weights
-    return embeddings * (original_mean / embeddings.mean(dim=(1, 2), keepdim=True))
+    embeddings = text_encoder(torch.tensor(ids, device=device)).last_hidden_state  # (chunks, context, width)
+    weights = torch.tensor(weights, device=device, dtype=embeddings.dtype)[..., None]  # (chunks, context, 1)
+    if emphasis != "none" and (weights != 1).any():
+        if emphasis == "comfy":
+            empty = text_encoder(torch.tensor([empty_chunk(tokenizer)], device=device)).last_hidden_state
+            embeddings = empty + (embeddings - empty) * weights
+        else:
+            embeddings = _scale(embeddings, weights, restore_mean=emphasis == "original")
+    return embeddings.reshape(1, -1, embeddings.shape[-1])
+
+
+def _scale(chunks: Tensor, weights: Tensor, restore_mean: bool) -> Tensor:
+    """A1111's emphasis: weight each token, then (`restore_mean`) rescale each chunk to its old mean,
+    unless the old or new mean is about zero, where their ratio would be noise."""
+    weighted = chunks * weights
+    if not restore_mean:
+        return weighted
+    before, after = chunks.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    floor = MEAN_FLOOR * chunks.abs().mean(dim=(1, 2), keepdim=True)
+    sound = (before.abs() >= floor) & (after.abs() >= floor) & (before * after > 0)
+    return weighted * torch.where(sound, before / after, torch.ones_like(before))
+
+
+def empty_chunk(tokenizer: CLIPTokenizer) -> list[int]:
+    """The empty prompt's ids: start, end, padding."""
+    padding = tokenizer.model_max_length - 2
+    return [tokenizer.bos_token_id, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding

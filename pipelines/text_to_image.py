@@ -7,10 +7,13 @@ scheduler's `init_noise_sigma`), so the same model, prompt, seed, scheduler and 
 the same picture here, in `diffusers.StableDiffusionPipeline`, and in any batch size.
 """
 
+import contextlib
+import functools
 import inspect
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
-from pipelines.prompts import chunk_size, encode_weighted, tokenize_weighted
+from pipelines.prompts import EMPHASIS_MODES, encode_weighted, split_into_chunks
 from pipelines.schedulers import make_scheduler, scheduler_name
 
 
@@ -41,6 +44,13 @@ class Generated:
     negative_prompt: str
     seed: int
     attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
+
+
+class Text(NamedTuple):
+    """A batch's text embeddings: the prompts', and the negative prompt's (None without guidance)."""
+
+    conditional: Tensor  # (batch, tokens, width)
+    unconditional: Tensor | None  # (batch, its own tokens, width)
 
 
 @dataclass
@@ -58,6 +68,7 @@ class Request:
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
     attention_maps: bool
     truncate: bool
+    emphasis: str  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
     progress: bool
 
 
@@ -124,6 +135,7 @@ class TextToImagePipeline:
         mask: Image.Image | None = None,
         attention_maps: bool = False,
         truncate: bool = False,
+        emphasis: str = "original",
         progress: bool = True,
     ) -> list[Generated]:
         """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`."""
@@ -142,6 +154,7 @@ class TextToImagePipeline:
             mask=None,
             attention_maps=attention_maps,
             truncate=truncate,
+            emphasis=emphasis,
             progress=progress,
         )
         request = self._request(settings, init_image, mask)
@@ -168,6 +181,8 @@ class TextToImagePipeline:
                 raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
         if request.steps < 1:
             raise GenerationError(f"steps={request.steps}: must be at least 1")
+        if request.emphasis not in EMPHASIS_MODES:
+            raise GenerationError(f"emphasis={request.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
         if not 0 <= request.strength <= 1:
             raise GenerationError(f"strength={request.strength}: must be between 0 and 1")
         if mask is not None and init_image is None:
@@ -185,16 +200,18 @@ class TextToImagePipeline:
 
     def _generate_batch(self, prompts: list[str], seeds: list[int], request: Request) -> list[Generated]:
         guided = request.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
-        negatives = [request.negative_prompt] * len(prompts) if guided else []
-        text = encode_weighted(self.model.tokenizer, self.model.text_encoder, negatives + prompts, request.truncate)
+        text = Text(
+            self._encode(prompts, request),
+            self._encode([request.negative_prompt], request).expand(len(prompts), -1, -1) if guided else None,
+        )
         factor = downsampling_factor(self.model.vae)
         latent_size = (request.height // factor, request.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if request.attention_maps else None
         if maps is None:
-            latents = self._denoise(text, seeds, request, latent_size)
+            latents = self._denoise(text, seeds, request, latent_size, maps)
         else:
             with capture_attention_probs(self.model.unet, maps):
-                latents = self._denoise(text, seeds, request, latent_size)
+                latents = self._denoise(text, seeds, request, latent_size, maps)
         images = latents_to_images(self.model.vae, latents).float()
         if request.mask is not None:  # outside the mask, the original pixels exactly
             mask, original = request.mask.to(images.device), request.init_image.to(images.device)
@@ -204,10 +221,40 @@ class TextToImagePipeline:
         for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
             results.append(Generated(tensor_to_image(images[i]), prompt, request.negative_prompt, seed))
             if heatmaps is not None:
-                results[-1].attention_maps = self._token_maps(prompt, heatmaps[i])
+                results[-1].attention_maps = self._token_maps(prompt, request.emphasis, heatmaps[i])
         return results
 
-    def _denoise(self, text: Tensor, seeds: list[int], request: Request, latent_size: tuple[int, int]) -> Tensor:
+    def _encode(self, prompts: list[str], request: Request) -> Tensor:
+        """(batch, tokens, width) text embeddings, each prompt encoded at its own length; in a batch of
+        prompts of different lengths, the shorter ones are padded with the empty prompt's chunk."""
+        encode = functools.partial(
+            encode_weighted,
+            self.model.tokenizer,
+            self.model.text_encoder,
+            emphasis=request.emphasis,
+            truncate=request.truncate,
+        )
+        encoded = {prompt: encode(prompt) for prompt in prompts}
+        longest = max(text.shape[1] for text in encoded.values())
+        empty = encode("")
+        padding = {p: [empty] * ((longest - text.shape[1]) // empty.shape[1]) for p, text in encoded.items()}
+        return torch.cat([torch.cat([encoded[p], *padding[p]], dim=1) for p in prompts])
+
+    def _predict(self, x: Tensor, t: Tensor, text: Text, guidance_scale: float, maps) -> Tensor:
+        """The UNet's prediction, guided: uncond + scale * (cond - uncond). The two share one batch when
+        their texts have the same length; a negative prompt of another length runs at its own, as in A1111."""
+        if text.unconditional is None:
+            return self.unet(x, t, text.conditional)
+        if text.unconditional.shape[1] == text.conditional.shape[1]:
+            both = self.unet(torch.cat([x, x]), t, torch.cat([text.unconditional, text.conditional]))
+            unconditional, conditional = both.chunk(2)
+        else:
+            with maps.paused() if maps is not None else contextlib.nullcontext():
+                unconditional = self.unet(x, t, text.unconditional)
+            conditional = self.unet(x, t, text.conditional)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    def _denoise(self, text: Text, seeds: list[int], request: Request, latent_size: tuple[int, int], maps) -> Tensor:
         scheduler = make_scheduler(request.scheduler, self.model.scheduler)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -236,17 +283,12 @@ class TextToImagePipeline:
                 kept = images_to_latents(self.model.vae, image * (pixel_mask < 0.5), mean=True)
                 inpaint_input = torch.cat([latent_mask, kept.expand(len(seeds), -1, -1, -1)], dim=1)
 
-        guided = text.shape[0] == 2 * len(seeds)
         step_options = _step_options(scheduler, generators)
         for i, t in enumerate(tqdm(timesteps, disable=not request.progress, desc="denoising", leave=False)):
-            x = torch.cat([latents] * 2) if guided else latents
-            x = scheduler.scale_model_input(x, t)
+            x = scheduler.scale_model_input(latents, t)
             if inpaint_input is not None:
-                x = torch.cat([x, torch.cat([inpaint_input] * 2) if guided else inpaint_input], dim=1)
-            prediction = self.unet(x, t, text)
-            if guided:
-                unconditional, conditional = prediction.chunk(2)
-                prediction = unconditional + request.guidance_scale * (conditional - unconditional)
+                x = torch.cat([x, inpaint_input], dim=1)
+            prediction = self._predict(x, t, text, request.guidance_scale, maps)
             latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
             if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
                 later = timesteps[i + 1 : i + 2]
@@ -254,17 +296,11 @@ class TextToImagePipeline:
                 latents = latent_mask * latents + (1 - latent_mask) * outside
         return latents
 
-    def _token_maps(self, prompt: str, maps: Tensor) -> list[tuple[str, Tensor]]:
+    def _token_maps(self, prompt: str, emphasis: str, maps: Tensor) -> list[tuple[str, Tensor]]:
         """One (token text, map) per prompt token, skipping the start, end and padding tokens."""
-        ids, _ = tokenize_weighted(self.model.tokenizer, prompt)
-        tokens = self.model.tokenizer.convert_ids_to_tokens(ids)
-        chunk = chunk_size(self.model.tokenizer)
-        positions = [(j // chunk) * (chunk + 2) + 1 + j % chunk for j in range(len(ids))]
-        return [
-            (token.replace("</w>", ""), maps[p].cpu())
-            for token, p in zip(tokens, positions, strict=True)
-            if p < maps.shape[0]
-        ]
+        chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
+        pairs = zip(chunks.tokens, chunks.positions, strict=True)
+        return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
 
 
 def _step_options(scheduler, generators: list[torch.Generator]) -> dict:

@@ -16,6 +16,7 @@ from torch import Tensor
 from transformers import CLIPTokenizer
 
 from ldm.attention import layer_size
+from ldm.text import clean_text
 
 
 @dataclass
@@ -32,7 +33,8 @@ def grounding_targets(
 ) -> GroundingTargets:
     """`boxes[b]`: [word, x0, y0, x1, y1] rows (fractions of the image) for caption b, or None.
     A word named by several rows is masked by all its boxes; all its places in the caption count."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    cleaned = [clean_text(caption) for caption in captions]  # as encode_prompts reads them
+    ids = tokenizer(cleaned, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     grouped = [{} for _ in captions]
     for item, rows in zip(grouped, boxes, strict=True):
         for word, *box in rows or []:
