@@ -1,12 +1,15 @@
 """Generate images from prompts.
 
     python sample.py --prompt "a large red circle in the top left" --model path/or/hub-id
+    python sample.py --from-png outputs/<run>/00000-7.png [overrides]
 
-Writes numbered PNGs carrying their parameters, and a grid, to a new folder under outputs/.
+Writes numbered PNGs carrying their parameters to a new folder under outputs/, each as soon as it
+is done, and a grid of the run at the end (none for a single image). Ctrl-C keeps what is written.
 """
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,39 +17,49 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm.model import ModelLoadError
 from ldm.unet import ConfigError
-from pipelines.cli import Parser, UsageError, quiet_libraries
+from pipelines.cli import Parser, UsageError, one_line_warnings, quiet_libraries
 from pipelines.devices import DeviceError
-from pipelines.outputs import RunSettings, write_run
+from pipelines.infotext import InfotextError, settings_from_png
+from pipelines.outputs import RunSettings, RunWriter, model_hash
+from pipelines.prompts import EMPHASIS_MODES, PromptError
 from pipelines.schedulers import SCHEDULERS, UnknownScheduler
 from pipelines.text_to_image import GenerationError, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
+FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
+            "height", "width", "strength", "lora")  # fmt: skip
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = Parser(prog="sample.py", description=__doc__.splitlines()[0])
-    prompts = parser.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", help="the text to draw; (word:1.3) emphasis, any length")
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help="the text to draw; (word:1.3) emphasis, BREAK, any length")
     prompts.add_argument("--prompt-file", type=Path, help="one prompt per line")
+    parser.add_argument("--from-png", type=Path, help="the settings of a PNG made here (or by A1111); flags override")
     parser.add_argument("--model", help="model folder, hub id, or SD .safetensors/.ckpt (default: the shipped model)")
-    parser.add_argument("--negative-prompt", default="", help="what to steer away from")
+    parser.add_argument("--negative-prompt", help="what to steer away from")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=1, help="images generated at once")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), metavar="NAME", help=", ".join(SCHEDULERS))
-    parser.add_argument("--seed", type=int, help="image k uses seed+k (default: random)")
+    parser.add_argument("--steps", type=int, help="default: the model's sampling.json, else 30")
+    parser.add_argument("--guidance-scale", type=float, help="default: the model's sampling.json, else 7.5")
+    parser.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        metavar="NAME",
+        help=f"{', '.join(SCHEDULERS)} (default: the model's own; lcm is for LCM-distilled models)",
+    )
+    parser.add_argument("--seed", type=int, help="image k uses seed+k (default or -1: random, recorded in the PNG)")
     parser.add_argument("--height", type=int)
     parser.add_argument("--width", type=int)
+    parser.add_argument("--emphasis", choices=EMPHASIS_MODES, help="how (word:1.2) weights apply (default: original)")
     parser.add_argument("--outdir", type=Path, help="default: a new folder under outputs/")
     parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image)")
-    parser.add_argument("--strength", type=float, default=0.8, help="how far to move from the init image, 0..1")
+    parser.add_argument("--strength", type=float, help="how far to move from the init image, 0..1 (default 0.8)")
     parser.add_argument("--mask", type=Path, help="inpaint: white is repainted, black kept (needs --init-image)")
     parser.add_argument(
         "--lora",
         type=lora_argument,
         action="append",
-        default=[],
         metavar="F[:SCALE]",
         help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
     )
@@ -56,16 +69,42 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in less memory")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.from_png is not None:
+        apply_png_settings(args)
+    if args.prompt is None and args.prompt_file is None:
+        raise UsageError("one of --prompt, --prompt-file or --from-png is required")
+    if args.seed is not None and args.seed < -1:
+        raise UsageError(f"--seed {args.seed}: use a seed of 0 or more, or -1 for a random one")
+    if args.strength is not None and args.init_image is None:
+        raise UsageError("--strength needs --init-image: it says how far to move from that picture")
+    return args
+
+
+def apply_png_settings(args: argparse.Namespace) -> None:
+    """Fill every setting the command line left out from the PNG's metadata."""
+    try:
+        settings = settings_from_png(args.from_png)
+    except InfotextError as error:
+        raise UsageError(f"--from-png {error}") from None
+    for name in FROM_PNG:
+        if getattr(args, name) is None and settings.get(name) is not None:
+            setattr(args, name, settings[name])
+    if args.prompt_file is not None:
+        args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
+    if settings.get("strength") is not None and args.init_image is None:
+        raise UsageError(f"--from-png {args.from_png}: it was drawn from an init image; pass it with --init-image")
 
 
 def lora_argument(value: str) -> tuple[str, float]:
     """'style.safetensors:0.7' -> (file, 0.7); a path alone has scale 1."""
-    path, _, scale = value.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (value, 1.0)
-    except ValueError:
+    path, colon, scale = value.rpartition(":")
+    if not colon or Path(value).is_file():
         return value, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: {scale!r} is not a scale (write FILE or FILE:0.8)") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -109,30 +148,46 @@ def new_outdir() -> Path:
     return next(path for path in candidates if not path.exists())
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def check_writable(outdir: Path, flag: str) -> None:
+    """Prove a file can be written in the folder (or, while it does not exist, in its nearest existing
+    parent) before any model is loaded; nothing is left behind."""
+    probe = outdir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{flag} {outdir}: cannot write there ({error.strerror or type(error).__name__})") from None
+
+
+def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, dict]:
+    """Check every input, then load the model: the pipeline, the writer, and generate's options."""
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
     prompts = read_prompts(args)
     init_image, mask = read_image(args.init_image, "--init-image"), read_image(args.mask, "--mask")
-    for path, _ in args.lora:
+    loras = tuple(args.lora or [])
+    for path, _ in loras:
         if not Path(path).is_file():
             raise UsageError(f"--lora {path}: no such file")
     source = model_source(args)
+    outdir = args.outdir or new_outdir()
+    check_writable(outdir, "--outdir")
     pipe = TextToImagePipeline.from_pretrained(
         source, device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
-    for path, scale in args.lora:
+    for path, scale in loras:
         pipe.load_lora(path, scale)
-    scheduler = args.scheduler or pipe.default_scheduler
-    generated = pipe.generate(
-        prompts,
-        negative_prompt=args.negative_prompt,
+    options = dict(
+        prompt=prompts,
+        negative_prompt=args.negative_prompt or "",
         num_images=args.num_images,
         batch_size=args.batch_size,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
-        scheduler=scheduler,
-        seed=args.seed,
+        scheduler=args.scheduler,
+        seed=None if args.seed == -1 else args.seed,
         height=args.height,
         width=args.width,
         init_image=init_image,
@@ -140,21 +195,29 @@ def run(args: argparse.Namespace) -> list[Path]:
         mask=mask,
         attention_maps=args.attention_maps,
         truncate=args.truncate_prompts,
+        emphasis=args.emphasis or "original",
     )
-    strength = args.strength if init_image is not None else None
-    settings = RunSettings(source, args.steps, scheduler, args.guidance_scale, strength, tuple(args.lora))
-    return write_run(args.outdir or new_outdir(), generated, settings)
+    return pipe, RunWriter(outdir, RunSettings(source, model_hash(source), loras)), options
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
+    one_line_warnings("sample.py")
+    writer = None
+    errors = (UsageError, ModelLoadError, ConfigError, GenerationError, UnknownScheduler, DeviceError, PromptError)
     try:
-        written = run(parse(argv))
-    except (UsageError, ModelLoadError, ConfigError, GenerationError, UnknownScheduler, DeviceError) as error:
+        pipe, writer, options = prepare(parse(argv))
+        for generated in pipe.generate_each(**options):
+            writer.write(generated)
+        writer.finish()
+    except errors as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
-    images = [p for p in written if "-attention-" not in p.name and not p.name.endswith("-grid.png")]
-    print(f"wrote {len(images)} image(s) to {written[0].parent}")
+    except KeyboardInterrupt:
+        kept = f"{len(writer.images)} finished image(s) kept in {writer.outdir}" if writer else "nothing written"
+        print(f"sample.py: interrupted; {kept}", file=sys.stderr)
+        return 130
+    print(f"wrote {len(writer.images)} image(s) to {writer.outdir}")
     return 0
 
 

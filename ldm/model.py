@@ -2,6 +2,7 @@
 loaded in the diffusers `StableDiffusionPipeline` folder layout:
 
     model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/   (safetensors weights)
+    sampling.json     (ours, optional; diffusers ignores it): the steps and guidance it draws best at
 
 What we save loads in `diffusers.StableDiffusionPipeline.from_pretrained`, and we load what
 diffusers saves, from a folder or a hub id.
@@ -11,7 +12,7 @@ import inspect
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,29 @@ PARTS = {  # part -> (library, class) as model_index.json names them
     "scheduler": ("diffusers", None),  # any diffusers scheduler
 }
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+SAMPLING_FILE = "sampling.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by the names configs use
 
 
 class ModelLoadError(ValueError):
     """A model folder, hub id or preset that cannot be loaded; the message says which part and why."""
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings a model was validated with (training writes its recipe's validation
+    steps and guidance); used when the user gives none. The scheduler is the model's own, scheduler/."""
+
+    steps: int
+    guidance_scale: float
+
+    @classmethod
+    def read(cls, path: Path) -> "SamplingDefaults":
+        try:
+            values = json.loads(path.read_text())
+            return cls(steps=int(values["steps"]), guidance_scale=float(values["guidance_scale"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ModelLoadError(f"{path}: not a sampling file ({type(error).__name__}: {error})") from None
 
 
 @dataclass
@@ -51,6 +70,7 @@ class LatentDiffusion:
     unet: UNet
     vae: AutoencoderKL
     scheduler: SchedulerMixin
+    sampling: SamplingDefaults | None = None  # None: the pipeline's defaults
 
     @classmethod
     def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
@@ -100,6 +120,7 @@ class LatentDiffusion:
             unet=_load_unet(folder / "unet"),
             vae=_load_pretrained(AutoencoderKL, folder / "vae", low_cpu_mem_usage=False),
             scheduler=_scheduler_from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),
+            sampling=SamplingDefaults.read(folder / SAMPLING_FILE) if (folder / SAMPLING_FILE).is_file() else None,
         )
 
     def save(self, directory: str | Path) -> None:
@@ -133,6 +154,8 @@ class LatentDiffusion:
         index |= {name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")}
         index["requires_safety_checker"] = False
         json.dump(index, (folder / "model_index.json").open("w"), indent=2)
+        if self.sampling is not None:
+            json.dump(asdict(self.sampling), (folder / SAMPLING_FILE).open("w"), indent=2)
 
     def parts(self) -> dict[str, nn.Module]:
         """The parts with weights, by their folder names."""
@@ -172,7 +195,7 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub.errors import HFValidationError
 
     weights = ["text_encoder/model.safetensors", f"unet/{WEIGHTS_FILE}", f"vae/{WEIGHTS_FILE}"]
-    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", *weights]
+    patterns = ["model_index.json", SAMPLING_FILE, "*/config.json", "scheduler/*", "tokenizer/*", *weights]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (HFValidationError, OSError) as error:

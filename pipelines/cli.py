@@ -18,6 +18,11 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def one_line_warnings(program: str) -> None:
+    """Warnings for users as one line, `program: warning: message`, without file and line."""
+    warnings.formatwarning = lambda message, *_: f"{program}: warning: {message}\n"
+
+
 def quiet_libraries() -> None:
     """Our own progress bars and errors only: no loading bars or advice from transformers and diffusers."""
     warnings.simplefilter("ignore", FutureWarning)

@@ -1,10 +1,14 @@
-"""Writing a run to disk: numbered PNGs that carry their parameters, a grid, attention overlays.
+"""Writing a run to disk: numbered PNGs that carry their parameters, attention overlays, a grid.
 
-Files are numbered after the highest number already in the folder and opened exclusively, so
-sorting names gives generation order and nothing is ever overwritten.
+Each image is written the moment it is done, so an interrupted run keeps every finished image.
+Files are numbered after the highest number already in the folder; a file appears under its name
+only once complete (written beside it, then linked into place), and never replaces another. The
+grid takes the next number after the run's last image, so sorting names gives generation order.
 """
 
+import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,50 +18,72 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
+from pipelines.infotext import format_infotext
+from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.schedulers import SCHEDULERS
 from pipelines.text_to_image import Generated
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
-    """What a PNG records besides its own prompt and seed."""
+    """What a PNG records besides the pipeline's own settings (which each result carries)."""
 
     model: str
-    steps: int
-    scheduler: str
-    guidance_scale: float
-    strength: float | None = None  # image-to-image and inpainting only
+    model_hash: str | None = None  # A1111's short hash: the first 10 hex digits of the weights' SHA-256
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) merged into the model
 
 
+def model_hash(source: str) -> str | None:
+    """A1111's short hash of a local model: the single file's SHA-256, or for a diffusers folder its
+    UNet weights file's; None for a hub id (no local file named by the user)."""
+    path = Path(source)
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with weights.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()[:10]
+
+
 def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
-    """Text chunks: one per parameter, and `parameters` in the A1111 form other tools read."""
-    width, height = generated.image.size
+    """Text chunks: one per parameter (what --from-png reads), and `parameters` in the A1111 form."""
+    request, (width, height) = generated.request, generated.image.size
     fields = {
         "prompt": generated.prompt,
-        "negative_prompt": generated.negative_prompt,
+        "negative_prompt": request.negative_prompt,
         "seed": str(generated.seed),
-        "steps": str(settings.steps),
-        "scheduler": settings.scheduler,
-        "guidance_scale": str(settings.guidance_scale),
+        "steps": str(request.steps),
+        "scheduler": request.scheduler,
+        "guidance_scale": str(request.guidance_scale),
+        "emphasis": request.emphasis,
         "model": settings.model,
         "width": str(width),
         "height": str(height),
     }
-    sampler = SCHEDULERS[settings.scheduler].webui_name if settings.scheduler in SCHEDULERS else settings.scheduler
-    line = (
-        f"Steps: {settings.steps}, Sampler: {sampler}, CFG scale: {settings.guidance_scale}, "
-        f"Seed: {generated.seed}, Size: {width}x{height}, Model: {Path(settings.model).name or settings.model}"
-    )
-    if settings.strength is not None:
-        fields["strength"] = str(settings.strength)
-        line += f", Denoising strength: {settings.strength}"
+    if settings.model_hash:
+        fields["model_hash"] = settings.model_hash
+    if request.strength is not None:
+        fields["strength"] = str(request.strength)
     if settings.loras:
-        fields["lora"] = ", ".join(f"{path}:{scale}" for path, scale in settings.loras)
-        line += ", Lora: " + ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras)
-    fields["parameters"] = f"{generated.prompt}\nNegative prompt: {generated.negative_prompt}\n{line}"
+        fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
+    sampler = SCHEDULERS[request.scheduler].webui_name if request.scheduler in SCHEDULERS else request.scheduler
+    pairs = {
+        "Steps": request.steps,
+        "Sampler": sampler,
+        "CFG scale": request.guidance_scale,
+        "Seed": generated.seed,
+        "Size": f"{width}x{height}",
+        "Model hash": settings.model_hash,
+        "Model": Path(settings.model).name or settings.model,
+        "Denoising strength": request.strength,
+        "Emphasis": None if request.emphasis == "original" else WEBUI_EMPHASIS[request.emphasis],
+        "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
+    }
+    fields["parameters"] = format_infotext(generated.prompt, request.negative_prompt, pairs)
     info = PngInfo()
     for key, value in fields.items():
         info.add_itxt(key, value)  # international text: any Unicode prompt
@@ -71,8 +97,14 @@ def next_number(outdir: Path) -> int:
 
 
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> None:
-    with path.open("xb") as file:  # "x": fail rather than overwrite
-        image.save(file, format="PNG", pnginfo=info)
+    """Write beside the target, then link into place: the name appears only once the file is whole,
+    and an existing file is never replaced (FileExistsError)."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        image.save(partial, format="PNG", pnginfo=info)
+        os.link(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def grid(images: list[Image.Image]) -> Image.Image:
@@ -97,20 +129,32 @@ def overlay(image: Image.Image, heatmap: Tensor, opacity: float = 0.6) -> Image.
     return Image.fromarray((grey * (1 - opacity) + coloured * opacity).astype(np.uint8))
 
 
-def write_run(outdir: Path, run: list[Generated], settings: RunSettings) -> list[Path]:
-    """Write every image (and its attention overlays), then a grid of the run; return the paths."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    number = next_number(outdir)
-    written = []
-    for offset, generated in enumerate(run):
-        stem = f"{number + offset:05d}-{generated.seed}"
-        written.append(outdir / f"{stem}.png")
-        save_png(generated.image, written[-1], png_info(generated, settings))
+class RunWriter:
+    """Writes a run's images as they come, numbered on from what the folder holds, and its grid."""
+
+    def __init__(self, outdir: Path, settings: RunSettings):
+        self.outdir, self.settings = outdir, settings
+        self.number = -1  # known at the first image: the folder is made only when there is one to write
+        self.images: list[Image.Image] = []
+        self.written: list[Path] = []
+
+    def write(self, generated: Generated) -> None:
+        """The image (with its parameters) and its attention overlays."""
+        if not self.images:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            self.number = next_number(self.outdir)
+        stem = f"{self.number + len(self.images):05d}-{generated.seed}"
+        self._save(generated.image, f"{stem}.png", png_info(generated, self.settings))
         for i, (token, heatmap) in enumerate(generated.attention_maps):
             name = re.sub(r"[^0-9A-Za-z]+", "_", token).strip("_") or "symbol"
-            written.append(outdir / f"{stem}-attention-{i:02d}-{name}.png")
-            save_png(overlay(generated.image, heatmap), written[-1])
-    if len(run) > 1:
-        written.append(outdir / f"{number:05d}-{number + len(run) - 1:05d}-grid.png")
-        save_png(grid([g.image for g in run]), written[-1])
-    return written
+            self._save(overlay(generated.image, heatmap), f"{stem}-attention-{i:02d}-{name}.png")
+        self.images.append(generated.image)
+
+    def finish(self) -> None:
+        """A grid of the run, numbered after its last image; none for a single image."""
+        if len(self.images) > 1:
+            self._save(grid(self.images), f"{self.number + len(self.images):05d}-grid.png")
+
+    def _save(self, image: Image.Image, name: str, info: PngInfo | None = None) -> None:
+        save_png(image, self.outdir / name, info)
+        self.written.append(self.outdir / name)

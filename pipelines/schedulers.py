@@ -1,10 +1,24 @@
 """Samplers by the names web-UI users know, each a diffusers scheduler built from the model's own
-noise-schedule config (betas, timestep count, prediction type), with the sampler's settings."""
+noise-schedule config (betas, timestep count, prediction type), with the sampler's settings.
 
+Zero-terminal-SNR models (`rescale_betas_zero_snr`, as the demo model; Lin et al. 2023, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed"): the schedulers that know the option rescale
+the betas themselves; the others (PNDM, LMS, Heun, DPM++ SDE) get the rescaled betas as
+`trained_betas`, with the last step's signal at 2**-24 instead of 0, as diffusers' Euler keeps its
+first sigma finite. Heun starts one step lower there ("leading" timesteps, from t=901 at 10 steps):
+its second-order correction across the first step, from sigma 4,096 to 18, multiplies the model's
+error about a hundredfold (grey, exploded pictures at 10 steps). Karras sigmas are refused there:
+they are spaced from the largest sigma, so most steps land at pure noise and multistep solvers
+index past their own timesteps (diffusers' IndexError at 25+ steps).
+"""
+
+import inspect
+import warnings
 from typing import Any, NamedTuple
 
 import diffusers
-from diffusers import SchedulerMixin
+import torch
+from diffusers import DDIMScheduler, SchedulerMixin
 
 
 class Sampler(NamedTuple):
@@ -34,15 +48,50 @@ SCHEDULERS: dict[str, Sampler] = {
 
 
 class UnknownScheduler(ValueError):
-    pass
+    """A scheduler name we do not know, or one that cannot work on this model; one line."""
+
+
+def check_scheduler(name: str, model_scheduler: SchedulerMixin) -> None:
+    """Refuse a sampler this model cannot use; warn about one it was not made for. Once per run."""
+    if model_scheduler.config.get("rescale_betas_zero_snr") and _sampler(name).settings.get("use_karras_sigmas"):
+        raise UnknownScheduler(
+            f"--scheduler {name}: Karras sigmas do not suit this zero-terminal-SNR model (its largest sigma "
+            "is ~4,096, so most steps would be spent at pure noise); use dpm++2m or euler-ancestral"
+        )
+    if name == "lcm" and type(model_scheduler).__name__ != "LCMScheduler":
+        warnings.warn(
+            "lcm is for LCM-distilled models (or an LCM-LoRA) at 2-8 steps and guidance 1-2; "
+            f"this model's own scheduler is {type(model_scheduler).__name__}",
+            stacklevel=3,
+        )
 
 
 def make_scheduler(name: str, model_scheduler: SchedulerMixin) -> SchedulerMixin:
-    """The sampler `name` on the model's noise schedule."""
+    """The sampler `name` on the model's noise schedule (a fresh one: samplers keep state)."""
+    sampler, config = _sampler(name), model_scheduler.config
+    settings = dict(sampler.settings)
+    scheduler_class = getattr(diffusers, sampler.class_name)
+    if config.get("rescale_betas_zero_snr"):
+        if "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters:
+            settings["trained_betas"] = zero_terminal_snr_betas(config)
+        if name == "heun":
+            settings["timestep_spacing"] = "leading"
+    return scheduler_class.from_config(config, **settings)
+
+
+def _sampler(name: str) -> Sampler:
     if name not in SCHEDULERS:
         raise UnknownScheduler(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULERS)}")
-    sampler = SCHEDULERS[name]
-    return getattr(diffusers, sampler.class_name).from_config(model_scheduler.config, **sampler.settings)
+    return SCHEDULERS[name]
+
+
+def zero_terminal_snr_betas(config) -> list[float]:
+    """The betas a zero-terminal-SNR model was trained with, its last signal level raised from 0 to
+    2**-24 so that every sigma is finite (as diffusers' Euler and DPM++ schedulers do)."""
+    alphas_cumprod = DDIMScheduler.from_config(config).alphas_cumprod.double()  # DDIM applies the rescale
+    alphas_cumprod[-1] = 2**-24
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return (1 - alphas_cumprod / previous).tolist()
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

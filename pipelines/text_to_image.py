@@ -11,6 +11,7 @@ import contextlib
 import functools
 import inspect
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -30,7 +31,9 @@ from ldm.model import LatentDiffusion
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
 from pipelines.prompts import EMPHASIS_MODES, encode_weighted, split_into_chunks
-from pipelines.schedulers import make_scheduler, scheduler_name
+from pipelines.schedulers import check_scheduler, make_scheduler, scheduler_name
+
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
 
 
 class GenerationError(ValueError):
@@ -41,8 +44,8 @@ class GenerationError(ValueError):
 class Generated:
     image: Image.Image
     prompt: str
-    negative_prompt: str
     seed: int
+    request: "Request"  # the run's settings, resolved: what the PNG metadata records
     attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
 
 
@@ -53,18 +56,18 @@ class Text(NamedTuple):
     unconditional: Tensor | None  # (batch, its own tokens, width)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
-    """One run's settings, shared by its batches."""
+    """One run's settings, shared by its batches; `_request` resolves every default."""
 
     negative_prompt: str
-    steps: int
-    guidance_scale: float
+    steps: int | None  # None: the model's sampling.json, else DEFAULT_STEPS
+    guidance_scale: float | None  # None: the model's sampling.json, else DEFAULT_GUIDANCE
     scheduler: str | None  # None: the model's own
     height: int | None  # None: the init image's size, else the model's
     width: int | None
     init_image: Tensor | None  # (1, 3, H, W) in [-1, 1]
-    strength: float
+    strength: float | None  # image-to-image and inpainting only
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
     attention_maps: bool
     truncate: bool
@@ -117,28 +120,35 @@ class TextToImagePipeline:
     def __call__(self, prompt: str | list[str], **options) -> list[Image.Image]:
         return [generated.image for generated in self.generate(prompt, **options)]
 
+    def generate(self, prompt: str | list[str], **options) -> list[Generated]:
+        """Every image of `generate_each`, in a list."""
+        return list(self.generate_each(prompt, **options))
+
     @torch.no_grad()
-    def generate(
+    def generate_each(
         self,
         prompt: str | list[str],
         negative_prompt: str = "",
         num_images: int = 1,
         batch_size: int = 1,
-        steps: int = 30,
-        guidance_scale: float = 7.5,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         scheduler: str | None = None,
         seed: int | None = None,
         height: int | None = None,
         width: int | None = None,
         init_image: Image.Image | None = None,
-        strength: float = 0.8,
+        strength: float | None = None,
         mask: Image.Image | None = None,
         attention_maps: bool = False,
         truncate: bool = False,
         emphasis: str = "original",
         progress: bool = True,
-    ) -> list[Generated]:
-        """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`."""
+    ) -> Iterator[Generated]:
+        """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`
+        (a random seed when None). Every setting is checked before the first image; each batch's
+        images come out as soon as they are done. Steps and guidance default to the model's
+        sampling.json, else 30 and 7.5; strength (with an init image) to 0.8."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images < 1 or batch_size < 1:
             raise GenerationError(f"num_images={num_images}, batch_size={batch_size}: both must be at least 1")
@@ -160,15 +170,48 @@ class TextToImagePipeline:
         request = self._request(settings, init_image, mask)
         seed = random.randrange(2**32) if seed is None else seed
         jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
-        results: list[Generated] = []
         for start in range(0, len(jobs), batch_size):
             batch = jobs[start : start + batch_size]
-            results += self._generate_batch([p for p, _ in batch], [s for _, s in batch], request)
-        return results
+            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], request)
 
     def _request(self, request: Request, init_image: Image.Image | None, mask: Image.Image | None) -> Request:
-        """Check the settings a person gave; fill in the defaults (size, scheduler) and the images
-        as tensors at the output size."""
+        """Check the settings a person gave; fill in the defaults (size, steps, guidance, scheduler,
+        strength) and the images as tensors at the output size."""
+        height, width = self._size(request, init_image)
+        sampling = self.model.sampling
+        steps, guidance_scale, strength = request.steps, request.guidance_scale, request.strength
+        steps = (sampling.steps if sampling else DEFAULT_STEPS) if steps is None else steps
+        if guidance_scale is None:
+            guidance_scale = sampling.guidance_scale if sampling else DEFAULT_GUIDANCE
+        if steps < 1:
+            raise GenerationError(f"steps={steps}: must be at least 1")
+        if request.emphasis not in EMPHASIS_MODES:
+            raise GenerationError(f"emphasis={request.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
+        if strength is not None and init_image is None:
+            raise GenerationError("a strength needs an init image: it says how far to move from that picture")
+        strength = DEFAULT_STRENGTH if init_image is not None and strength is None else strength
+        if strength is not None and not 0 <= strength <= 1:
+            raise GenerationError(f"strength={strength}: must be between 0 and 1")
+        if mask is not None and init_image is None:
+            raise GenerationError("a mask needs an init image: the picture whose masked part is repainted")
+        if self.model.unet.config.in_channels == 9 and mask is None:
+            raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
+        scheduler = request.scheduler or self.default_scheduler
+        check_scheduler(scheduler, self.model.scheduler)
+        return replace(
+            request,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            strength=strength,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            init_image=None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
+            mask=None if mask is None else mask_to_tensor(mask, width, height),
+        )
+
+    def _size(self, request: Request, init_image: Image.Image | None) -> tuple[int, int]:
+        """(height, width): as asked, else the init image's, else the model's own."""
         factor = downsampling_factor(self.model.vae)
         height, width = request.height, request.width
         if init_image is not None and height is None and width is None:
@@ -179,24 +222,7 @@ class TextToImagePipeline:
         for name, value in (("height", height), ("width", width)):
             if value < multiple or value % multiple:
                 raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
-        if request.steps < 1:
-            raise GenerationError(f"steps={request.steps}: must be at least 1")
-        if request.emphasis not in EMPHASIS_MODES:
-            raise GenerationError(f"emphasis={request.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
-        if not 0 <= request.strength <= 1:
-            raise GenerationError(f"strength={request.strength}: must be between 0 and 1")
-        if mask is not None and init_image is None:
-            raise GenerationError("a mask needs an init image: the picture whose masked part is repainted")
-        if self.model.unet.config.in_channels == 9 and mask is None:
-            raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
-        return replace(
-            request,
-            height=height,
-            width=width,
-            scheduler=request.scheduler or self.default_scheduler,
-            init_image=None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
-            mask=None if mask is None else mask_to_tensor(mask, width, height),
-        )
+        return height, width
 
     def _generate_batch(self, prompts: list[str], seeds: list[int], request: Request) -> list[Generated]:
         guided = request.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
@@ -219,7 +245,7 @@ class TextToImagePipeline:
         heatmaps = None if maps is None else maps.maps((request.height, request.width))
         results = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-            results.append(Generated(tensor_to_image(images[i]), prompt, request.negative_prompt, seed))
+            results.append(Generated(tensor_to_image(images[i]), prompt, seed, request))
             if heatmaps is not None:
                 results[-1].attention_maps = self._token_maps(prompt, request.emphasis, heatmaps[i])
         return results

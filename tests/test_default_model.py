@@ -1,12 +1,17 @@
 """The demo model that ships in models/default: small enough to ship, and what it draws."""
 
+import warnings
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
 import sample
 from ldm.eval.detector import detect
+from pipelines.schedulers import SCHEDULERS, UnknownScheduler
+from pipelines.text_to_image import TextToImagePipeline
 
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
            "text_encoder/model.safetensors")  # fmt: skip
@@ -30,3 +35,27 @@ def test_sample_py_without_a_model_draws_the_readme_prompt(tmp_path, capsys):
         assert [(d.color, d.shape, d.size, d.position) for d in found] == [
             ("red", "circle", "large", "in the top left")
         ], image.name
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    return TextToImagePipeline.from_pretrained(sample.DEFAULT_MODEL, device="cpu")
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_draws_the_readme_prompt_or_is_refused_in_one_line(default_pipe, name):
+    """At 10 and 30 steps, at the model's own guidance (sampling.json). Karras sigmas are refused on
+    this zero-terminal-SNR model; lcm warns that the model is not LCM-distilled."""
+    for steps in (10, 30):
+        options = dict(num_images=2, batch_size=2, steps=steps, scheduler=name, seed=0, progress=False)
+        if name.endswith("-karras"):
+            with pytest.raises(UnknownScheduler, match="Karras sigmas do not suit this zero-terminal-SNR model"):
+                default_pipe.generate("a large red circle in the top left", **options)
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run = default_pipe.generate("a large red circle in the top left", **options)
+        assert sum("lcm is for LCM-distilled models" in str(w.message) for w in caught) == (name == "lcm")
+        for generated in run:
+            found = detect(np.asarray(generated.image))
+            assert [(d.color, d.position) for d in found] == [("red", "in the top left")], (name, steps)

@@ -1,9 +1,15 @@
 """sample.py as a user runs it: files, metadata, no overwriting, one-line errors with exit code 2."""
 
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 import sample
@@ -26,7 +32,7 @@ def test_writes_numbered_pngs_carrying_their_parameters_and_a_grid(tiny_model_di
     )  # fmt: skip
     assert code == 0 and out == f"wrote 3 image(s) to {tmp_path / 'run'}\n"
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["00000-00002-grid.png", "00000-5.png", "00001-6.png", "00002-7.png"]
+    assert names == ["00000-5.png", "00001-6.png", "00002-7.png", "00003-grid.png"]  # in generation order
     info = Image.open(tmp_path / "run" / "00001-6.png").text
     assert {k: info[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale")} == {
         "prompt": "a (red) circle",
@@ -37,11 +43,13 @@ def test_writes_numbered_pngs_carrying_their_parameters_and_a_grid(tiny_model_di
         "guidance_scale": "7.5",
     }
     assert info["model"] == str(tiny_model_dir)
+    weights = (tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    short_hash = hashlib.sha256(weights).hexdigest()[:10]  # A1111's "Model hash"
     assert info["parameters"] == (
         "a (red) circle\nNegative prompt: blue\n"
-        "Steps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 6, Size: 16x16, Model: tiny"
+        f"Steps: 2, Sampler: Euler, CFG scale: 7.5, Seed: 6, Size: 16x16, Model hash: {short_hash}, Model: tiny"
     )
-    assert Image.open(tmp_path / "run" / "00000-00002-grid.png").size == (32, 32)  # 2 x 2 cells
+    assert Image.open(tmp_path / "run" / "00003-grid.png").size == (32, 32)  # 2 x 2 cells
 
 
 def test_a_second_run_in_the_same_folder_overwrites_nothing(tiny_model_dir, tmp_path, capsys):
@@ -75,7 +83,7 @@ def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        ([], "one of the arguments --prompt --prompt-file is required"),
+        ([], "one of --prompt, --prompt-file or --from-png is required"),
         (["--prompt", "x", "--height", "500"], "height=500: must be a positive multiple of 8"),
         (
             ["--prompt", "x", "--scheduler", "euler-a"],
@@ -121,7 +129,7 @@ def test_a_lora_is_merged_and_recorded(tiny_model_dir, tmp_path, capsys):
     )
     plain, styled = Image.open(tmp_path / "plain" / "00000-0.png"), Image.open(tmp_path / "lora" / "00000-0.png")
     assert styled.text["lora"] == f"{tmp_path / 'style.safetensors'}:0.5"
-    assert styled.text["parameters"].endswith(", Lora: style:0.5")
+    assert styled.text["parameters"].endswith(', Lora: "style:0.5"')  # quoted as A1111 quotes
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(styled, dtype=int)).max() > 0
 
 
@@ -148,3 +156,122 @@ def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "models" / "default")
     code, _, err = run(capsys, "--prompt", "x")
     assert code == 2 and err == "sample.py: error: no default model is installed yet; pass --model PATH_OR_HUB_ID\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "x", "--strength", "0.5"], "--strength needs --init-image: it says how far to move from that "
+                                                 "picture"),
+        (["--prompt", "x", "--seed", "-2"], "--seed -2: use a seed of 0 or more, or -1 for a random one"),
+        (
+            ["--prompt", "x", "--lora", "{tmp}/style.safetensors:abc"],
+            "argument --lora: {tmp}/style.safetensors:abc: 'abc' is not a scale (write FILE or FILE:0.8)",
+        ),
+        (["--prompt", "a (red:1.2.3) circle"], "('1.2.3' is not a number: write a weight as (word:1.2)"),
+        (["--prompt", "x", "--emphasis", "loud"], "argument --emphasis: invalid choice: 'loud' (choose from "
+                                                  "'original', 'no-norm', 'comfy', 'none')"),
+        (["--from-png", "{tmp}/style.safetensors"], "--from-png {tmp}/style.safetensors: not a readable image"),
+    ],
+)  # fmt: skip
+def test_more_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argv, message):
+    (tmp_path / "style.safetensors").write_bytes(b"not used")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, out, err = run(capsys, "--model", tiny_model_dir, "--outdir", tmp_path / "out", *argv)
+    assert (code, out, err) == (2, "", f"sample.py: error: {message.format(tmp=tmp_path)}\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_outdir_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample.TextToImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "file").write_text("mine")
+    for outdir, reason in [(tmp_path / "file" / "run", "Not a directory"), (Path("/proc/ldm-run"), None)]:
+        code, _, err = run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--outdir", outdir)
+        assert code == 2 and err.startswith(f"sample.py: error: --outdir {outdir}: cannot write there (")
+        assert reason is None or reason in err
+        assert err.count("\n") == 1
+
+
+def test_each_image_is_on_disk_when_done_and_ctrl_c_keeps_them(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    batches = []
+    original = sample.TextToImagePipeline._generate_batch
+
+    def interrupted_at_the_third(self, *args):
+        batches.append(sorted(p.name for p in tmp_path.iterdir()))  # what is on disk before each batch
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(sample.TextToImagePipeline, "_generate_batch", interrupted_at_the_third)
+    options = ["--prompt", "a red circle", "--num-images", "5", "--steps", "1", "--seed", "0"]
+    code, out, err = run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)
+    assert (code, out) == (130, "")
+    last_line = err.rstrip("\n").replace("\r", "\n").splitlines()[-1]  # after the progress bars
+    assert last_line == f"sample.py: interrupted; 2 finished image(s) kept in {tmp_path}"
+    assert batches == [[], ["00000-0.png"], ["00000-0.png", "00001-1.png"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-0.png", "00001-1.png"]  # no grid, no partial file
+    assert Image.open(tmp_path / "00001-1.png").text["seed"] == "1"
+
+
+def test_from_png_draws_the_same_image_again(tiny_model_dir, tmp_path, capsys):
+    options = ["--prompt", "a (red:1.3) circle, BREAK on grey", "--negative-prompt", "blue, square",
+               "--seed", "3", "--steps", "3", "--scheduler", "euler-ancestral", "--guidance-scale", "4",
+               "--emphasis", "comfy"]  # fmt: skip
+    assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path / "first")[0] == 0
+    first = tmp_path / "first" / "00000-3.png"
+    assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    again = tmp_path / "again" / "00000-3.png"
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(again).text == Image.open(first).text
+    assert run(capsys, "--from-png", first, "--seed", "4", "--outdir", tmp_path / "other")[0] == 0  # flags win
+    assert Image.open(tmp_path / "other" / "00000-4.png").text["prompt"] == "a (red:1.3) circle, BREAK on grey"
+
+
+def test_from_png_reads_an_a1111_infotext(tiny_model_dir, tmp_path, capsys):
+    info = PngInfo()
+    parameters = (
+        "a red circle\nNegative prompt: blue\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 3, "
+        "Seed: 5, Size: 16x16, Model hash: 0123456789, Model: sd15, Emphasis: No norm"
+    )
+    info.add_text("parameters", parameters)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    assert (
+        run(capsys, "--model", tiny_model_dir, "--from-png", tmp_path / "a1111.png", "--outdir", tmp_path / "out")[0]
+        == 0
+    )
+    text = Image.open(tmp_path / "out" / "00000-5.png").text
+    assert {k: text[k] for k in ("prompt", "negative_prompt", "steps", "scheduler", "guidance_scale", "emphasis")} == {
+        "prompt": "a red circle", "negative_prompt": "blue", "steps": "2", "scheduler": "dpm++2m-karras",
+        "guidance_scale": "3.0", "emphasis": "no-norm",
+    }  # fmt: skip
+
+
+def test_seed_minus_one_is_random_and_recorded(tiny_model_dir, tmp_path, capsys):
+    assert (
+        run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--steps", "1", "--seed", "-1", "--outdir", tmp_path)[0]
+        == 0
+    )
+    (image,) = tmp_path.iterdir()
+    seed = int(Image.open(image).text["seed"])
+    assert seed >= 0 and image.name == f"00000-{seed}.png"
+
+
+def test_a_models_sampling_defaults_apply_unless_the_command_line_says(tiny_model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "sampling.json").write_text(json.dumps({"steps": 3, "guidance_scale": 2.5}))
+    assert run(capsys, "--model", model, "--prompt", "x", "--seed", "0", "--outdir", tmp_path / "a")[0] == 0
+    text = Image.open(tmp_path / "a" / "00000-0.png").text
+    assert (text["steps"], text["guidance_scale"]) == ("3", "2.5")
+    assert (
+        run(capsys, "--model", model, "--prompt", "x", "--seed", "0", "--steps", "2", "--outdir", tmp_path / "b")[0]
+        == 0
+    )
+    assert Image.open(tmp_path / "b" / "00000-0.png").text["steps"] == "2"
+
+
+def test_emphasis_other_than_original_is_recorded_as_a1111_names_it(tiny_model_dir, tmp_path, capsys):
+    options = ["--prompt", "a (red) circle", "--steps", "1", "--seed", "0", "--emphasis", "no-norm"]
+    assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)[0] == 0
+    text = Image.open(tmp_path / "00000-0.png").text
+    assert text["emphasis"] == "no-norm" and text["parameters"].endswith(", Emphasis: No norm")

@@ -32,7 +32,7 @@ from ldm.data.datasets import (
     collate,
     open_dataset,
 )
-from ldm.model import DTYPES, LatentDiffusion
+from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults
 from ldm.text import encode_prompts
 from ldm.train.cache import build_cache, load_cache
 from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
@@ -315,6 +315,9 @@ class Trainer:
             module.eval()
         if self.config.stage == "autoencoder" and holdout is not None:
             self._calibrate_autoencoder(holdout)
+        if self.config.stage == "diffusion":  # sample.py's defaults for this model: what validation used
+            validation = self.config.validation
+            self.model.sampling = SamplingDefaults(validation.steps, validation.guidance_scale)
         if accelerator.is_main_process:
             for part in self.model.parts().values():
                 part.to(DTYPES[self.config.save_precision])

@@ -11,7 +11,7 @@ import train
 from conftest import perturbed_tiny_model
 from ldm.data.datasets import ImageOptions, open_dataset
 from ldm.data.shapes import main as make_shapes
-from ldm.model import LatentDiffusion
+from ldm.model import LatentDiffusion, SamplingDefaults
 from ldm.train.config import load_config
 from ldm.train.loop import Trainer, build_model
 
@@ -89,9 +89,8 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(four_images, tmp_path, m
 
 
 def test_what_train_py_saves_loads_in_diffusers_and_in_ours(four_images, tmp_path, capsys):
-    path = recipe(
-        tmp_path, four_images, steps={"max": 4}, validation={"prompts": ["a red circle"], "every": 2, "steps": 2}
-    )
+    validation = {"prompts": ["a red circle"], "every": 2, "steps": 2, "guidance_scale": 3.0}
+    path = recipe(tmp_path, four_images, steps={"max": 4}, validation=validation)
     assert train.main(["--config", str(path)]) == 0
     assert "trained 4 steps; skipped 0 bad item(s)" in capsys.readouterr().out
     run = tmp_path / "run"
@@ -101,6 +100,7 @@ def test_what_train_py_saves_loads_in_diffusers_and_in_ours(four_images, tmp_pat
     theirs = StableDiffusionPipeline.from_pretrained(run / "model")
     for key, value in ours.unet.state_dict().items():
         assert torch.equal(theirs.unet.state_dict()[key], value)
+    assert ours.sampling == SamplingDefaults(steps=2, guidance_scale=3.0)  # sample.py's defaults: validation's
 
 
 def test_the_ema_averages_a_jointly_trained_text_encoder_too(four_images, tmp_path):
