@@ -9,7 +9,6 @@ is done, and a grid of the run at the end (none for a single image). Ctrl-C keep
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm.model import ModelLoadError
 from ldm.unet import ConfigError
-from pipelines.cli import Parser, UsageError, one_line_warnings, quiet_libraries
+from pipelines.cli import Parser, UsageError, check_writable, one_line_warnings, quiet_libraries
 from pipelines.devices import DeviceError
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
@@ -148,19 +147,6 @@ def new_outdir() -> Path:
     return next(path for path in candidates if not path.exists())
 
 
-def check_writable(outdir: Path, flag: str) -> None:
-    """Prove a file can be written in the folder (or, while it does not exist, in its nearest existing
-    parent) before any model is loaded; nothing is left behind."""
-    probe = outdir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise UsageError(f"{flag} {outdir}: cannot write there ({error.strerror or type(error).__name__})") from None
-
-
 def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, dict]:
     """Check every input, then load the model: the pipeline, the writer, and generate's options."""
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
@@ -173,7 +159,7 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, d
             raise UsageError(f"--lora {path}: no such file")
     source = model_source(args)
     outdir = args.outdir or new_outdir()
-    check_writable(outdir, "--outdir")
+    check_writable(outdir, f"--outdir {outdir}")
     pipe = TextToImagePipeline.from_pretrained(
         source, device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )

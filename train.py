@@ -9,6 +9,7 @@ validation/ (sample grids), and at the end model/ (EMA weights, diffusers layout
 
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from ldm.model import LatentDiffusion, ModelLoadError
 from ldm.train.config import TrainConfig, load_config
 from ldm.train.loop import Trainer, Validate
 from ldm.unet import ConfigError
-from pipelines.cli import Parser, UsageError, quiet_libraries
+from pipelines.cli import Parser, UsageError, check_writable, quiet_libraries
 from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         config = load_config(args.config, args.overrides)
+        check_writable(Path(config.output_dir), f"output_dir={config.output_dir}")
         trainer = Trainer(config)
         trainer.validate = sampler(config, trainer.accelerator.device)
         trainer.run()

@@ -1,7 +1,9 @@
 """What the command lines (sample.py, train.py) share: one-line usage errors, quiet libraries."""
 
 import argparse
+import tempfile
 import warnings
+from pathlib import Path
 
 import diffusers
 import transformers
@@ -29,3 +31,16 @@ def quiet_libraries() -> None:
     for library in (diffusers.utils.logging, transformers.utils.logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
+
+
+def check_writable(folder: Path, label: str) -> None:
+    """Prove a file can be written in the folder (or, while it does not exist, in its nearest existing
+    parent) before any long work; nothing is left behind. `label` names the option in the error."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{label}: cannot write there ({error.strerror or type(error).__name__})") from None

@@ -115,13 +115,15 @@ class CaptionedImages(Dataset):
         if isinstance(caption, Path):
             try:
                 caption = caption.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return Skipped(str(image), f"no caption file ({caption.name})")
             except (OSError, UnicodeDecodeError) as error:
-                return Skipped(str(image), f"unreadable caption {caption.name} ({type(error).__name__})")
+                return Skipped(str(image), f"unreadable caption ({caption.name}: {type(error).__name__})")
         boxes = boxes_file(image)
         try:
             boxes = boxes.read_bytes() if boxes.is_file() else None
         except OSError as error:
-            return Skipped(str(image), f"unreadable boxes {boxes.name} ({type(error).__name__})")
+            return Skipped(str(image), f"unreadable boxes ({boxes.name}: {type(error).__name__})")
         return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index], boxes)
 
 

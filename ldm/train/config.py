@@ -10,6 +10,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from diffusers.optimization import SchedulerType
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -154,15 +155,30 @@ def load_config(path: str | Path, overrides: list[str]) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
+    try:
+        recipe = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(error)})") from None
+    changes = []
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"{override!r}: overrides are dotted.key=value")
+        try:
+            changes.append(OmegaConf.from_dotlist([override]))
+        except (yaml.YAMLError, OmegaConfBaseException) as error:
+            raise ConfigError(f"{override!r}: not a valid value ({_yaml_problem(error)})") from None
     try:
-        schema = OmegaConf.structured(TrainConfig)
-        merged = OmegaConf.merge(schema, OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
-        return OmegaConf.to_object(merged)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), recipe, *changes))
     except OmegaConfBaseException as error:
         raise ConfigError(describe_error(error)) from None
+
+
+def _yaml_problem(error: Exception) -> str:
+    """A YAML parser's multi-line report as a few words: what it expected, and where in the file."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    in_file = mark is not None and mark.name != "<unicode string>"  # an override is one line: no line number
+    return f"{problem}, line {mark.line + 1}" if in_file else problem
 
 
 def describe_error(error: OmegaConfBaseException) -> str:

@@ -5,7 +5,7 @@ Accelerate, so the same code runs on a CPU, a GPU, several GPUs or several nodes
 import logging
 import math
 import os
-from collections import Counter
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,7 +70,7 @@ class Trainer:
             # Several processes and no GPU (torchrun on CPUs): Accelerate needs telling to use gloo.
             cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         )
-        self.skipped: Counter[str] = Counter()
+        self.skipped: dict[str, str] = {}  # bad file -> why, each counted once
         self.losses: list[float] = []  # per optimizer step, on this process: what tests and summaries read
 
     def run(self) -> LatentDiffusion:
@@ -223,8 +223,9 @@ class Trainer:
             if self.progress.step >= config.steps.max:
                 break
             for item in batch["skipped"]:
-                logger.warning("skipping %s: %s", item.source, item.reason)
-                self.skipped[item.reason.split(" (")[0]] += 1
+                if item.source not in self.skipped:  # once per file, though every epoch meets it
+                    self.skipped[item.source] = item.reason
+                    bar.write(f"skipping {item.source}: {item.reason}", file=sys.stderr)  # above the bar, not in it
             if not batch["captions"]:
                 continue
             with accelerator.accumulate(*self.wrapped):
@@ -307,7 +308,7 @@ class Trainer:
     def _finish(self, holdout: CaptionedImages | None) -> LatentDiffusion:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
-        total = torch.tensor(sum(self.skipped.values()), device=accelerator.device)
+        total = torch.tensor(len(self.skipped), device=accelerator.device)
         skipped = int(accelerator.reduce(total, reduction="sum"))
         if self.ema:
             self.ema.copy_to(self.trained_parameters)
@@ -322,10 +323,8 @@ class Trainer:
             for part in self.model.parts().values():
                 part.to(DTYPES[self.config.save_precision])
             self.model.save(self.output / "model")
-            summary = f"trained {self.progress.step} steps; skipped {skipped} bad item(s)"
-            if self.skipped:
-                summary += " (" + ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common()) + " here)"
-            print(summary)
+            reasons = " (each named above)" if skipped else ""
+            print(f"trained {self.progress.step} steps; skipped {skipped} bad file(s){reasons}")
         accelerator.end_training()
         return self.model
 

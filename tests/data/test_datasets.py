@@ -109,9 +109,9 @@ def test_bad_items_are_skipped_with_their_reason(tmp_path):
     assert reasons["truncated"].startswith("unreadable image")
     assert reasons["empty"].startswith("unreadable image")
     assert reasons["small"] == "4x4 is smaller than the training resolution 8"
-    assert reasons["no_caption"].startswith("unreadable caption no_caption.txt (FileNotFoundError)")
+    assert reasons["no_caption"] == "no caption file (no_caption.txt)"
     assert reasons["blank_caption"] == "no caption"
-    assert reasons["bad_text"].startswith("unreadable caption bad_text.txt (UnicodeDecodeError)")
+    assert reasons["bad_text"].startswith("unreadable caption (bad_text.txt: UnicodeDecodeError)")
 
 
 def name_of(item) -> str:
@@ -130,7 +130,7 @@ def test_a_dataset_without_a_usable_item_stops_with_the_reasons(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "a.txt").write_text("x")
     (tmp_path / "b.png").write_bytes(png())
-    with pytest.raises(DatasetError, match="no usable item among 2: 1 unreadable image, 1 unreadable caption"):
+    with pytest.raises(DatasetError, match="no usable item among 2: 1 unreadable image, 1 no caption file"):
         check_usable(open_dataset(tmp_path, OPTIONS))
 
 

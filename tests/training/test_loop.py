@@ -92,7 +92,7 @@ def test_what_train_py_saves_loads_in_diffusers_and_in_ours(four_images, tmp_pat
     validation = {"prompts": ["a red circle"], "every": 2, "steps": 2, "guidance_scale": 3.0}
     path = recipe(tmp_path, four_images, steps={"max": 4}, validation=validation)
     assert train.main(["--config", str(path)]) == 0
-    assert "trained 4 steps; skipped 0 bad item(s)" in capsys.readouterr().out
+    assert "trained 4 steps; skipped 0 bad file(s)" in capsys.readouterr().out
     run = tmp_path / "run"
     assert sorted(p.name for p in (run / "validation").iterdir()) == ["step-00000002.png", "step-00000004.png"]
     assert yaml.safe_load((run / "config.yaml").read_text())["steps"]["max"] == 4
@@ -296,3 +296,55 @@ def test_gradient_accumulation_and_checkpoint_rotation(four_images, tmp_path):
     assert len(trainer.losses) == 6  # optimizer steps, each over two batches of two
     checkpoints = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000004", "step-00000006"]
+
+
+@pytest.fixture
+def user_folder(four_images, tmp_path):
+    """A user's own folder: images and .txt captions, no .boxes.json, two bad files among them."""
+    folder = tmp_path / "my-images"
+    folder.mkdir()
+    for file in four_images.glob("0000[0-3].[pt]*"):
+        (folder / file.name).write_bytes(file.read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "broken.txt").write_text("a red circle")
+    (folder / "uncaptioned.png").write_bytes((four_images / "00000.png").read_bytes())
+    return folder
+
+
+def test_the_readmes_from_scratch_commands_train_on_a_users_folder(user_folder, tmp_path, capsys):
+    """configs/shapes-autoencoder.yaml, then configs/diffusion.yaml, as the README runs them (smaller)."""
+    small = ["model.preset=tiny", "data.resolution=16", "steps.max=6", "steps.batch_size=2", "report_to=none"]
+    vae, model = tmp_path / "my-vae", tmp_path / "my-model"
+    autoencoder = ["--config", "configs/shapes-autoencoder.yaml", f"data.path={user_folder}", f"output_dir={vae}"]
+    assert train.main([*autoencoder, *small, "autoencoder.holdout=1"]) == 0
+    diffusion = ["--config", "configs/diffusion.yaml", f"data.path={user_folder}", f"model.vae={vae}/model",
+                 f"output_dir={model}", "validation.prompts=[a red circle]",
+                 f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert train.main([*diffusion, *small, "validation.every=6", "validation.steps=1"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("trained 6 steps; skipped 2 bad file(s) (each named above)") == 2
+    bad = [line for line in err.splitlines() if line.startswith("skipping ")]  # once per file, per stage
+    assert sorted(bad) == sorted(2 * [
+        f"skipping {user_folder / 'broken.png'}: unreadable image (UnidentifiedImageError: cannot identify image "
+        f"file {str(user_folder / 'broken.png')!r})",
+        f"skipping {user_folder / 'uncaptioned.png'}: no caption file (uncaptioned.txt)",
+    ])  # fmt: skip
+    assert LatentDiffusion.load(model / "model").sampling == SamplingDefaults(steps=1, guidance_scale=2.5)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "{tmp}/bad.yaml"],
+         "--config {tmp}/bad.yaml: not valid YAML (did not find expected ',' or '}}', line 3)"),
+        (["validation.prompts=[a, b"],
+         "'validation.prompts=[a, b': not a valid value (did not find expected ',' or ']')"),
+        (["output_dir={tmp}/file/run"], "output_dir={tmp}/file/run: cannot write there (Not a directory)"),
+    ],
+)  # fmt: skip
+def test_a_broken_recipe_override_or_output_dir_is_one_line(four_images, tmp_path, capsys, argv, message):
+    (tmp_path / "bad.yaml").write_text("output_dir: x\nmodel: {preset: tiny\n")
+    (tmp_path / "file").write_text("mine")
+    config = [] if argv[0] == "--config" else ["--config", str(recipe(tmp_path, four_images))]
+    assert train.main([*config, *(a.format(tmp=tmp_path) for a in argv)]) == 2
+    assert capsys.readouterr().err == f"train.py: error: {message.format(tmp=tmp_path)}\n"
