@@ -21,7 +21,7 @@ from torch import Tensor
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.schedulers import SCHEDULERS
-from pipelines.text_to_image import Generated
+from pipelines.text_to_image import Generated, Request
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -80,7 +80,7 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
         "Model hash": settings.model_hash,
         "Model": Path(settings.model).name or settings.model,
         "Denoising strength": request.strength,
-        "Emphasis": None if request.emphasis == "original" else WEBUI_EMPHASIS[request.emphasis],
+        "Emphasis": WEBUI_EMPHASIS[request.emphasis] if _emphasised(generated, request) else None,
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
     }
     fields["parameters"] = format_infotext(generated.prompt, request.negative_prompt, pairs)
@@ -88,6 +88,12 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
     for key, value in fields.items():
         info.add_itxt(key, value)  # international text: any Unicode prompt
     return info
+
+
+def _emphasised(generated: Generated, request: Request) -> bool:
+    """As A1111: the mode is recorded when it is not the default and a prompt has brackets."""
+    brackets = any(c in text for text in (generated.prompt, request.negative_prompt) for c in "([")
+    return request.emphasis != "original" and brackets
 
 
 def next_number(outdir: Path) -> int:

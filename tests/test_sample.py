@@ -275,3 +275,6 @@ def test_emphasis_other_than_original_is_recorded_as_a1111_names_it(tiny_model_d
     assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)[0] == 0
     text = Image.open(tmp_path / "00000-0.png").text
     assert text["emphasis"] == "no-norm" and text["parameters"].endswith(", Emphasis: No norm")
+    options[1] = "a red circle"  # no brackets: A1111 leaves the field out
+    assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)[0] == 0
+    assert "Emphasis" not in Image.open(tmp_path / "00001-0.png").text["parameters"]

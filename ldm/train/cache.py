@@ -48,8 +48,12 @@ class CachedExamples(Dataset):
         return item | {"caption": self.captions[index]}
 
 
+CACHE_VERSION = 2  # 2: captions cleaned as CLIP cleans text before they are encoded
+
+
 def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
-    digest = hashlib.sha256(json.dumps(vars(dataset.options), sort_keys=True).encode())
+    digest = hashlib.sha256(f"cache v{CACHE_VERSION}".encode())
+    digest.update(json.dumps(vars(dataset.options), sort_keys=True).encode())
     for image, caption in dataset.entries:
         stat = image.stat() if image.exists() else None
         digest.update(f"{image}|{stat and stat.st_size}|{stat and stat.st_mtime_ns}".encode())
