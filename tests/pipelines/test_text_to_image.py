@@ -167,3 +167,17 @@ def test_half_precision_runs_and_stays_close_to_fp32(tiny_model_dir, dtype):
 
 def test_vae_tiling_is_switched_on_by_the_option(tiny_model_dir):
     assert TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", vae_tiling=True).model.vae.use_tiling
+
+
+def test_a_negative_prompt_runs_at_its_own_length(pipe, monkeypatch):
+    """As A1111's default: a two-chunk prompt with a one-chunk negative prompt is not padded to two
+    chunks; the unconditional pass runs apart, on the negative prompt's 77 tokens alone."""
+    lengths = []
+    unet = pipe.unet
+    monkeypatch.setattr(pipe, "unet", lambda x, t, text: lengths.append((len(x), text.shape[1])) or unet(x, t, text))
+    long_prompt = "a red circle, " * 30  # 120 tokens: two chunks
+    pipe(long_prompt, negative_prompt="a blue square", steps=2, seed=0, progress=False)
+    assert lengths == [(1, 77), (1, 154)] * 2  # per step: unconditional, then conditional
+    lengths.clear()
+    pipe("a red circle", negative_prompt="a blue square", steps=2, seed=0, progress=False)
+    assert lengths == [(2, 77)] * 2  # the same length: one batch, as before
