@@ -40,15 +40,6 @@ class GenerationError(ValueError):
     """A request the pipeline cannot carry out (bad size, strength, missing image); one line."""
 
 
-@dataclass
-class Generated:
-    image: Image.Image
-    prompt: str
-    seed: int
-    request: "Request"  # the run's settings, resolved: what the PNG metadata records
-    attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
-
-
 class Text(NamedTuple):
     """A batch's text embeddings: the prompts', and the negative prompt's (None without guidance)."""
 
@@ -73,6 +64,15 @@ class Request:
     truncate: bool
     emphasis: str  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
     progress: bool
+
+
+@dataclass
+class Generated:
+    image: Image.Image
+    prompt: str
+    seed: int
+    request: Request  # the run's settings, resolved: what the PNG metadata records
+    attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
 
 
 class TextToImagePipeline:
@@ -262,11 +262,15 @@ class TextToImagePipeline:
         )
         encoded = {prompt: encode(prompt) for prompt in prompts}
         longest = max(text.shape[1] for text in encoded.values())
-        empty = encode("")
-        padding = {p: [empty] * ((longest - text.shape[1]) // empty.shape[1]) for p, text in encoded.items()}
-        return torch.cat([torch.cat([encoded[p], *padding[p]], dim=1) for p in prompts])
+        if any(text.shape[1] < longest for text in encoded.values()):
+            empty = encode("")
+            for prompt, text in encoded.items():
+                encoded[prompt] = torch.cat([text, *[empty] * ((longest - text.shape[1]) // empty.shape[1])], dim=1)
+        return torch.cat([encoded[p] for p in prompts])
 
-    def _predict(self, x: Tensor, t: Tensor, text: Text, guidance_scale: float, maps) -> Tensor:
+    def _predict(
+        self, x: Tensor, t: Tensor, text: Text, guidance_scale: float, maps: AttentionMapAccumulator | None
+    ) -> Tensor:
         """The UNet's prediction, guided: uncond + scale * (cond - uncond). The two share one batch when
         their texts have the same length; a negative prompt of another length runs at its own, as in A1111."""
         if text.unconditional is None:
