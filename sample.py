@@ -14,15 +14,13 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ldm.model import ModelLoadError
-from ldm.unet import ConfigError
+from ldm.errors import UserError
 from pipelines.cli import Parser, UsageError, check_writable, one_line_warnings, quiet_libraries
-from pipelines.devices import DeviceError
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
-from pipelines.prompts import EMPHASIS_MODES, PromptError
-from pipelines.schedulers import SCHEDULERS, UnknownScheduler
-from pipelines.text_to_image import GenerationError, TextToImagePipeline
+from pipelines.prompts import EMPHASIS_MODES
+from pipelines.schedulers import SCHEDULERS
+from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
@@ -190,13 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     one_line_warnings("sample.py")
     writer = None
-    errors = (UsageError, ModelLoadError, ConfigError, GenerationError, UnknownScheduler, DeviceError, PromptError)
     try:
         pipe, writer, options = prepare(parse(argv))
         for generated in pipe.generate_each(**options):
             writer.write(generated)
         writer.finish()
-    except errors as error:
+    except UserError as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ldm.data.datasets import DatasetError
-from ldm.model import LatentDiffusion, ModelLoadError
+from ldm.errors import UserError
+from ldm.model import LatentDiffusion
 from ldm.train.config import TrainConfig, load_config
 from ldm.train.loop import Trainer, Validate
-from ldm.unet import ConfigError
-from pipelines.cli import Parser, UsageError, check_writable, quiet_libraries
+from pipelines.cli import Parser, check_writable, quiet_libraries
 from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(config)
         trainer.validate = sampler(config, trainer.accelerator.device)
         trainer.run()
-    except (UsageError, ConfigError, DatasetError, ModelLoadError) as error:
+    except UserError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -11,8 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from ldm.autoencoder import downsampling_factor
-from ldm.model import LatentDiffusion, ModelLoadError
-from ldm.unet import ConfigError
+from ldm.errors import UserError
+from ldm.model import LatentDiffusion
 
 
 def count(module: nn.Module) -> int:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             model, origin = LatentDiffusion.load(args.model), "loaded"
         else:
             model, origin = LatentDiffusion.from_preset(args.model), "random weights"
-    except (ModelLoadError, ConfigError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{args.model} ({origin})")

@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.errors import ConfigError, UserError
 from ldm.text import clip_tokenizer, save_tokenizer, text_state_for_files
-from ldm.unet import ConfigError, UNet, UNetConfig
+from ldm.unet import UNet, UNetConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 PARTS = {  # part -> (library, class) as model_index.json names them
@@ -40,7 +41,7 @@ SAMPLING_FILE = "sampling.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by the names configs use
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model folder, hub id or preset that cannot be loaded; the message says which part and why."""
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import diffusers
 import transformers
 
+from ldm.errors import UserError
 
-class UsageError(Exception):
+
+class UsageError(UserError):
     """A mistake in the command line: one line on stderr, exit code 2."""
 
 

@@ -2,10 +2,11 @@
 
 import torch
 
+from ldm.errors import UserError
 from ldm.model import DTYPES
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError):
     pass
 
 

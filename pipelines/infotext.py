@@ -15,11 +15,12 @@ from typing import Any
 
 from PIL import Image
 
+from ldm.errors import UserError
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.schedulers import SCHEDULERS
 
 
-class InfotextError(ValueError):
+class InfotextError(UserError):
     """A PNG whose settings cannot be read back; one line."""
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.errors import UserError
 from ldm.text import clean_text
 
 ROUND, SQUARE = 1.1, 1 / 1.1
@@ -41,7 +42,7 @@ _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A prompt that cannot be read (a malformed weight); one line."""
 
 

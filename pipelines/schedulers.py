@@ -20,6 +20,8 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
+from ldm.errors import UserError
+
 
 class Sampler(NamedTuple):
     class_name: str  # the diffusers scheduler
@@ -47,7 +49,7 @@ SCHEDULERS: dict[str, Sampler] = {
 }
 
 
-class UnknownScheduler(ValueError):
+class UnknownScheduler(UserError):
     """A scheduler name we do not know, or one that cannot work on this model; one line."""
 
 

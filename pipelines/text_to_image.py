@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
 from ldm.checkpoint import load_single_file
+from ldm.errors import UserError
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from pipelines.attention_maps import AttentionMapAccumulator
@@ -36,7 +37,7 @@ from pipelines.schedulers import check_scheduler, make_scheduler, scheduler_name
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError):
     """A request the pipeline cannot carry out (bad size, strength, missing image); one line."""
 
 

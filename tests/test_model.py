@@ -9,9 +9,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 import ldm.model
+from ldm.errors import ConfigError
 from ldm.model import LatentDiffusion, ModelLoadError
 from ldm.text import encode_prompts
-from ldm.unet import ConfigError
 
 
 def unet_output(unet, text_width: int) -> torch.Tensor:

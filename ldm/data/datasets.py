@@ -29,11 +29,12 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from ldm.data.transforms import BadItem, Placement, prepare_image
+from ldm.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The dataset as a whole cannot be used: the message says why."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ldm.errors import UserError
+
 COLORS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -108,7 +110,7 @@ def parse_pairs(text: str, flag: str = "--leave-out") -> set[tuple[str, str]]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         words = item.split()
         if len(words) != 2 or words[0] not in COLORS or words[1] not in SHAPES:
-            raise ValueError(
+            raise UserError(
                 f"{flag} {item!r}: expected 'COLOR SHAPE' with COLOR in {list(COLORS)}, SHAPE in {list(SHAPES)}"
             )
         pairs.add((words[0], words[1]))
@@ -138,10 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         left_out = parse_pairs(args.leave_out)
         if args.n < 1 or args.size < 16 or not 0 <= args.two_objects <= 1:
-            raise ValueError("--n must be at least 1, --size at least 16, --two-objects within 0..1")
+            raise UserError("--n must be at least 1, --size at least 16, --two-objects within 0..1")
         if args.out.exists() and any(args.out.iterdir()):
-            raise ValueError(f"--out {args.out}: exists and is not empty")
-    except ValueError as error:
+            raise UserError(f"--out {args.out}: exists and is not empty")
+    except UserError as error:
         print(f"shapes: error: {error}", file=sys.stderr)
         return 2
     generate(args.out, args.n, args.size, args.seed, left_out, args.two_objects)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ldm.autoencoder import images_to_latents, latents_to_images
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, draw, parse_pairs
+from ldm.errors import UserError
 from ldm.eval.detector import detect
 from ldm.eval.shapes import DEFAULT_LEFT_OUT
 
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         left_out = parse_pairs(args.left_out, "--left-out")
         if not Path(args.model, "vae").is_dir():
-            raise ValueError(f"--model {args.model}: no vae/ folder there")
+            raise UserError(f"--model {args.model}: no vae/ folder there")
         vae = AutoencoderKL.from_pretrained(Path(args.model, "vae")).float().eval()
-    except ValueError as error:
+    except UserError as error:
         print(f"additivity probe: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(probe(vae, left_out), indent=2))

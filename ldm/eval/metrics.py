@@ -26,6 +26,7 @@ from transformers import CLIPModel, CLIPProcessor
 
 from ldm.data.datasets import IMAGE_SUFFIXES
 from ldm.data.transforms import to_rgb
+from ldm.errors import UserError
 
 
 def as_uint8(images: list[Image.Image], size: int | None = None) -> Tensor:
@@ -82,7 +83,7 @@ def fid(
 def read_images(folder: Path) -> list[Image.Image]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
-        raise ValueError(f"--reference-dir {folder}: needs at least 2 images, found {len(files)}")
+        raise UserError(f"--reference-dir {folder}: needs at least 2 images, found {len(files)}")
     return [Image.open(p) for p in files]
 
 
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not (args.clip_model or args.reference_dir):
-            raise ValueError("give --clip-model (CLIP score), --reference-dir (FID), or both")
+            raise UserError("give --clip-model (CLIP score), --reference-dir (FID), or both")
         prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
         reference = read_images(args.reference_dir) if args.reference_dir else None
         pipe = TextToImagePipeline.from_pretrained(args.model)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             results["clip_score"] = round(clip_score(images, prompts, args.clip_model), 3)
         if reference is not None:
             results["fid"] = round(fid(images, reference, feature_extractor_weights_path=args.inception_weights), 3)
-    except (ValueError, OSError, ModuleNotFoundError) as error:
+    except (UserError, OSError, ModuleNotFoundError) as error:
         print(f"metrics: error: {error}", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))

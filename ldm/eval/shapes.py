@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, caption, parse_pairs
+from ldm.errors import UserError
 from ldm.eval.detector import Detection, detect
 
 DEFAULT_LEFT_OUT = "blue triangle,yellow circle"  # what configs/shapes-*.yaml leave out
@@ -177,10 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.seeds < 1 or args.steps < 1:
-            raise ValueError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
+            raise UserError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
         left_out = parse_pairs(args.left_out, "--left-out")
         pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype="fp32")
-    except ValueError as error:
+    except UserError as error:
         print(f"shapes eval: error: {error}", file=sys.stderr)
         return 2
 

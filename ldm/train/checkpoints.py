@@ -7,7 +7,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ldm.unet import ConfigError
+from ldm.errors import ConfigError
 
 _STEP = re.compile(r"^step-(\d{8})$")
 

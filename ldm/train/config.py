@@ -15,7 +15,7 @@ from diffusers.optimization import SchedulerType
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.unet import ConfigError
+from ldm.errors import ConfigError
 
 
 @dataclass

@@ -32,6 +32,7 @@ from ldm.data.datasets import (
     collate,
     open_dataset,
 )
+from ldm.errors import ConfigError
 from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults
 from ldm.text import encode_prompts
 from ldm.train.cache import build_cache, load_cache
@@ -39,7 +40,6 @@ from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
 from ldm.train.config import TrainConfig, save_config
 from ldm.train.grounding import grounding_loss, grounding_targets
 from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
-from ldm.unet import ConfigError
 
 logger = logging.getLogger(__name__)
 Validate = Callable[[LatentDiffusion, int], Image.Image]  # (model with EMA weights, step) -> a grid

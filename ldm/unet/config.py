@@ -8,6 +8,8 @@ changes the architecture in a way we do not build is refused by name, never igno
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ldm.errors import ConfigError
+
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
@@ -49,10 +51,6 @@ FIXED_FIELDS: dict[str, Any] = {
     "cross_attention_norm": None,
     "addition_embed_type_num_heads": 64,
 }
-
-
-class ConfigError(ValueError):
-    """A model config field that is wrong or that we do not support; the message names it."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@ import pytest
 from diffusers import UNet2DConditionModel
 
 from conftest import SD21_SHAPED_UNET, TINY_UNET
-from ldm.unet import ConfigError, UNetConfig
+from ldm.errors import ConfigError
+from ldm.unet import UNetConfig
 
 
 def test_a_full_diffusers_config_reads_in_and_round_trips():

@@ -1,0 +1,43 @@
+"""One error family: every mistake a user can make is a UserError, which each command line turns
+into one line and exit code 2; a command catches that type alone."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from ldm.data.datasets import DatasetError
+from ldm.errors import ConfigError, UserError
+from ldm.model import ModelLoadError
+from pipelines.cli import UsageError
+from pipelines.devices import DeviceError
+from pipelines.infotext import InfotextError
+from pipelines.prompts import PromptError
+from pipelines.schedulers import UnknownScheduler
+from pipelines.text_to_image import GenerationError
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["sample.py", "train.py", "ldm/describe.py", "ldm/data/shapes.py", "ldm/eval/shapes.py",
+            "ldm/eval/additivity.py"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ConfigError, ModelLoadError, DatasetError, UsageError, DeviceError, InfotextError, PromptError,
+     UnknownScheduler, GenerationError],
+)  # fmt: skip
+def test_every_user_facing_error_is_a_user_error(error):
+    assert issubclass(error, UserError)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_command_line_exits_2_on_user_error_alone(command):
+    """The handlers in `main` that print one line and return 2 catch `UserError` and nothing else."""
+    tree = ast.parse((ROOT / command).read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    exits_2 = [
+        ast.unparse(handler.type)
+        for handler in ast.walk(main)
+        if isinstance(handler, ast.ExceptHandler) and "return 2" in ast.unparse(handler)
+    ]
+    assert exits_2 == ["UserError"]
