@@ -28,7 +28,7 @@ from ldm.errors import ConfigError, UserError
 from ldm.text import clip_tokenizer, save_tokenizer, text_state_for_files
 from ldm.unet import UNet, UNetConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: a plain `pip install .` has them
 PARTS = {  # part -> (library, class) as model_index.json names them
     "text_encoder": ("transformers", "CLIPTextModel"),
     "tokenizer": ("transformers", "CLIPTokenizer"),
@@ -75,7 +75,7 @@ class LatentDiffusion:
 
     @classmethod
     def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
-        """Random weights in a preset's architecture: a name in configs/ (tiny, small, sd15, sd21) or a YAML path."""
+        """Random weights in a preset's architecture: a name in ldm/presets/ (tiny, small, sd15, sd21) or a .yaml."""
         return cls.from_spec(read_preset(preset))
 
     @classmethod
@@ -164,12 +164,12 @@ class LatentDiffusion:
 
 
 def read_preset(preset: str | Path) -> dict[str, Any]:
-    """A preset's sections: a name in configs/ or a YAML path."""
+    """A preset's sections: a name in ldm/presets/ or a YAML path."""
     path = Path(preset)
     if path.suffix not in (".yaml", ".yml"):
-        path = CONFIG_DIR / f"{preset}.yaml"
+        path = PRESET_DIR / f"{preset}.yaml"
     if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if "unet" in yaml.safe_load(p.read_text()))
+        names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ModelLoadError(f"no preset {str(preset)!r}: use one of {names} or a .yaml path")
     return yaml.safe_load(path.read_text())
 

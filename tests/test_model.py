@@ -180,7 +180,7 @@ def test_an_unreachable_hub_id_is_one_clear_error(monkeypatch):
 
 
 def test_presets_build_by_name_or_path():
-    model = LatentDiffusion.from_preset(ldm.model.CONFIG_DIR / "tiny.yaml")
+    model = LatentDiffusion.from_preset(ldm.model.PRESET_DIR / "tiny.yaml")
     assert model.unet.config.block_out_channels == (8, 16)
     assert model.tokenizer.vocab_size == 49408
 
@@ -201,7 +201,7 @@ def test_an_unknown_preset_lists_the_valid_ones():
 def test_a_preset_field_typo_is_named(tmp_path, section, field, message):
     import yaml
 
-    spec = yaml.safe_load((ldm.model.CONFIG_DIR / "tiny.yaml").read_text())
+    spec = yaml.safe_load((ldm.model.PRESET_DIR / "tiny.yaml").read_text())
     spec[section][field] = 1
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match=message):
@@ -211,7 +211,7 @@ def test_a_preset_field_typo_is_named(tmp_path, section, field, message):
 def test_a_tokenizer_context_longer_than_the_text_encoder_is_refused(tmp_path):
     import yaml
 
-    spec = yaml.safe_load((ldm.model.CONFIG_DIR / "tiny.yaml").read_text())
+    spec = yaml.safe_load((ldm.model.PRESET_DIR / "tiny.yaml").read_text())
     spec["tokenizer"]["model_max_length"] = spec["text_encoder"]["max_position_embeddings"] + 1
     with pytest.raises(ConfigError, match="model_max_length=.* exceeds the text encoder's max_position_embeddings"):
         LatentDiffusion.from_spec(spec)

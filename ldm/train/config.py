@@ -20,7 +20,7 @@ from ldm.errors import ConfigError
 
 @dataclass
 class ModelConfig:
-    preset: str | None = None  # build from scratch: a name in configs/ or a .yaml
+    preset: str | None = None  # build from scratch: a name in ldm/presets/ or a .yaml
     pretrained: str | None = None  # or start from a model folder / hub id (fine-tuning)
     vae: str | None = None  # a model folder whose VAE replaces the preset's (the autoencoder stage's output)
 

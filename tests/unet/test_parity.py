@@ -10,7 +10,7 @@ from diffusers import UNet2DConditionModel
 from conftest import UNET_SHAPES, perturb
 from ldm.unet import UNet, UNetConfig
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "ldm" / "presets"
 
 
 def diffusers_pair(shape: str) -> tuple[UNet2DConditionModel, UNet]:
