@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from commands.cli import Parser, UsageError, check_writable, one_line_warnings, quiet_libraries
 from ldm.errors import UserError
-from pipelines.cli import Parser, UsageError, check_writable, one_line_warnings, quiet_libraries
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.prompts import EMPHASIS_MODES

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from commands.cli import Parser, check_writable, quiet_libraries
 from ldm.errors import UserError
 from ldm.model import LatentDiffusion
 from ldm.train.config import TrainConfig, load_config
 from ldm.train.loop import Trainer, Validate
-from pipelines.cli import Parser, check_writable, quiet_libraries
 from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
 

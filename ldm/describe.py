@@ -1,17 +1,8 @@
-"""Print a model's architecture and parameter counts per part.
-
-python -m ldm.describe sd15            # a preset, built with random weights
-python -m ldm.describe path/to/model   # a saved model folder or hub id
-"""
-
-import argparse
-import sys
-from pathlib import Path
+"""A model's architecture and parameter counts per part, as text (`python -m commands.describe`)."""
 
 from torch import nn
 
 from ldm.autoencoder import downsampling_factor
-from ldm.errors import UserError
 from ldm.model import LatentDiffusion
 
 
@@ -55,24 +46,3 @@ def describe(model: LatentDiffusion) -> str:
         f"{'total':14}{sum(count(part) for part in model.parts().values()):>14,}",
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.describe", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="preset name (tiny, small, sd15, sd21), preset .yaml, model folder or hub id")
-    args = parser.parse_args(argv)
-    try:
-        if Path(args.model).is_dir() or "/" in args.model and not args.model.endswith((".yaml", ".yml")):
-            model, origin = LatentDiffusion.load(args.model), "loaded"
-        else:
-            model, origin = LatentDiffusion.from_preset(args.model), "random weights"
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{args.model} ({origin})")
-    print(describe(model))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

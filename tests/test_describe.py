@@ -1,4 +1,4 @@
-from ldm.describe import main
+from commands.describe import main
 
 
 def test_describe_prints_every_part_with_its_parameter_count(capsys):
@@ -20,4 +20,4 @@ def test_describe_a_saved_model(tiny_model, tmp_path, capsys):
 def test_an_unknown_preset_is_one_line_and_exit_2(capsys):
     assert main(["sd9"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no preset 'sd9'") and err.count("\n") == 1
+    assert err.startswith("describe: error: no preset 'sd9'") and err.count("\n") == 1

@@ -1,6 +1,7 @@
 """A synthetic captioned dataset: one or two coloured shapes on black, with captions from a small grammar.
 
-    python -m ldm.data.shapes --out data/shapes --n 5000 --size 64 --seed 0 --leave-out "blue triangle,yellow circle"
+    python -m commands.make_shapes --out data/shapes --n 5000 --size 64 --seed 0 \
+        --leave-out "blue triangle,yellow circle"
 
 Writes NNNNN.png with NNNNN.txt beside it (the folder format train.py reads), and NNNNN.boxes.json
 with each shape's box under its colour and shape words (for `diffusion.grounding_loss`). Captions:
@@ -9,9 +10,7 @@ drawn from its own generator seeded by (seed, i), so the first n items do not de
 `--leave-out` keeps chosen colour-shape pairs out of the data, to test composition on pairs never seen.
 """
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,30 +125,3 @@ def generate(out: Path, n: int, size: int, seed: int, left_out: set[tuple[str, s
         image.save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption(shapes) + "\n")
         (out / f"{i:05d}.boxes.json").write_text(json.dumps(boxes) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.data.shapes", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--n", type=int, required=True, help="number of images")
-    parser.add_argument("--size", type=int, default=64, help="side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--leave-out", default="", help="colour-shape pairs never drawn, e.g. 'red circle,blue square'")
-    parser.add_argument("--two-objects", type=float, default=0.3, help="fraction of images with two shapes")
-    args = parser.parse_args(argv)
-    try:
-        left_out = parse_pairs(args.leave_out)
-        if args.n < 1 or args.size < 16 or not 0 <= args.two_objects <= 1:
-            raise UserError("--n must be at least 1, --size at least 16, --two-objects within 0..1")
-        if args.out.exists() and any(args.out.iterdir()):
-            raise UserError(f"--out {args.out}: exists and is not empty")
-    except UserError as error:
-        print(f"shapes: error: {error}", file=sys.stderr)
-        return 2
-    generate(args.out, args.n, args.size, args.seed, left_out, args.two_objects)
-    print(f"wrote {args.n} images with captions to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

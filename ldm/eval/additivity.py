@@ -1,6 +1,6 @@
 """Does an autoencoder's latent space add colour and shape? A probe of the shapes demo's VAE.
 
-    python -m ldm.eval.additivity --model runs/shapes-autoencoder/model
+    python -m commands.eval_additivity --model runs/shapes-autoencoder/model
 
 The diffusion stage must draw colour-shape pairs it never saw (the left-out pairs). That is easy
 when the latent of any pair is about mean + colour part + shape part and the decoder turns such a
@@ -10,11 +10,7 @@ fit on the other seen pairs, each left-out pair's on all seen pairs; the predict
 and read by the detector, which counts those with the right colour and shape.
 """
 
-import argparse
 import itertools
-import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,10 +18,8 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 
 from ldm.autoencoder import images_to_latents, latents_to_images
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, draw, parse_pairs
-from ldm.errors import UserError
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, draw
 from ldm.eval.detector import detect
-from ldm.eval.shapes import DEFAULT_LEFT_OUT
 
 
 def additive_fit(latents: Tensor, known: Tensor) -> Tensor:
@@ -65,24 +59,3 @@ def probe(vae: AutoencoderKL, left_out: set[tuple[str, str]], side: int = 64) ->
             count["right"] += right
             count["of"] += 1
     return counts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.eval.additivity", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model folder whose VAE to probe (an autoencoder run's)")
-    parser.add_argument("--left-out", default=DEFAULT_LEFT_OUT, help="the pairs the VAE never saw")
-    args = parser.parse_args(argv)
-    try:
-        left_out = parse_pairs(args.left_out, "--left-out")
-        if not Path(args.model, "vae").is_dir():
-            raise UserError(f"--model {args.model}: no vae/ folder there")
-        vae = AutoencoderKL.from_pretrained(Path(args.model, "vae")).float().eval()
-    except UserError as error:
-        print(f"additivity probe: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(probe(vae, left_out), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,19 +1,16 @@
 """CLIP score and FID for models trained on real data, through torchmetrics, with weights the user
 has locally (nothing is downloaded here).
 
-    python -m ldm.eval.metrics --model runs/my-model/model --prompt-file prompts.txt \\
+    python -m commands.eval_metrics --model runs/my-model/model --prompt-file prompts.txt \\
         --clip-model path/to/clip-vit-large-patch14 --reference-dir my-images [--inception-weights pt_inception.pth]
 
 CLIP score: 100 x the cosine similarity of image and prompt embeddings (higher follows the text
 better). FID: the Fréchet distance between Inception features of generated and reference
 images (lower is closer to the data); it needs the torch-fidelity package for the Inception
-network, and its weights file when offline. Like sample.py this is a command line over the
-pipelines, so it imports them.
+network, and its weights file when offline. The command line that draws the images is
+commands/eval_metrics.py.
 """
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,42 +82,3 @@ def read_images(folder: Path) -> list[Image.Image]:
     if len(files) < 2:
         raise UserError(f"--reference-dir {folder}: needs at least 2 images, found {len(files)}")
     return [Image.open(p) for p in files]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.eval.metrics", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompt-file", type=Path, required=True, help="one prompt per line")
-    parser.add_argument("--clip-model", help="a local CLIP model folder (transformers CLIPModel)")
-    parser.add_argument("--reference-dir", type=Path, help="real images to compare with (FID)")
-    parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file, for offline FID")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args(argv)
-    from pipelines.text_to_image import TextToImagePipeline  # an entry point, like sample.py
-
-    try:
-        if not (args.clip_model or args.reference_dir):
-            raise UserError("give --clip-model (CLIP score), --reference-dir (FID), or both")
-        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
-        reference = read_images(args.reference_dir) if args.reference_dir else None
-        pipe = TextToImagePipeline.from_pretrained(args.model)
-        images = pipe(
-            prompts, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size
-        )
-        results = {"images": len(images)}
-        if args.clip_model:
-            results["clip_score"] = round(clip_score(images, prompts, args.clip_model), 3)
-        if reference is not None:
-            results["fid"] = round(fid(images, reference, feature_extractor_weights_path=args.inception_weights), 3)
-    except (UserError, OSError, ModuleNotFoundError) as error:
-        print(f"metrics: error: {error}", file=sys.stderr)
-        return 2
-    print(json.dumps(results, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,28 +1,23 @@
 """How faithfully a model trained on the shapes dataset follows the text.
 
-    python -m ldm.eval.shapes --model runs/demo-diffusion/model [--seeds 2] [--out eval-out]
+    python -m commands.eval_shapes --model runs/demo-diffusion/model [--seeds 2] [--out eval-out]
 
 Generates a fixed prompt set (every colour x shape x position as a single object, sizes
 alternating; two-object prompts; the left-out colour-shape pairs) with several seeds, checks
 every image with the deterministic detector, and prints accuracy per attribute, whole-prompt
 accuracy, accuracy on left-out pairs, and the cross-attention pointing game: how often the
 attention map of the shape word (and of the colour word) peaks inside the object. Writes a
-contact sheet of hits and misses and results.json. Like sample.py this is a command line over
-the pipelines, so it imports them.
+contact sheet of hits and misses and results.json. The command line that draws the images is
+commands/eval_shapes.py; this module only judges them.
 """
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, caption, parse_pairs
-from ldm.errors import UserError
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, caption
 from ldm.eval.detector import Detection, detect
 
 DEFAULT_LEFT_OUT = "blue triangle,yellow circle"  # what configs/shapes-*.yaml leave out
@@ -161,44 +156,3 @@ def evaluate(generate, cases: list[Case], rounds: int) -> list[Verdict]:
         for case, (image, maps) in zip(cases, generate([c.prompt for c in cases], round_), strict=True):
             verdicts.append(judge(case, round_, image, maps))
     return verdicts
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm.eval.shapes", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a model folder trained on the shapes dataset")
-    parser.add_argument("--seeds", type=int, default=2, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=2.5)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--left-out", default=DEFAULT_LEFT_OUT, help="the pairs the model never saw")
-    parser.add_argument("--out", type=Path, default=Path("eval-shapes"), help="contact sheet and results.json")
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    from pipelines.text_to_image import TextToImagePipeline  # an entry point, like sample.py
-
-    try:
-        if args.seeds < 1 or args.steps < 1:
-            raise UserError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
-        left_out = parse_pairs(args.left_out, "--left-out")
-        pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype="fp32")
-    except UserError as error:
-        print(f"shapes eval: error: {error}", file=sys.stderr)
-        return 2
-
-    def generate(prompts: list[str], round_: int):
-        """Image k of round r uses seed r * len(prompts) + k: every image its own seed, reproducibly."""
-        options = dict(steps=args.steps, guidance_scale=args.guidance_scale, attention_maps=True, progress=False)
-        run = pipe.generate(prompts, batch_size=args.batch_size, seed=round_ * len(prompts), **options)
-        return [(generated.image, generated.attention_maps) for generated in run]
-
-    verdicts = evaluate(generate, prompt_set(left_out), args.seeds)
-    summary = summarise(verdicts)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
-    contact_sheet(verdicts).save(args.out / "contact-sheet.png")
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

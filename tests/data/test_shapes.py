@@ -4,7 +4,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, main
+from commands.make_shapes import main
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES
 
 CAPTION = re.compile(
     rf"^a (small|large) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ({'|'.join(POSITIONS)})"

@@ -5,8 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from commands.eval_additivity import main
 from ldm.data.shapes import parse_pairs
-from ldm.eval.additivity import additive_fit, main, probe
+from ldm.eval.additivity import additive_fit, probe
 from ldm.eval.shapes import DEFAULT_LEFT_OUT
 
 
@@ -42,10 +43,10 @@ def test_a_perfectly_additive_code_decodes_every_pair_right():
 
 def test_a_model_without_a_vae_is_refused_in_one_line(tmp_path, capsys):
     assert main(["--model", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"additivity probe: error: --model {tmp_path}: no vae/ folder there\n"
+    assert capsys.readouterr().err == f"eval_additivity: error: --model {tmp_path}: no vae/ folder there\n"
 
 
 @pytest.mark.parametrize("pairs", ["blue", "blue hexagon"])
 def test_bad_left_out_pairs_are_refused(tmp_path, capsys, pairs):
     assert main(["--model", str(tmp_path), "--left-out", pairs]) == 2
-    assert capsys.readouterr().err.startswith("additivity probe: error: --left-out")
+    assert capsys.readouterr().err.startswith("eval_additivity: error: --left-out")

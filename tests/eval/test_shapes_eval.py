@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from commands.eval_shapes import main
+from commands.make_shapes import main as make_shapes
 from ldm.data.shapes import JITTER, draw
-from ldm.data.shapes import main as make_shapes
 from ldm.eval.detector import detect
-from ldm.eval.shapes import evaluate, main, prompt_set, summarise
+from ldm.eval.shapes import evaluate, prompt_set, summarise
 
 DATA = Path(__file__).parent / "data"
 CAPTION = re.compile(r"a (small|large) (\w+) (\w+) (.+?)(?: and a (\w+) (\w+) (.+))?$")
@@ -112,6 +113,6 @@ def test_the_command_writes_results_and_a_contact_sheet(tiny_model_dir, tmp_path
 
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "none"), "--seeds", "0"]) == 2
-    assert capsys.readouterr().err == "shapes eval: error: --seeds 0, --steps 25: both must be at least 1\n"
+    assert capsys.readouterr().err == "eval_shapes: error: --seeds 0, --steps 25: both must be at least 1\n"
     assert main(["--model", str(tmp_path / "none"), "--left-out", "red"]) == 2
     assert "--left-out 'red': expected 'COLOR SHAPE'" in capsys.readouterr().err

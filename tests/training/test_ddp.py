@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ldm.data.shapes import main as make_shapes
+from commands.make_shapes import main as make_shapes
 
 
 def test_two_processes_train_one_model_on_different_data(tmp_path):

@@ -8,9 +8,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import train
+from commands.make_shapes import main as make_shapes
 from conftest import perturbed_tiny_model
 from ldm.data.datasets import ImageOptions, open_dataset
-from ldm.data.shapes import main as make_shapes
 from ldm.model import LatentDiffusion, SamplingDefaults
 from ldm.train.config import load_config
 from ldm.train.loop import Trainer, build_model

@@ -1,6 +1,7 @@
 """What the command lines (sample.py, train.py) share: one-line usage errors, quiet libraries."""
 
 import argparse
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -46,3 +47,9 @@ def check_writable(folder: Path, label: str) -> None:
             pass
     except OSError as error:
         raise UsageError(f"{label}: cannot write there ({error.strerror or type(error).__name__})") from None
+
+
+def fail(program: str, error: UserError) -> int:
+    """A user's mistake, as every command reports it: `program: error: message` on stderr, exit code 2."""
+    print(f"{program}: error: {error}", file=sys.stderr)
+    return 2

@@ -1,0 +1,50 @@
+"""CLIP score and FID of a model's images (the library: ldm/eval/metrics.py).
+
+    python -m commands.eval_metrics --model runs/my-model/model --prompt-file prompts.txt \
+        --clip-model path/to/clip --reference-dir my-images --inception-weights pt_inception.pth
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from commands.cli import Parser, fail
+from ldm.errors import UserError
+from ldm.eval.metrics import clip_score, fid, read_images
+from pipelines.text_to_image import TextToImagePipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="eval_metrics", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompt-file", type=Path, required=True, help="one prompt per line")
+    parser.add_argument("--clip-model", help="a local CLIP model folder (transformers CLIPModel)")
+    parser.add_argument("--reference-dir", type=Path, help="real images to compare with (FID)")
+    parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file, for offline FID")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    try:
+        args = parser.parse_args(argv)
+        if not (args.clip_model or args.reference_dir):
+            raise UserError("give --clip-model (CLIP score), --reference-dir (FID), or both")
+        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        reference = read_images(args.reference_dir) if args.reference_dir else None
+        pipe = TextToImagePipeline.from_pretrained(args.model)
+        images = pipe(
+            prompts, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size
+        )
+        results = {"images": len(images)}
+        if args.clip_model:
+            results["clip_score"] = round(clip_score(images, prompts, args.clip_model), 3)
+        if reference is not None:
+            results["fid"] = round(fid(images, reference, feature_extractor_weights_path=args.inception_weights), 3)
+    except (UserError, OSError, ModuleNotFoundError) as error:
+        return fail("eval_metrics", error)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""How faithfully a model trained on the shapes dataset follows the text (the library, detector and
+judge: ldm/eval/). This command draws the images, so it sits above the pipelines.
+
+    python -m commands.eval_shapes --model runs/shapes-diffusion/model [--seeds 2] [--out eval-shapes]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from commands.cli import Parser, fail
+from ldm.data.shapes import parse_pairs
+from ldm.errors import UserError
+from ldm.eval.shapes import DEFAULT_LEFT_OUT, contact_sheet, evaluate, prompt_set, summarise
+from pipelines.text_to_image import TextToImagePipeline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = Parser(prog="eval_shapes", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a model folder trained on the shapes dataset")
+    parser.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=2.5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--left-out", default=DEFAULT_LEFT_OUT, help="the pairs the model never saw")
+    parser.add_argument("--out", type=Path, default=Path("eval-shapes"), help="contact sheet and results.json")
+    parser.add_argument("--device", default="auto")
+    try:
+        args = parser.parse_args(argv)
+        if args.seeds < 1 or args.steps < 1:
+            raise UserError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
+        left_out = parse_pairs(args.left_out, "--left-out")
+        pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype="fp32")
+    except UserError as error:
+        return fail("eval_shapes", error)
+
+    def generate(prompts: list[str], round_: int):
+        """Image k of round r uses seed r * len(prompts) + k: every image its own seed, reproducibly."""
+        options = dict(steps=args.steps, guidance_scale=args.guidance_scale, attention_maps=True, progress=False)
+        run = pipe.generate(prompts, batch_size=args.batch_size, seed=round_ * len(prompts), **options)
+        return [(generated.image, generated.attention_maps) for generated in run]
+
+    verdicts = evaluate(generate, prompt_set(left_out), args.seeds)
+    summary = summarise(verdicts)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2))
+    contact_sheet(verdicts).save(args.out / "contact-sheet.png")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
