@@ -46,33 +46,27 @@ class Attention(nn.Module):
         # Set by `capture_attention_probs`; None means the fused SDPA kernel runs and nothing is kept.
         self.probs_sink: ProbsSink | None = None
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """x: (batch, pixels, dim); context: (batch, tokens, context_dim);
-        mask: (batch, tokens) bool, True where a key may be attended to (padding is False)."""
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """x: (batch, pixels, dim); context: (batch, tokens, context_dim)."""
         context = x if context is None else context
         q = split_heads(self.to_q(x), self.heads)  # (batch, heads, pixels, head_dim)
         k = split_heads(self.to_k(context), self.heads)  # (batch, heads, tokens, head_dim)
         v = split_heads(self.to_v(context), self.heads)
-        if mask is not None:
-            mask = mask[:, None, None, :]  # broadcast over heads and queries
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
         if self.probs_sink is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # softmax(q kᵀ / √head_dim) v
+            out = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √head_dim) v
         else:
-            probs = attention_probs(q, k, mask)
+            probs = attention_probs(q, k)
             self.probs_sink(probs)
             out = probs @ v
         return self.to_out(merge_heads(out.to(dtype)))
 
 
-def attention_probs(q: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+def attention_probs(q: Tensor, k: Tensor) -> Tensor:
     """softmax(q kᵀ / √head_dim) written out: (batch, heads, queries, keys), rows sum to 1."""
-    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1)
+    return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1)
 
 
 @contextmanager

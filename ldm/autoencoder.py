@@ -4,18 +4,15 @@ The UNet works on latents multiplied by the VAE's `scaling_factor` (0.18215 for 
 which brings them to roughly unit variance, the scale the noise schedule assumes.
 """
 
-import torch
 from diffusers import AutoencoderKL
 from torch import Tensor
 
 
-def images_to_latents(
-    vae: AutoencoderKL, images: Tensor, generator: torch.Generator | None = None, mean: bool = False
-) -> Tensor:
+def images_to_latents(vae: AutoencoderKL, images: Tensor, mean: bool = False) -> Tensor:
     """(batch, 3, H, W) images in [-1, 1] -> (batch, latent_channels, H/f, W/f) scaled latents,
     sampled from the encoder's Gaussian, or its mean (no randomness: image-to-image starts there)."""
     posterior = vae.encode(images).latent_dist
-    return (posterior.mode() if mean else posterior.sample(generator)) * vae.config.scaling_factor
+    return (posterior.mode() if mean else posterior.sample()) * vae.config.scaling_factor
 
 
 def latents_to_images(vae: AutoencoderKL, latents: Tensor) -> Tensor:

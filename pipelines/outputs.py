@@ -124,7 +124,7 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
-def overlay(image: Image.Image, heatmap: Tensor, opacity: float = 0.6) -> Image.Image:
+def overlay(image: Image.Image, heatmap: Tensor) -> Image.Image:
     """The heatmap (values in [0, 1]) as colour over a grey copy of the image."""
     colours = np.array([[0, 0, 0], [90, 0, 160], [220, 40, 80], [255, 160, 0], [255, 255, 180]], dtype=np.float32)
     values = heatmap.numpy() * (len(colours) - 1)
@@ -132,7 +132,7 @@ def overlay(image: Image.Image, heatmap: Tensor, opacity: float = 0.6) -> Image.
     fraction = (values - low)[..., None]
     coloured = colours[low] * (1 - fraction) + colours[low + 1] * fraction  # a black-purple-orange-white ramp
     grey = np.asarray(image.convert("L").convert("RGB"), dtype=np.float32)
-    return Image.fromarray((grey * (1 - opacity) + coloured * opacity).astype(np.uint8))
+    return Image.fromarray((grey * 0.4 + coloured * 0.6).astype(np.uint8))  # 60% heatmap
 
 
 class RunWriter:

@@ -7,8 +7,10 @@ def test_latents_are_the_vae_posterior_scaled_by_scaling_factor(tiny_model):
     vae = tiny_model.vae
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
-        latents = images_to_latents(vae, images, torch.Generator().manual_seed(3))
-        expected = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(3)) * 0.18215
+        torch.manual_seed(3)
+        latents = images_to_latents(vae, images)
+        torch.manual_seed(3)
+        expected = vae.encode(images).latent_dist.sample() * 0.18215
     assert latents.shape == (2, 4, 16 // downsampling_factor(vae), 16 // downsampling_factor(vae))
     torch.testing.assert_close(latents, expected)
 

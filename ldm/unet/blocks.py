@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+def timestep_embedding(timesteps: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of (batch,) timesteps -> (batch, dim), cosines first as in SD:
-    [cos(t·ω_i), sin(t·ω_i)] with ω_i = max_period^(-i / (dim/2)), i = 0 .. dim/2 - 1."""
+    [cos(t·ω_i), sin(t·ω_i)] with ω_i = 10000^(-i / (dim/2)), i = 0 .. dim/2 - 1."""
     half = dim // 2
-    omega = torch.exp(-math.log(max_period) * torch.arange(half, device=timesteps.device) / half)
+    omega = torch.exp(-math.log(10000.0) * torch.arange(half, device=timesteps.device) / half)
     angles = timesteps[:, None].float() * omega[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
@@ -89,9 +89,9 @@ class FeedForward(nn.Module):
     """The transformer block's MLP: GEGLU to 4x width, then back. `net` indices match diffusers'
     (net.0 the GEGLU, net.1 a dropout slot, net.2 the output projection)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Identity(), nn.Linear(4 * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

@@ -35,12 +35,12 @@ class DownBlock(nn.Module):
         last = index == len(cfg.block_out_channels) - 1
         self.downsamplers = nn.ModuleList([] if last else [Downsample(out_channels)])
 
-    def forward(self, x: Tensor, temb: Tensor, text: Tensor, text_mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, text: Tensor) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x, text, text_mask)
+                x = self.attentions[i](x, text)
             skips.append(x)
         for downsample in self.downsamplers:
             x = downsample(x)
@@ -83,14 +83,13 @@ class UpBlock(nn.Module):
         skips: list[Tensor],
         temb: Tensor,
         text: Tensor,
-        text_mask: Tensor | None,
         out_size: tuple[int, int] | None,
     ) -> Tensor:
         """skips: this block's, in the order its layers take them; out_size: the next block's size."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[i]], dim=1), temb)
             if self.attentions:
-                x = self.attentions[i](x, text, text_mask)
+                x = self.attentions[i](x, text)
         for upsample in self.upsamplers:
             x = upsample(x, size=out_size)
         return x
@@ -109,9 +108,9 @@ class MidBlock(nn.Module):
             [_spatial_transformer(cfg, channels, cfg.heads(len(cfg.block_out_channels) - 1))]
         )
 
-    def forward(self, x: Tensor, temb: Tensor, text: Tensor, text_mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, temb: Tensor, text: Tensor) -> Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, text, text_mask)
+        x = self.attentions[0](x, text)
         return self.resnets[1](x, temb)
 
 
@@ -145,24 +144,22 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, base, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(base, cfg.out_channels, 3, padding=1)
 
-    def forward(
-        self, latents: Tensor, timesteps: Tensor | float, text: Tensor, text_mask: Tensor | None = None
-    ) -> Tensor:
+    def forward(self, latents: Tensor, timesteps: Tensor | float, text: Tensor) -> Tensor:
         """latents: (batch, in_channels, h, w); timesteps: a number or (batch,); text: (batch, tokens,
-        cross_attention_dim) token embeddings; text_mask: (batch, tokens) bool, False at padding."""
+        cross_attention_dim) token embeddings."""
         timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
         temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(latents.dtype))
 
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._run(block, x, temb, text, text_mask)
+            x, block_skips = self._run(block, x, temb, text)
             skips.extend(block_skips)
-        x = self._run(self.mid_block, x, temb, text, text_mask)
+        x = self._run(self.mid_block, x, temb, text)
         for block in self.up_blocks:
             block_skips = [skips.pop() for _ in block.resnets]  # last in, first out
             out_size = tuple(skips[-1].shape[-2:]) if skips else None  # the next block's skips set the size
-            x = self._run(block, x, block_skips, temb, text, text_mask, out_size)
+            x = self._run(block, x, block_skips, temb, text, out_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def _run(self, block: nn.Module, *inputs):

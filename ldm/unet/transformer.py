@@ -19,9 +19,9 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor) -> Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context=text, mask=text_mask)
+        x = x + self.attn2(self.norm2(x), context=text)
         x = x + self.ff(self.norm3(x))
         return x
 
@@ -42,7 +42,7 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, text: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -51,7 +51,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, text, text_mask)
+            h = block(h, text)
         if self.linear:
             h = self.proj_out(h)
         h = h.transpose(1, 2).reshape(batch, channels, height, width)

@@ -59,16 +59,6 @@ def test_odd_latent_sizes_upsample_to_the_skip_size_as_diffusers_does():
         torch.testing.assert_close(out, theirs(latents, timesteps, text).sample, atol=1e-4, rtol=1e-4)
 
 
-def test_text_mask_matches_diffusers_encoder_attention_mask():
-    theirs, ours = diffusers_pair("sd21-shaped")
-    ours.load_state_dict(theirs.state_dict())
-    latents, timesteps, text = inputs(ours)
-    mask = torch.tensor([[True] * 7, [True] * 3 + [False] * 4])
-    with torch.no_grad():
-        expected = theirs(latents, timesteps, text, encoder_attention_mask=mask).sample
-        torch.testing.assert_close(ours(latents, timesteps, text, text_mask=mask), expected, atol=1e-4, rtol=1e-4)
-
-
 def test_one_timestep_for_the_whole_batch():
     _, ours = diffusers_pair("tiny")
     latents, _, text = inputs(ours)
