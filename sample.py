@@ -19,7 +19,7 @@ from ldm.errors import UserError
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.prompts import EMPHASIS_MODES
-from pipelines.schedulers import SCHEDULERS
+from pipelines.samplers import SCHEDULERS
 from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"

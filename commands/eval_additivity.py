@@ -13,7 +13,7 @@ from commands.cli import Parser, fail
 from ldm.data.shapes import parse_pairs
 from ldm.errors import UserError
 from ldm.eval.additivity import probe
-from ldm.eval.shapes import DEFAULT_LEFT_OUT
+from ldm.eval.judge import DEFAULT_LEFT_OUT
 
 
 def main(argv: list[str] | None = None) -> int:

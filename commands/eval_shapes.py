@@ -11,7 +11,7 @@ from pathlib import Path
 from commands.cli import Parser, fail
 from ldm.data.shapes import parse_pairs
 from ldm.errors import UserError
-from ldm.eval.shapes import DEFAULT_LEFT_OUT, contact_sheet, evaluate, prompt_set, summarise
+from ldm.eval.judge import DEFAULT_LEFT_OUT, contact_sheet, evaluate, prompt_set, summarise
 from pipelines.text_to_image import TextToImagePipeline
 
 

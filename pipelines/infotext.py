@@ -17,7 +17,7 @@ from PIL import Image
 
 from ldm.errors import UserError
 from pipelines.prompts import WEBUI_EMPHASIS
-from pipelines.schedulers import SCHEDULERS
+from pipelines.samplers import SCHEDULERS
 
 
 class InfotextError(UserError):

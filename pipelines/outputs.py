@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
-from pipelines.schedulers import SCHEDULERS
+from pipelines.samplers import SCHEDULERS
 from pipelines.text_to_image import Generated, Request
 
 _NUMBERED = re.compile(r"^(\d{5})-")

@@ -25,14 +25,14 @@ from tqdm.auto import tqdm
 
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
-from ldm.checkpoint import load_single_file
 from ldm.errors import UserError
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
+from ldm.single_file import load_single_file
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
 from pipelines.prompts import EMPHASIS_MODES, encode_weighted, split_into_chunks
-from pipelines.schedulers import check_scheduler, make_scheduler, scheduler_name
+from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
 

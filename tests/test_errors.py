@@ -13,7 +13,7 @@ from ldm.model import ModelLoadError
 from pipelines.devices import DeviceError
 from pipelines.infotext import InfotextError
 from pipelines.prompts import PromptError
-from pipelines.schedulers import UnknownScheduler
+from pipelines.samplers import UnknownScheduler
 from pipelines.text_to_image import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import save_file
 
 import sample
-from ldm.checkpoint import save_single_file
 from ldm.model import read_preset
-from pipelines.schedulers import SCHEDULERS
+from ldm.single_file import save_single_file
+from pipelines.samplers import SCHEDULERS
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -71,7 +71,7 @@ def test_attention_maps_are_written_beside_the_image(tiny_model_dir, tmp_path, c
 
 def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, capsys, monkeypatch):
     save_single_file(tiny_model, tmp_path / "tiny.safetensors")
-    monkeypatch.setattr("ldm.checkpoint.read_preset", lambda name: read_preset("tiny"))  # not inferable: say it
+    monkeypatch.setattr("ldm.single_file.read_preset", lambda name: read_preset("tiny"))  # not inferable: say it
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
     options = ["--prompt-file", tmp_path / "prompts.txt", "--steps", "1", "--outdir", tmp_path / "out"]
     code, out, _ = run(capsys, "--model", tmp_path / "tiny.safetensors", *options)

@@ -90,7 +90,7 @@ class Trainer:
             num_training_steps=config.steps.max * accelerator.num_processes,
         )
         *self.wrapped, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
-        self.trained = self.wrapped[0]
+        self.trained_module = self.wrapped[0]  # the stage's model: the VAE, or the UNet; wrapped by Accelerate
         self.text_encoder = self.wrapped[1] if len(self.wrapped) > 1 else self.model.text_encoder
         # Every trained weight (UNet and a jointly trained text encoder): what the EMA averages.
         # Listed once, not rebuilt each step (1.7 ms a step for the demo model's 394 tensors).
@@ -244,7 +244,7 @@ class Trainer:
     def _loss(self, batch: dict) -> torch.Tensor:
         device, diffusion = self.accelerator.device, self.config.diffusion
         if self.config.stage == "autoencoder":
-            return self.trained(batch["pixels"].to(device))
+            return self.trained_module(batch["pixels"].to(device))
         if "latent_mean" in batch:  # cached: draw the latent from the stored posterior
             mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
             latents = (mean + std * torch.randn_like(mean)) * self.model.vae.config.scaling_factor
@@ -265,11 +265,11 @@ class Trainer:
             high_noise_bias=diffusion.high_noise_bias,
         )
         if not (diffusion.grounding_loss and "boxes" in batch):
-            return diffusion_loss(self.trained, self.noise_schedule, latents, text, **weighting)
+            return diffusion_loss(self.trained_module, self.noise_schedule, latents, text, **weighting)
         targets = grounding_targets(self.model.tokenizer, captions, batch["boxes"], tuple(latents.shape[-2:]))
         layers: list[torch.Tensor] = []
-        with capture_attention_probs(self.trained, lambda _, probs: layers.append(probs)):
-            loss = diffusion_loss(self.trained, self.noise_schedule, latents, text, **weighting)
+        with capture_attention_probs(self.trained_module, lambda _, probs: layers.append(probs)):
+            loss = diffusion_loss(self.trained_module, self.noise_schedule, latents, text, **weighting)
         return loss + diffusion.grounding_loss * grounding_loss(layers, targets)
 
     def _after_step(self, loss: float, lr: float, bar: tqdm) -> None:

@@ -8,7 +8,7 @@ import torch
 from commands.eval_additivity import main
 from ldm.data.shapes import parse_pairs
 from ldm.eval.additivity import additive_fit, probe
-from ldm.eval.shapes import DEFAULT_LEFT_OUT
+from ldm.eval.judge import DEFAULT_LEFT_OUT
 
 
 def test_the_fit_recovers_a_held_out_cell_of_an_additive_table():

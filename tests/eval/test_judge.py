@@ -14,7 +14,7 @@ from commands.eval_shapes import main
 from commands.make_shapes import main as make_shapes
 from ldm.data.shapes import JITTER, draw
 from ldm.eval.detector import detect
-from ldm.eval.shapes import evaluate, prompt_set, summarise
+from ldm.eval.judge import evaluate, prompt_set, summarise
 
 DATA = Path(__file__).parent / "data"
 CAPTION = re.compile(r"a (small|large) (\w+) (\w+) (.+?)(?: and a (\w+) (\w+) (.+))?$")

@@ -8,8 +8,8 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from ldm.checkpoint import load_single_file, save_single_file
 from ldm.model import LatentDiffusion, ModelLoadError, read_preset
+from ldm.single_file import load_single_file, save_single_file
 
 
 def assert_same_parts(a: LatentDiffusion, b) -> None:
