@@ -23,13 +23,13 @@ from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
 
 
-def sampler(config: TrainConfig, device: torch.device) -> Validate | None:
+def sampler(config: TrainConfig) -> Validate | None:
     """Validation: the recipe's prompts, sampled with fixed seeds into one grid."""
     validation = config.validation
     if config.stage != "diffusion" or not validation.prompts:
         return None
 
-    def validate(model: LatentDiffusion, step: int) -> Image.Image:
+    def validate(model: LatentDiffusion, step: int, device: torch.device) -> Image.Image:
         pipe = TextToImagePipeline(model, device=str(device.type), dtype="fp32")
         images = pipe(
             validation.prompts,
@@ -56,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         config = load_config(args.config, args.overrides)
         check_writable(Path(config.output_dir), f"output_dir={config.output_dir}")
-        trainer = Trainer(config)
-        trainer.validate = sampler(config, trainer.accelerator.device)
-        trainer.run()
+        Trainer(config, validate=sampler(config)).run()
     except UserError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

@@ -146,6 +146,8 @@ class TrainConfig:
         if self.diffusion.grounding_loss and self.steps.gradient_checkpointing:
             # A checkpointed block is recomputed in the backward pass without the probabilities taken from it.
             raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
+        if self.data.cache_latents and (not self.data.center_crop or self.data.random_flip):
+            raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
 

@@ -42,7 +42,7 @@ from ldm.train.grounding import grounding_loss, grounding_targets
 from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
 
 logger = logging.getLogger(__name__)
-Validate = Callable[[LatentDiffusion, int], Image.Image]  # (model with EMA weights, step) -> a grid
+Validate = Callable[[LatentDiffusion, int, torch.device], Image.Image]  # (EMA model, step, device) -> a grid
 
 
 class Progress:
@@ -147,8 +147,6 @@ class Trainer:
         data = self.config.data
         if self.config.stage != "diffusion" or not isinstance(self.dataset, CaptionedImages):
             raise ConfigError("data.cache_latents=true: for the diffusion stage on folder or metadata datasets")
-        if not data.center_crop or data.random_flip:
-            raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         cache_text = not self.config.diffusion.train_text_encoder
         folder = Path(data.cache_dir).expanduser()
         with self.accelerator.main_process_first():  # the main process writes, the others then read
@@ -293,7 +291,7 @@ class Trainer:
         if self.ema:
             self.ema.store(self.trained_parameters)
             self.ema.copy_to(self.trained_parameters)
-        grid = self.validate(self.model, step)
+        grid = self.validate(self.model, step, self.accelerator.device)
         if self.ema:
             self.ema.restore(self.trained_parameters)
         for module in self.wrapped:  # the pipeline switched every part to eval mode

@@ -24,8 +24,7 @@ EpochSampler.__iter__ = recording
 
 recipe, report = sys.argv[1], Path(sys.argv[2])
 config = load_config(recipe, [])
-trainer = Trainer(config)
-trainer.validate = sampler(config, trainer.accelerator.device)  # as train.py does
+trainer = Trainer(config, validate=sampler(config))  # as train.py does
 model = trainer.run()
 weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.unet.parameters())).hexdigest()
 rank = trainer.accelerator.process_index
