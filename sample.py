@@ -10,7 +10,9 @@ is done, and a grid of the run at the end (none for a single image). Ctrl-C keep
 import argparse
 import sys
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
@@ -20,7 +22,7 @@ from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.prompts import EMPHASIS_MODES
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import TextToImagePipeline
+from pipelines.text_to_image import GenerationConfig, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
@@ -61,7 +63,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
     )
     parser.add_argument("--attention-maps", action="store_true", help="write a heatmap per prompt token")
-    parser.add_argument("--truncate-prompts", action="store_true", help="cut prompts at 75 tokens instead of chunking")
+    parser.add_argument(
+        "--truncate-prompts", dest="truncate", action="store_true", help="cut prompts at 75 tokens instead of chunking"
+    )
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
@@ -145,7 +149,22 @@ def new_outdir() -> Path:
     return next(path for path in candidates if not path.exists())
 
 
-def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, dict]:
+class Run(NamedTuple):
+    """What to draw: the prompts, the pictures to start from, and the settings, resolved from the flags once."""
+
+    prompts: list[str]
+    init_image: Image.Image | None
+    mask: Image.Image | None
+    config: GenerationConfig
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The flags named as GenerationConfig's fields, as one object; flags left out keep its defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if getattr(args, f.name, None) is not None}
+    return GenerationConfig(**given | {"seed": None if args.seed == -1 else args.seed})
+
+
+def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, Run]:
     """Check every input, then load the model: the pipeline, the writer, and generate's options."""
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
@@ -163,25 +182,8 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, d
     )
     for path, scale in loras:
         pipe.load_lora(path, scale)
-    options = dict(
-        prompt=prompts,
-        negative_prompt=args.negative_prompt or "",
-        num_images=args.num_images,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        scheduler=args.scheduler,
-        seed=None if args.seed == -1 else args.seed,
-        height=args.height,
-        width=args.width,
-        init_image=init_image,
-        strength=args.strength,
-        mask=mask,
-        attention_maps=args.attention_maps,
-        truncate=args.truncate_prompts,
-        emphasis=args.emphasis or "original",
-    )
-    return pipe, RunWriter(outdir, RunSettings(source, model_hash(source), loras)), options
+    run = Run(prompts, init_image, mask, generation_config(args))
+    return pipe, RunWriter(outdir, RunSettings(source, model_hash(source), loras)), run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     one_line_warnings("sample.py")
     writer = None
     try:
-        pipe, writer, options = prepare(parse(argv))
-        for generated in pipe.generate_each(**options):
+        pipe, writer, run = prepare(parse(argv))
+        for generated in pipe.generate_each(run.prompts, run.init_image, run.mask, **asdict(run.config)):
             writer.write(generated)
         writer.finish()
     except UserError as error:

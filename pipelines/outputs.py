@@ -21,7 +21,7 @@ from torch import Tensor
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import Generated, Request
+from pipelines.text_to_image import Generated, GenerationConfig
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -51,49 +51,49 @@ def model_hash(source: str) -> str | None:
 
 def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
     """Text chunks: one per parameter (what --from-png reads), and `parameters` in the A1111 form."""
-    request, (width, height) = generated.request, generated.image.size
+    config, (width, height) = generated.config, generated.image.size
     fields = {
         "prompt": generated.prompt,
-        "negative_prompt": request.negative_prompt,
+        "negative_prompt": config.negative_prompt,
         "seed": str(generated.seed),
-        "steps": str(request.steps),
-        "scheduler": request.scheduler,
-        "guidance_scale": str(request.guidance_scale),
-        "emphasis": request.emphasis,
+        "steps": str(config.steps),
+        "scheduler": config.scheduler,
+        "guidance_scale": str(config.guidance_scale),
+        "emphasis": config.emphasis,
         "model": settings.model,
         "width": str(width),
         "height": str(height),
     }
     if settings.model_hash:
         fields["model_hash"] = settings.model_hash
-    if request.strength is not None:
-        fields["strength"] = str(request.strength)
+    if config.strength is not None:
+        fields["strength"] = str(config.strength)
     if settings.loras:
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
-    sampler = SCHEDULERS[request.scheduler].webui_name if request.scheduler in SCHEDULERS else request.scheduler
+    sampler = SCHEDULERS[config.scheduler].webui_name if config.scheduler in SCHEDULERS else config.scheduler
     pairs = {
-        "Steps": request.steps,
+        "Steps": config.steps,
         "Sampler": sampler,
-        "CFG scale": request.guidance_scale,
+        "CFG scale": config.guidance_scale,
         "Seed": generated.seed,
         "Size": f"{width}x{height}",
         "Model hash": settings.model_hash,
         "Model": Path(settings.model).name or settings.model,
-        "Denoising strength": request.strength,
-        "Emphasis": WEBUI_EMPHASIS[request.emphasis] if _emphasised(generated, request) else None,
+        "Denoising strength": config.strength,
+        "Emphasis": WEBUI_EMPHASIS[config.emphasis] if _emphasised(generated, config) else None,
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
     }
-    fields["parameters"] = format_infotext(generated.prompt, request.negative_prompt, pairs)
+    fields["parameters"] = format_infotext(generated.prompt, config.negative_prompt, pairs)
     info = PngInfo()
     for key, value in fields.items():
         info.add_itxt(key, value)  # international text: any Unicode prompt
     return info
 
 
-def _emphasised(generated: Generated, request: Request) -> bool:
+def _emphasised(generated: Generated, config: GenerationConfig) -> bool:
     """As A1111: the mode is recorded when it is not the default and a prompt has brackets."""
-    brackets = any(c in text for text in (generated.prompt, request.negative_prompt) for c in "([")
-    return request.emphasis != "original" and brackets
+    brackets = any(c in text for text in (generated.prompt, config.negative_prompt) for c in "([")
+    return config.emphasis != "original" and brackets
 
 
 def next_number(outdir: Path) -> int:

@@ -12,7 +12,7 @@ import functools
 import inspect
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,22 +49,32 @@ class Text(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Request:
-    """One run's settings, shared by its batches; `_request` resolves every default."""
+class GenerationConfig:
+    """One run's settings: as asked (None where the pipeline or the model decides), then resolved by
+    the pipeline into the same class with every value known. Each result carries the resolved one,
+    and the PNG metadata reads it."""
 
-    negative_prompt: str
-    steps: int | None  # None: the model's sampling.json, else DEFAULT_STEPS
-    guidance_scale: float | None  # None: the model's sampling.json, else DEFAULT_GUIDANCE
-    scheduler: str | None  # None: the model's own
-    height: int | None  # None: the init image's size, else the model's
-    width: int | None
-    init_image: Tensor | None  # (1, 3, H, W) in [-1, 1]
-    strength: float | None  # image-to-image and inpainting only
+    negative_prompt: str = ""
+    num_images: int = 1  # per prompt
+    batch_size: int = 1
+    steps: int | None = None  # None: the model's sampling.json, else DEFAULT_STEPS
+    guidance_scale: float | None = None  # None: the model's sampling.json, else DEFAULT_GUIDANCE
+    scheduler: str | None = None  # None: the model's own
+    seed: int | None = None  # image k uses seed + k; None: a random one
+    height: int | None = None  # None: the init image's size, else the model's
+    width: int | None = None
+    strength: float | None = None  # image-to-image and inpainting only; None there: DEFAULT_STRENGTH
+    attention_maps: bool = False
+    truncate: bool = False  # one chunk per prompt, with a warning, instead of chunking
+    emphasis: str = "original"  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
+    progress: bool = True
+
+
+class Images(NamedTuple):
+    """The pictures a run starts from, as tensors at the output size."""
+
+    init: Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
-    attention_maps: bool
-    truncate: bool
-    emphasis: str  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
-    progress: bool
 
 
 @dataclass
@@ -72,7 +82,7 @@ class Generated:
     image: Image.Image
     prompt: str
     seed: int
-    request: Request  # the run's settings, resolved: what the PNG metadata records
+    config: GenerationConfig  # the run's settings, resolved: what the PNG metadata records
     attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
 
 
@@ -129,65 +139,42 @@ class TextToImagePipeline:
     def generate_each(
         self,
         prompt: str | list[str],
-        negative_prompt: str = "",
-        num_images: int = 1,
-        batch_size: int = 1,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        scheduler: str | None = None,
-        seed: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
         init_image: Image.Image | None = None,
-        strength: float | None = None,
         mask: Image.Image | None = None,
-        attention_maps: bool = False,
-        truncate: bool = False,
-        emphasis: str = "original",
-        progress: bool = True,
+        **options,
     ) -> Iterator[Generated]:
-        """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`
-        (a random seed when None). Every setting is checked before the first image; each batch's
-        images come out as soon as they are done. Steps and guidance default to the model's
-        sampling.json, else 30 and 7.5; strength (with an init image) to 0.8."""
+        """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`.
+        `options` are GenerationConfig's fields. Every setting is checked before the first image;
+        each batch's images come out as soon as they are done."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if num_images < 1 or batch_size < 1:
-            raise GenerationError(f"num_images={num_images}, batch_size={batch_size}: both must be at least 1")
-        settings = Request(
-            negative_prompt=negative_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            scheduler=scheduler,
-            height=height,
-            width=width,
-            init_image=None,  # tensors made by _request, once the size is known
-            strength=strength,
-            mask=None,
-            attention_maps=attention_maps,
-            truncate=truncate,
-            emphasis=emphasis,
-            progress=progress,
-        )
-        request = self._request(settings, init_image, mask)
-        seed = random.randrange(2**32) if seed is None else seed
-        jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], request)
+        unknown = sorted(set(options) - {f.name for f in fields(GenerationConfig)})
+        if unknown:
+            raise GenerationError(f"unknown option(s) {unknown}: use {[f.name for f in fields(GenerationConfig)]}")
+        config, images = self._resolve(GenerationConfig(**options), init_image, mask)
+        jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
+        for start in range(0, len(jobs), config.batch_size):
+            batch = jobs[start : start + config.batch_size]
+            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], config, images)
 
-    def _request(self, request: Request, init_image: Image.Image | None, mask: Image.Image | None) -> Request:
-        """Check the settings a person gave; fill in the defaults (size, steps, guidance, scheduler,
-        strength) and the images as tensors at the output size."""
-        height, width = self._size(request, init_image)
+    def _resolve(
+        self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
+    ) -> tuple[GenerationConfig, Images]:
+        """Check the settings a person gave; fill in every default (size, steps, guidance, scheduler,
+        strength, seed) and make the pictures tensors at the output size."""
+        if config.num_images < 1 or config.batch_size < 1:
+            raise GenerationError(
+                f"num_images={config.num_images}, batch_size={config.batch_size}: both must be at least 1"
+            )
+        height, width = self._size(config, init_image)
         sampling = self.model.sampling
-        steps, guidance_scale, strength = request.steps, request.guidance_scale, request.strength
+        steps, guidance_scale, strength = config.steps, config.guidance_scale, config.strength
         steps = (sampling.steps if sampling else DEFAULT_STEPS) if steps is None else steps
         if guidance_scale is None:
             guidance_scale = sampling.guidance_scale if sampling else DEFAULT_GUIDANCE
         if steps < 1:
             raise GenerationError(f"steps={steps}: must be at least 1")
-        if request.emphasis not in EMPHASIS_MODES:
-            raise GenerationError(f"emphasis={request.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
+        if config.emphasis not in EMPHASIS_MODES:
+            raise GenerationError(f"emphasis={config.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
         if strength is not None and init_image is None:
             raise GenerationError("a strength needs an init image: it says how far to move from that picture")
         strength = DEFAULT_STRENGTH if init_image is not None and strength is None else strength
@@ -197,24 +184,27 @@ class TextToImagePipeline:
             raise GenerationError("a mask needs an init image: the picture whose masked part is repainted")
         if self.model.unet.config.in_channels == 9 and mask is None:
             raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
-        scheduler = request.scheduler or self.default_scheduler
+        scheduler = config.scheduler or self.default_scheduler
         check_scheduler(scheduler, self.model.scheduler)
-        return replace(
-            request,
+        resolved = replace(
+            config,
             steps=steps,
             guidance_scale=guidance_scale,
             strength=strength,
             height=height,
             width=width,
             scheduler=scheduler,
-            init_image=None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
-            mask=None if mask is None else mask_to_tensor(mask, width, height),
+            seed=random.randrange(2**32) if config.seed is None else config.seed,
+        )
+        return resolved, Images(
+            None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
+            None if mask is None else mask_to_tensor(mask, width, height),
         )
 
-    def _size(self, request: Request, init_image: Image.Image | None) -> tuple[int, int]:
+    def _size(self, config: GenerationConfig, init_image: Image.Image | None) -> tuple[int, int]:
         """(height, width): as asked, else the init image's, else the model's own."""
         factor = downsampling_factor(self.model.vae)
-        height, width = request.height, request.width
+        height, width = config.height, config.width
         if init_image is not None and height is None and width is None:
             width, height = (side // factor * factor for side in init_image.size)
         default = (self.model.unet.config.sample_size or 64) * factor
@@ -225,41 +215,43 @@ class TextToImagePipeline:
                 raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
         return height, width
 
-    def _generate_batch(self, prompts: list[str], seeds: list[int], request: Request) -> list[Generated]:
-        guided = request.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
+    def _generate_batch(
+        self, prompts: list[str], seeds: list[int], config: GenerationConfig, images: Images
+    ) -> list[Generated]:
+        guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
         text = Text(
-            self._encode(prompts, request),
-            self._encode([request.negative_prompt], request).expand(len(prompts), -1, -1) if guided else None,
+            self._encode(prompts, config),
+            self._encode([config.negative_prompt], config).expand(len(prompts), -1, -1) if guided else None,
         )
         factor = downsampling_factor(self.model.vae)
-        latent_size = (request.height // factor, request.width // factor)
-        maps = AttentionMapAccumulator(len(prompts), latent_size) if request.attention_maps else None
+        latent_size = (config.height // factor, config.width // factor)
+        maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
         if maps is None:
-            latents = self._denoise(text, seeds, request, latent_size, maps)
+            latents = self._denoise(text, seeds, config, images, latent_size, maps)
         else:
             with capture_attention_probs(self.model.unet, maps):
-                latents = self._denoise(text, seeds, request, latent_size, maps)
-        images = latents_to_images(self.model.vae, latents).float()
-        if request.mask is not None:  # outside the mask, the original pixels exactly
-            mask, original = request.mask.to(images.device), request.init_image.to(images.device)
-            images = mask * images + (1 - mask) * original
-        heatmaps = None if maps is None else maps.maps((request.height, request.width))
+                latents = self._denoise(text, seeds, config, images, latent_size, maps)
+        pixels = latents_to_images(self.model.vae, latents).float()
+        if images.mask is not None:  # outside the mask, the original pixels exactly
+            mask, original = images.mask.to(pixels.device), images.init.to(pixels.device)
+            pixels = mask * pixels + (1 - mask) * original
+        heatmaps = None if maps is None else maps.maps((config.height, config.width))
         results = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-            results.append(Generated(tensor_to_image(images[i]), prompt, seed, request))
+            results.append(Generated(tensor_to_image(pixels[i]), prompt, seed, config))
             if heatmaps is not None:
-                results[-1].attention_maps = self._token_maps(prompt, request.emphasis, heatmaps[i])
+                results[-1].attention_maps = self._token_maps(prompt, config.emphasis, heatmaps[i])
         return results
 
-    def _encode(self, prompts: list[str], request: Request) -> Tensor:
+    def _encode(self, prompts: list[str], config: GenerationConfig) -> Tensor:
         """(batch, tokens, width) text embeddings, each prompt encoded at its own length; in a batch of
         prompts of different lengths, the shorter ones are padded with the empty prompt's chunk."""
         encode = functools.partial(
             encode_weighted,
             self.model.tokenizer,
             self.model.text_encoder,
-            emphasis=request.emphasis,
-            truncate=request.truncate,
+            emphasis=config.emphasis,
+            truncate=config.truncate,
         )
         encoded = {prompt: encode(prompt) for prompt in prompts}
         longest = max(text.shape[1] for text in encoded.values())
@@ -285,41 +277,49 @@ class TextToImagePipeline:
             conditional = self.unet(x, t, text.conditional)
         return unconditional + guidance_scale * (conditional - unconditional)
 
-    def _denoise(self, text: Text, seeds: list[int], request: Request, latent_size: tuple[int, int], maps) -> Tensor:
-        scheduler = make_scheduler(request.scheduler, self.model.scheduler)
-        scheduler.set_timesteps(request.steps, device=self.device)
+    def _denoise(
+        self,
+        text: Text,
+        seeds: list[int],
+        config: GenerationConfig,
+        images: Images,
+        latent_size: tuple[int, int],
+        maps: AttentionMapAccumulator | None,
+    ) -> Tensor:
+        scheduler = make_scheduler(config.scheduler, self.model.scheduler)
+        scheduler.set_timesteps(config.steps, device=self.device)
         timesteps = scheduler.timesteps
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         shape = (1, self.model.vae.config.latent_channels, *latent_size)
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
 
         original = latent_mask = inpaint_input = None
-        if request.init_image is None:
+        if images.init is None:
             latents = noise * scheduler.init_noise_sigma
         else:  # start part-way: the image noised to the level of the first step we run
-            image = request.init_image.to(self.device, self.dtype)
+            image = images.init.to(self.device, self.dtype)
             original = images_to_latents(self.model.vae, image, mean=True).expand(len(seeds), -1, -1, -1)
-            skip = request.steps - min(int(request.steps * request.strength), request.steps)
+            skip = config.steps - min(int(config.steps * config.strength), config.steps)
             timesteps = timesteps[skip * scheduler.order :]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(skip * scheduler.order)
-            if request.strength == 1:
+            if config.strength == 1:
                 latents = noise * scheduler.init_noise_sigma
             else:
                 latents = scheduler.add_noise(original, noise, timesteps[:1]) if len(timesteps) else original
-        if request.mask is not None:
-            pixel_mask = request.mask.to(self.device, self.dtype)
+        if images.mask is not None:
+            pixel_mask = images.mask.to(self.device, self.dtype)
             latent_mask = F.interpolate(pixel_mask, size=latent_size).expand(len(seeds), -1, -1, -1)
             if self.model.unet.config.in_channels == 9:  # the UNet sees the mask and the unmasked image
                 kept = images_to_latents(self.model.vae, image * (pixel_mask < 0.5), mean=True)
                 inpaint_input = torch.cat([latent_mask, kept.expand(len(seeds), -1, -1, -1)], dim=1)
 
         step_options = _step_options(scheduler, generators)
-        for i, t in enumerate(tqdm(timesteps, disable=not request.progress, desc="denoising", leave=False)):
+        for i, t in enumerate(tqdm(timesteps, disable=not config.progress, desc="denoising", leave=False)):
             x = scheduler.scale_model_input(latents, t)
             if inpaint_input is not None:
                 x = torch.cat([x, inpaint_input], dim=1)
-            prediction = self._predict(x, t, text, request.guidance_scale, maps)
+            prediction = self._predict(x, t, text, config.guidance_scale, maps)
             latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
             if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
                 later = timesteps[i + 1 : i + 2]

@@ -181,3 +181,14 @@ def test_a_negative_prompt_runs_at_its_own_length(pipe, monkeypatch):
     lengths.clear()
     pipe("a red circle", negative_prompt="a blue square", steps=2, seed=0, progress=False)
     assert lengths == [(2, 77)] * 2  # the same length: one batch, as before
+
+
+def test_the_run_carries_its_resolved_settings_and_unknown_options_are_named(pipe):
+    (generated,) = pipe.generate("a red circle", steps=2, progress=False)
+    config = generated.config  # every default filled in: what the PNG metadata records
+    assert (config.steps, config.guidance_scale, config.scheduler, config.height, config.strength) == (
+        2, 7.5, "ddim", SIZE, None
+    )  # fmt: skip
+    assert generated.seed == config.seed and config.seed is not None  # a random seed, recorded
+    with pytest.raises(GenerationError, match=r"unknown option\(s\) \['stepz'\]"):
+        pipe.generate("a red circle", stepz=2)
