@@ -286,33 +286,14 @@ class TextToImagePipeline:
         latent_size: tuple[int, int],
         maps: AttentionMapAccumulator | None,
     ) -> Tensor:
+        """The sampling loop: start latents, then one guided UNet prediction and scheduler step per timestep."""
         scheduler = make_scheduler(config.scheduler, self.model.scheduler)
         scheduler.set_timesteps(config.steps, device=self.device)
-        timesteps = scheduler.timesteps
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         shape = (1, self.model.vae.config.latent_channels, *latent_size)
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
-
-        original = latent_mask = inpaint_input = None
-        if images.init is None:
-            latents = noise * scheduler.init_noise_sigma
-        else:  # start part-way: the image noised to the level of the first step we run
-            image = images.init.to(self.device, self.dtype)
-            original = images_to_latents(self.model.vae, image, mean=True).expand(len(seeds), -1, -1, -1)
-            skip = config.steps - min(int(config.steps * config.strength), config.steps)
-            timesteps = timesteps[skip * scheduler.order :]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(skip * scheduler.order)
-            if config.strength == 1:
-                latents = noise * scheduler.init_noise_sigma
-            else:
-                latents = scheduler.add_noise(original, noise, timesteps[:1]) if len(timesteps) else original
-        if images.mask is not None:
-            pixel_mask = images.mask.to(self.device, self.dtype)
-            latent_mask = F.interpolate(pixel_mask, size=latent_size).expand(len(seeds), -1, -1, -1)
-            if self.model.unet.config.in_channels == 9:  # the UNet sees the mask and the unmasked image
-                kept = images_to_latents(self.model.vae, image * (pixel_mask < 0.5), mean=True)
-                inpaint_input = torch.cat([latent_mask, kept.expand(len(seeds), -1, -1, -1)], dim=1)
+        latents, timesteps, original = self._prepare_latents(scheduler, config, images, noise)
+        latent_mask, inpaint_input = self._prepare_inpainting(images, latent_size, len(seeds))
 
         step_options = _step_options(scheduler, generators)
         for i, t in enumerate(tqdm(timesteps, disable=not config.progress, desc="denoising", leave=False)):
@@ -326,6 +307,40 @@ class TextToImagePipeline:
                 outside = scheduler.add_noise(original, noise, later) if len(later) else original
                 latents = latent_mask * latents + (1 - latent_mask) * outside
         return latents
+
+    def _prepare_latents(
+        self, scheduler, config: GenerationConfig, images: Images, noise: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(start latents, the timesteps to run, the init image's latents or None). From pure noise;
+        or, with an init image, from that image noised to the level of the first step run."""
+        timesteps = scheduler.timesteps
+        if images.init is None:
+            return noise * scheduler.init_noise_sigma, timesteps, None
+        image = images.init.to(self.device, self.dtype)
+        original = images_to_latents(self.model.vae, image, mean=True).expand(len(noise), -1, -1, -1)
+        skip = config.steps - min(int(config.steps * config.strength), config.steps)
+        timesteps = timesteps[skip * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(skip * scheduler.order)
+        if config.strength == 1:
+            return noise * scheduler.init_noise_sigma, timesteps, original
+        latents = scheduler.add_noise(original, noise, timesteps[:1]) if len(timesteps) else original
+        return latents, timesteps, original
+
+    def _prepare_inpainting(
+        self, images: Images, latent_size: tuple[int, int], batch: int
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(the mask at latent size, the extra UNet input of a 9-channel inpainting UNet: mask and
+        unmasked image's latents); Nones without a mask."""
+        if images.mask is None:
+            return None, None
+        pixel_mask = images.mask.to(self.device, self.dtype)
+        latent_mask = F.interpolate(pixel_mask, size=latent_size).expand(batch, -1, -1, -1)
+        if self.model.unet.config.in_channels != 9:
+            return latent_mask, None
+        image = images.init.to(self.device, self.dtype)
+        kept = images_to_latents(self.model.vae, image * (pixel_mask < 0.5), mean=True)
+        return latent_mask, torch.cat([latent_mask, kept.expand(batch, -1, -1, -1)], dim=1)
 
     def _token_maps(self, prompt: str, emphasis: str, maps: Tensor) -> list[tuple[str, Tensor]]:
         """One (token text, map) per prompt token, skipping the start, end and padding tokens."""
