@@ -12,6 +12,7 @@ import functools
 import inspect
 import random
 from collections.abc import Iterator
+from copy import deepcopy
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -101,24 +102,22 @@ class TextToImagePipeline:
         compile: bool = False,
         vae_tiling: bool = False,
     ):
-        self.model, self.device = model, pick_device(device)
+        self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        for part in model.parts().values():
-            if next(part.parameters()).dtype != self.dtype:  # diffusers warns on any dtype cast, even a no-op
-                part.to(dtype=self.dtype)
-            part.to(self.device).eval()
-        if self.device.type == "cuda":
-            model.unet.to(memory_format=torch.channels_last)  # faster convolutions on tensor cores
-        self.unet = torch.compile(model.unet) if compile else model.unet
-        if vae_tiling:
-            model.vae.enable_tiling()  # decode large images tile by tile, in bounded memory
+        self.model = _on(model, self.device, self.dtype, copy=True)
+        self.unet = torch.compile(self.model.unet) if compile else self.model.unet
+        self.vae_tiling = vae_tiling  # decode large images tile by tile, in bounded memory
 
     @classmethod
     def from_pretrained(cls, source: str | Path, **options) -> "TextToImagePipeline":
         """A diffusers-layout folder or hub id, or an original single-file .safetensors/.ckpt checkpoint."""
-        if str(source).endswith((".safetensors", ".ckpt")):
-            return cls(load_single_file(source), **options)
-        return cls(LatentDiffusion.load(source), **options)
+        model = (
+            load_single_file(source)
+            if str(source).endswith((".safetensors", ".ckpt"))
+            else LatentDiffusion.load(source)
+        )
+        device, dtype = pick_device(options.get("device", "auto")), options.get("dtype", "auto")
+        return cls(_on(model, device, pick_dtype(dtype, device), copy=False), **options)  # ours: no copy needed
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a LoRA file (diffusers/peft or kohya format) into the weights, `scale` times its strength."""
@@ -151,6 +150,10 @@ class TextToImagePipeline:
         if unknown:
             raise GenerationError(f"unknown option(s) {unknown}: use {[f.name for f in fields(GenerationConfig)]}")
         config, images = self._resolve(GenerationConfig(**options), init_image, mask)
+        with _inference(self.model, self.vae_tiling):
+            yield from self._generate_all(prompts, config, images)
+
+    def _generate_all(self, prompts: list[str], config: GenerationConfig, images: Images) -> Iterator[Generated]:
         jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
@@ -347,6 +350,40 @@ class TextToImagePipeline:
         chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
+
+
+def _on(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, copy: bool) -> LatentDiffusion:
+    """The model with every part on `device` in `dtype` (channels-last UNet on CUDA). Parts already
+    so are shared; others are copied first when `copy` (a model we were handed stays as it was)."""
+    parts = {}
+    for name, part in model.parts().items():
+        weight = next(part.parameters())
+        channels_last = name == "unet" and device.type == "cuda"
+        if weight.dtype == dtype and weight.device == device and not channels_last:
+            continue
+        part = deepcopy(part) if copy else part
+        if weight.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
+            part.to(dtype=dtype)
+        part.to(device)
+        parts[name] = part.to(memory_format=torch.channels_last) if channels_last else part  # faster on tensor cores
+    return replace(model, **parts)
+
+
+@contextlib.contextmanager
+def _inference(model: LatentDiffusion, vae_tiling: bool) -> Iterator[None]:
+    """Every part in eval mode (and the VAE tiled, if asked) while generating; as they were after."""
+    modes = {name: part.training for name, part in model.parts().items()}
+    tiling = model.vae.use_tiling
+    for part in model.parts().values():
+        part.eval()
+    if vae_tiling:
+        model.vae.enable_tiling()
+    try:
+        yield
+    finally:
+        for name, part in model.parts().items():
+            part.train(modes[name])
+        model.vae.use_tiling = tiling
 
 
 def _step_options(scheduler, generators: list[torch.Generator]) -> dict:

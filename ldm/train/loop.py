@@ -294,8 +294,6 @@ class Trainer:
         grid = self.validate(self.model, step, self.accelerator.device)
         if self.ema:
             self.ema.restore(self.trained_parameters)
-        for module in self.wrapped:  # the pipeline switched every part to eval mode
-            module.train()
         folder = self.output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step-{step:08d}.png")

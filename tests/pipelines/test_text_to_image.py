@@ -165,8 +165,13 @@ def test_half_precision_runs_and_stays_close_to_fp32(tiny_model_dir, dtype):
     assert np.abs(pixels(half("a red circle", **options)[0]) - pixels(full("a red circle", **options)[0])).mean() < 8
 
 
-def test_vae_tiling_is_switched_on_by_the_option(tiny_model_dir):
-    assert TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", vae_tiling=True).model.vae.use_tiling
+def test_vae_tiling_is_switched_on_by_the_option_while_generating(tiny_model_dir, monkeypatch):
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", vae_tiling=True)
+    vae, tiled = pipe.model.vae, []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda *args, **kwargs: tiled.append(vae.use_tiling) or decode(*args, **kwargs))
+    pipe("a red circle", steps=1, seed=0, progress=False)
+    assert tiled == [True] and not vae.use_tiling
 
 
 def test_a_negative_prompt_runs_at_its_own_length(pipe, monkeypatch):
@@ -192,3 +197,17 @@ def test_the_run_carries_its_resolved_settings_and_unknown_options_are_named(pip
     assert generated.seed == config.seed and config.seed is not None  # a random seed, recorded
     with pytest.raises(GenerationError, match=r"unknown option\(s\) \['stepz'\]"):
         pipe.generate("a red circle", stepz=2)
+
+
+def test_a_pipeline_leaves_the_model_it_was_handed_as_it_was(tiny_model):
+    """Training hands its model to the pipeline for validation: same dtype, device and mode after."""
+    tiny_model.unet.train()
+    before = {name: (next(part.parameters()).dtype, part.training) for name, part in tiny_model.parts().items()}
+    for dtype in ("fp32", "bf16"):
+        pipe = TextToImagePipeline(tiny_model, device="cpu", dtype=dtype, vae_tiling=True)
+        pipe("a red circle", steps=1, seed=0, progress=False)
+        assert {
+            name: (next(part.parameters()).dtype, part.training) for name, part in tiny_model.parts().items()
+        } == before
+        assert not tiny_model.vae.use_tiling
+    assert next(pipe.model.unet.parameters()).dtype == torch.bfloat16  # its own copy, in its own precision
