@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -32,6 +31,7 @@ from ldm.model import LatentDiffusion
 from ldm.single_file import load_single_file
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
+from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
 from pipelines.prompts import EMPHASIS_MODES, encode_weighted, split_into_chunks
 from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
 
@@ -392,23 +392,3 @@ def _step_options(scheduler, generators: list[torch.Generator]) -> dict:
     accepted = inspect.signature(scheduler.step).parameters
     options = {"generator": generators} if "generator" in accepted else {}
     return options | ({"eta": 0.0} if "eta" in accepted else {})
-
-
-def image_to_tensor(image: Image.Image, width: int, height: int) -> Tensor:
-    """PIL RGB -> (1, 3, height, width) in [-1, 1]."""
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.LANCZOS)
-    array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
-    return array.permute(2, 0, 1)[None]
-
-
-def mask_to_tensor(mask: Image.Image, width: int, height: int) -> Tensor:
-    """PIL mask -> (1, 1, height, width) of 0/1: white (>= half) is repainted, black kept."""
-    mask = mask.convert("L").resize((width, height), Image.NEAREST)
-    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None, None]
-
-
-def tensor_to_image(image: Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL RGB, rounded as diffusers rounds."""
-    array = ((image / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
