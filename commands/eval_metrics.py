@@ -14,6 +14,13 @@ from ldm.eval.metrics import clip_score, fid, read_images
 from pipelines.text_to_image import TextToImagePipeline
 
 
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--prompt-file {path}: cannot read it ({type(error).__name__})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="eval_metrics", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -29,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if not (args.clip_model or args.reference_dir):
             raise UserError("give --clip-model (CLIP score), --reference-dir (FID), or both")
-        prompts = [line.strip() for line in args.prompt_file.read_text().splitlines() if line.strip()]
+        if args.clip_model and not Path(args.clip_model).is_dir():  # before drawing anything
+            raise UserError(f"--clip-model {args.clip_model}: no such folder (a local transformers CLIPModel)")
+        prompts = [line.strip() for line in read_text(args.prompt_file).splitlines() if line.strip()]
         reference = read_images(args.reference_dir) if args.reference_dir else None
         pipe = TextToImagePipeline.from_pretrained(args.model)
         images = pipe(
@@ -40,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             results["clip_score"] = round(clip_score(images, prompts, args.clip_model), 3)
         if reference is not None:
             results["fid"] = round(fid(images, reference, feature_extractor_weights_path=args.inception_weights), 3)
-    except (UserError, OSError, ModuleNotFoundError) as error:
+    except UserError as error:
         return fail("eval_metrics", error)
     print(json.dumps(results, indent=2))
     return 0

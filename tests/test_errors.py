@@ -18,7 +18,7 @@ from pipelines.text_to_image import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["sample.py", "train.py", "commands/describe.py", "commands/make_shapes.py",
-            "commands/eval_shapes.py", "commands/eval_additivity.py"]  # fmt: skip
+            "commands/eval_shapes.py", "commands/eval_additivity.py", "commands/eval_metrics.py"]  # fmt: skip
 
 
 @pytest.mark.parametrize(

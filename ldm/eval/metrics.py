@@ -58,10 +58,11 @@ def _tensor(output) -> Tensor:
 def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str) -> float:
     """`clip_model`: a local folder with a transformers CLIPModel and CLIPProcessor."""
 
-    def load() -> tuple[nn.Module, CLIPProcessor]:  # torchmetrics takes hub names, or a loader
-        return FeaturesAsTensors(CLIPModel.from_pretrained(clip_model)), CLIPProcessor.from_pretrained(clip_model)
-
-    metric = CLIPScore(model_name_or_path=load)
+    try:
+        model, processor = CLIPModel.from_pretrained(clip_model), CLIPProcessor.from_pretrained(clip_model)
+    except OSError as error:
+        raise UserError(f"{clip_model}: not a local CLIP model folder ({str(error).splitlines()[0]})") from None
+    metric = CLIPScore(model_name_or_path=lambda: (FeaturesAsTensors(model), processor))  # a loader, not a hub name
     metric.update(as_uint8(images), prompts)
     return float(metric.compute())
 
@@ -70,7 +71,12 @@ def fid(
     generated: list[Image.Image], reference: list[Image.Image], feature: int | nn.Module = 2048, **options
 ) -> float:
     """`feature` is the Inception feature width (torch-fidelity's network), or a module of one's own."""
-    metric = FrechetInceptionDistance(feature=feature, **options)
+    try:
+        metric = FrechetInceptionDistance(feature=feature, **options)
+    except (ModuleNotFoundError, OSError) as error:  # torch-fidelity missing, or its weights file
+        raise UserError(
+            f"FID: {str(error).splitlines()[0]} (pip install torch-fidelity; --inception-weights)"
+        ) from None
     size = min(image.width for image in generated)
     metric.update(as_uint8(reference, size), real=True)
     metric.update(as_uint8(generated, size), real=False)
@@ -81,4 +87,7 @@ def read_images(folder: Path) -> list[Image.Image]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise UserError(f"--reference-dir {folder}: needs at least 2 images, found {len(files)}")
-    return [Image.open(p) for p in files]
+    try:
+        return [Image.open(p) for p in files]
+    except OSError as error:
+        raise UserError(f"--reference-dir {folder}: an unreadable image ({error})") from None
