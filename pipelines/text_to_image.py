@@ -155,9 +155,11 @@ class TextToImagePipeline:
 
     def _generate_all(self, prompts: list[str], config: GenerationConfig, images: Images) -> Iterator[Generated]:
         jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
+        guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
+        negative = self._encode([config.negative_prompt], config) if guided else None  # once for the run
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
-            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], config, images)
+            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], negative, config, images)
 
     def _resolve(
         self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
@@ -219,13 +221,16 @@ class TextToImagePipeline:
         return height, width
 
     def _generate_batch(
-        self, prompts: list[str], seeds: list[int], config: GenerationConfig, images: Images
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        negative: Tensor | None,
+        config: GenerationConfig,
+        images: Images,
     ) -> list[Generated]:
-        guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
-        text = Text(
-            self._encode(prompts, config),
-            self._encode([config.negative_prompt], config).expand(len(prompts), -1, -1) if guided else None,
-        )
+        """`negative`: the negative prompt's (1, tokens, width) embedding, None without guidance."""
+        negatives = None if negative is None else negative.expand(len(prompts), -1, -1)
+        text = Text(self._encode(prompts, config), negatives)
         factor = downsampling_factor(self.model.vae)
         latent_size = (config.height // factor, config.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
@@ -358,14 +363,18 @@ def _on(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, copy: 
     parts = {}
     for name, part in model.parts().items():
         weight = next(part.parameters())
-        channels_last = name == "unet" and device.type == "cuda"
+        channels_last = (  # faster convolutions on tensor cores; a UNet already so needs no copy
+            name == "unet"
+            and device.type == "cuda"
+            and not part.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        )
         if weight.dtype == dtype and weight.device == device and not channels_last:
             continue
         part = deepcopy(part) if copy else part
         if weight.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
             part.to(dtype=dtype)
         part.to(device)
-        parts[name] = part.to(memory_format=torch.channels_last) if channels_last else part  # faster on tensor cores
+        parts[name] = part.to(memory_format=torch.channels_last) if channels_last else part
     return replace(model, **parts)
 
 
