@@ -142,7 +142,6 @@ class RunWriter:
         self.outdir, self.settings = outdir, settings
         self.number = -1  # known at the first image: the folder is made only when there is one to write
         self.images: list[Image.Image] = []
-        self.written: list[Path] = []
 
     def write(self, generated: Generated) -> None:
         """The image (with its parameters) and its attention overlays."""
@@ -163,4 +162,3 @@ class RunWriter:
 
     def _save(self, image: Image.Image, name: str, info: PngInfo | None = None) -> None:
         save_png(image, self.outdir / name, info)
-        self.written.append(self.outdir / name)

@@ -175,7 +175,7 @@ def encode_weighted(
     weights = torch.tensor(weights, device=device, dtype=embeddings.dtype)[..., None]  # (chunks, context, 1)
     if emphasis != "none" and (weights != 1).any():
         if emphasis == "comfy":
-            empty = text_encoder(torch.tensor([empty_chunk(tokenizer)], device=device)).last_hidden_state
+            empty = text_encoder(torch.tensor(split_into_chunks(tokenizer, "").ids, device=device)).last_hidden_state
             embeddings = empty + (embeddings - empty) * weights
         else:
             embeddings = _scale(embeddings, weights, restore_mean=emphasis == "original")
@@ -192,9 +192,3 @@ def _scale(chunks: Tensor, weights: Tensor, restore_mean: bool) -> Tensor:
     floor = MEAN_FLOOR * chunks.abs().mean(dim=(1, 2), keepdim=True)
     sound = (before.abs() >= floor) & (after.abs() >= floor) & (before * after > 0)
     return weighted * torch.where(sound, before / after, torch.ones_like(before))
-
-
-def empty_chunk(tokenizer: CLIPTokenizer) -> list[int]:
-    """The empty prompt's ids: start, end, padding."""
-    padding = tokenizer.model_max_length - 2
-    return [tokenizer.bos_token_id, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding
