@@ -33,6 +33,7 @@ class CachedExamples(Dataset):
         reasons: dict[int, list[str]],
         boxes: list[list | None],
     ):
+        self.empty_text = tensors.pop("empty_text", None)  # the empty caption's embedding, when text is cached
         self.tensors, self.captions, self.reasons, self.boxes = tensors, captions, reasons, boxes
 
     def __len__(self) -> int:
@@ -42,7 +43,7 @@ class CachedExamples(Dataset):
         index = epoch_index[1]
         if index in self.reasons:
             return Skipped(*self.reasons[index])
-        item = {name: tensor[index] for name, tensor in self.tensors.items() if name != "empty_text"}
+        item = {name: tensor[index] for name, tensor in self.tensors.items()}
         if self.boxes[index] is not None:
             item["boxes"] = self.boxes[index]
         return item | {"caption": self.captions[index]}

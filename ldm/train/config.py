@@ -1,4 +1,5 @@
-"""TrainConfig: a YAML recipe over typed defaults, with dotted overrides from the command line.
+"""TrainConfig: a YAML recipe over typed defaults, with dotted overrides from the command line;
+frozen once loaded and checked.
 
     python train.py --config configs/shapes-diffusion.yaml optim.learning_rate=2e-4 steps.max=500
 
@@ -18,14 +19,14 @@ from omegaconf.errors import OmegaConfBaseException
 from ldm.errors import ConfigError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     preset: str | None = None  # build from scratch: a name in ldm/presets/ or a .yaml
     pretrained: str | None = None  # or start from a model folder / hub id (fine-tuning)
     vae: str | None = None  # a model folder whose VAE replaces the preset's (the autoencoder stage's output)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     path: str = MISSING
     resolution: int = 64
@@ -37,7 +38,7 @@ class DataConfig:
     cache_dir: str = "~/.cache/ldm-toolkit"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiffusionConfig:
     prediction_type: str | None = None  # epsilon or v_prediction; default: the model's scheduler's
     train_text_encoder: bool = False  # jointly (from scratch) or frozen (pretrained)
@@ -48,14 +49,14 @@ class DiffusionConfig:
     grounding_loss: float = 0.0  # weight of the loss that puts words' attention in their .boxes.json boxes
 
 
-@dataclass
+@dataclass(frozen=True)
 class AutoencoderConfig:
     loss: str = "l1"  # l1 or mse
     kl_weight: float = 1e-6
     holdout: int = 8  # images kept out of training to measure reconstruction PSNR
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     learning_rate: float = 1e-4
     text_encoder_lr: float | None = None  # a jointly trained text encoder's own rate; default learning_rate
@@ -68,7 +69,7 @@ class OptimConfig:
     use_8bit_adam: bool = False  # bitsandbytes, CUDA only
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepsConfig:
     max: int = 1000
     batch_size: int = 8  # per process
@@ -76,15 +77,19 @@ class StepsConfig:
     mixed_precision: str = "no"  # no, fp16, bf16
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        if self.mixed_precision == "False":  # YAML reads a bare `no` as false
+            object.__setattr__(self, "mixed_precision", "no")
 
-@dataclass
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 500
     keep: int = 3
     resume: str | None = None  # "latest" or a checkpoint folder
 
 
-@dataclass
+@dataclass(frozen=True)
 class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
     every: int = 500
@@ -93,7 +98,7 @@ class ValidationConfig:
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = MISSING
     stage: str = "diffusion"  # diffusion or autoencoder
@@ -112,8 +117,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
-        if self.steps.mixed_precision == "False":  # YAML reads a bare `no` as false
-            self.steps.mixed_precision = "no"
+        """Every check that needs only the recipe, so a mistake costs no model building."""
         choices = {
             "stage": (self.stage, ("diffusion", "autoencoder")),
             "report_to": (self.report_to, ("tensorboard", "wandb", "none")),
@@ -125,6 +129,8 @@ class TrainConfig:
         for key, (value, valid) in choices.items():
             if value not in valid:
                 raise ConfigError(f"{key}={value!r}: use one of {', '.join(str(v) for v in valid if v)}")
+        if self.optim.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("optim.use_8bit_adam=true: pip install bitsandbytes")
         if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
             raise ConfigError("report_to=wandb: wandb is not installed (pip install wandb), or use tensorboard")
         if (self.model.preset is None) == (self.model.pretrained is None):
@@ -146,6 +152,8 @@ class TrainConfig:
         if self.diffusion.grounding_loss and self.steps.gradient_checkpointing:
             # A checkpointed block is recomputed in the backward pass without the probabilities taken from it.
             raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
+        if self.data.cache_latents and self.stage != "diffusion":
+            raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
         if self.data.cache_latents and (not self.data.center_crop or self.data.random_flip):
             raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:

@@ -3,7 +3,6 @@ Accelerate, so the same code runs on a CPU, a GPU, several GPUs or several nodes
 (`accelerate launch train.py ...` or `torchrun ... train.py ...`)."""
 
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -13,33 +12,26 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ldm.attention import capture_attention_probs
-from ldm.autoencoder import images_to_latents
 from ldm.data.datasets import (
     CaptionedImages,
     EpochSampler,
     ImageOptions,
     TarShards,
-    boxes_file,
     check_usable,
     collate,
     open_dataset,
 )
 from ldm.errors import ConfigError
-from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults
-from ldm.text import encode_prompts
-from ldm.train.cache import build_cache, load_cache
+from ldm.model import LatentDiffusion
 from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
 from ldm.train.config import TrainConfig, save_config
-from ldm.train.grounding import grounding_loss, grounding_targets
-from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
+from ldm.train.stages import STAGES
 
 logger = logging.getLogger(__name__)
 Validate = Callable[[LatentDiffusion, int, torch.device], Image.Image]  # (EMA model, step, device) -> a grid
@@ -75,13 +67,13 @@ class Trainer:
 
     def run(self) -> LatentDiffusion:
         config, accelerator = self.config, self.accelerator
-        self._check_output_dir()
+        checkpoint = self._check_before_work()
+        dataset = self._dataset()
         set_seed(config.seed)  # the same initial weights on every process
         self.model = build_model(config)
-        self.dataset, holdout = self._dataset()
-        modules = self._setup_stage()
-        if config.data.cache_latents:
-            self._use_cache()
+        self.stage = STAGES[config.stage](config, self.model, accelerator)
+        self.dataset = self.stage.data(dataset)
+        modules = self.stage.trained()
         optimizer = self._optimizer(modules)
         lr_scheduler = get_scheduler(
             config.optim.lr_scheduler,
@@ -90,8 +82,6 @@ class Trainer:
             num_training_steps=config.steps.max * accelerator.num_processes,
         )
         *self.wrapped, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
-        self.trained_module = self.wrapped[0]  # the stage's model: the VAE, or the UNet; wrapped by Accelerate
-        self.text_encoder = self.wrapped[1] if len(self.wrapped) > 1 else self.model.text_encoder
         # Every trained weight (UNet and a jointly trained text encoder): what the EMA averages.
         # Listed once, not rebuilt each step (1.7 ms a step for the demo model's 394 tensors).
         self.trained_parameters = [p for m in self.wrapped for p in accelerator.unwrap_model(m).parameters()]
@@ -100,8 +90,7 @@ class Trainer:
             self.ema = EMAModel(self.trained_parameters, decay=config.ema_decay, foreach=True)
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress, *([self.ema] if self.ema else []))
-        if config.checkpoint.resume:
-            checkpoint = find_checkpoint(self.output, config.checkpoint.resume)
+        if checkpoint:
             accelerator.load_state(str(checkpoint))
             logger.info("resumed from %s at step %d", checkpoint, step_of(checkpoint))
         else:
@@ -111,9 +100,13 @@ class Trainer:
             save_config(config, self.output / "config.yaml")
         accelerator.init_trackers("train")
         self._loop(optimizer, lr_scheduler)
-        return self._finish(holdout)
+        return self._finish()
 
-    def _check_output_dir(self) -> None:
+    def _check_before_work(self) -> Path | None:
+        """What the recipe alone cannot tell (TrainConfig checked that): the device, the output folder,
+        the checkpoint to resume from (returned)."""
+        if self.config.optim.use_8bit_adam and self.accelerator.device.type != "cuda":
+            raise ConfigError("optim.use_8bit_adam=true: needs a CUDA device (bitsandbytes)")
         if (self.output / "model").exists():
             raise ConfigError(f"output_dir={str(self.output)!r} already holds a trained model; choose a new one")
         if not self.config.checkpoint.resume and (self.output / "checkpoints").exists():
@@ -121,62 +114,17 @@ class Trainer:
                 f"output_dir={str(self.output)!r} holds checkpoints: continue with checkpoint.resume=latest, "
                 "or choose a new output_dir"
             )
+        return find_checkpoint(self.output, self.config.checkpoint.resume) if self.config.checkpoint.resume else None
 
-    def _dataset(self):
+    def _dataset(self) -> CaptionedImages | TarShards:
         data, accelerator = self.config.data, self.accelerator
         options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed)
         dataset = open_dataset(
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes
         )
         check_usable(dataset)
-        if self.config.stage == "diffusion" and self.config.diffusion.grounding_loss:
-            if not isinstance(dataset, CaptionedImages) or not any(boxes_file(i).is_file() for i, _ in dataset.entries):
-                raise ConfigError(
-                    f"diffusion.grounding_loss={self.config.diffusion.grounding_loss}: needs NAME.boxes.json files "
-                    f"beside the images of a folder dataset; {data.path} has none"
-                )
-        holdout = None
-        if self.config.stage == "autoencoder" and isinstance(dataset, CaptionedImages):
-            count = min(self.config.autoencoder.holdout, len(dataset) - 1)
-            holdout = CaptionedImages(dataset.entries[:count], options)
-            dataset = CaptionedImages(dataset.entries[count:], options)
-        return dataset, holdout
-
-    def _use_cache(self) -> None:
-        """Train from cached VAE posteriors (and text embeddings, when the text encoder is frozen)."""
-        data = self.config.data
-        if self.config.stage != "diffusion" or not isinstance(self.dataset, CaptionedImages):
-            raise ConfigError("data.cache_latents=true: for the diffusion stage on folder or metadata datasets")
-        cache_text = not self.config.diffusion.train_text_encoder
-        folder = Path(data.cache_dir).expanduser()
-        with self.accelerator.main_process_first():  # the main process writes, the others then read
-            path = build_cache(self.dataset, self.model, cache_text, folder, self.accelerator.device)
-        self.dataset = load_cache(path)
-        logger.info("training from cached latents %s", path)
-
-    def _setup_stage(self) -> list[torch.nn.Module]:
-        """The modules this stage trains, first the one whose EMA is kept; the others frozen."""
-        config, model = self.config, self.model
-        for part in model.parts().values():
-            part.requires_grad_(False).eval()
-        if config.stage == "autoencoder":
-            trained = [ReconstructionObjective(model.vae, config.autoencoder.loss, config.autoencoder.kl_weight)]
-            if config.steps.gradient_checkpointing:
-                model.vae.enable_gradient_checkpointing()
-        else:
-            prediction = config.diffusion.prediction_type or model.scheduler.config.prediction_type
-            model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction)
-            self.noise_schedule = DDPMScheduler.from_config(model.scheduler.config)
-            trained = [model.unet] + ([model.text_encoder] if config.diffusion.train_text_encoder else [])
-            if config.steps.gradient_checkpointing:
-                model.unet.gradient_checkpointing = True
-                if config.diffusion.train_text_encoder:
-                    model.text_encoder.gradient_checkpointing_enable()
-            model.vae.to(self.accelerator.device)
-            model.text_encoder.to(self.accelerator.device)
-        for module in trained:
-            module.requires_grad_(True).train()
-        return trained
+        STAGES[self.config.stage].check(self.config, dataset)
+        return dataset
 
     def _optimizer(self, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
         optim = self.config.optim
@@ -189,12 +137,8 @@ class Trainer:
         if not optim.use_8bit_adam:
             # One fused kernel for all parameters: 10 ms a step instead of 52 for the demo model on a CPU.
             return torch.optim.AdamW(parameters, **options, fused=self.accelerator.device.type in ("cpu", "cuda"))
-        if self.accelerator.device.type != "cuda":
-            raise ConfigError("optim.use_8bit_adam=true: needs a CUDA device (bitsandbytes)")
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError("optim.use_8bit_adam=true: pip install bitsandbytes") from None
+        import bitsandbytes  # present: TrainConfig checked
+
         return bitsandbytes.optim.AdamW8bit(parameters, **options)
 
     def _loader(self) -> DataLoader:
@@ -227,7 +171,7 @@ class Trainer:
             if not batch["captions"]:
                 continue
             with accelerator.accumulate(*self.wrapped):
-                loss = self._loss(batch)
+                loss = self.stage.loss(batch, self.wrapped)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     parameters = [p for group in optimizer.param_groups for p in group["params"]]
@@ -238,37 +182,6 @@ class Trainer:
             if accelerator.sync_gradients:
                 self._after_step(float(accelerator.gather(loss.detach()).mean()), lr_scheduler.get_last_lr()[0], bar)
         bar.close()
-
-    def _loss(self, batch: dict) -> torch.Tensor:
-        device, diffusion = self.accelerator.device, self.config.diffusion
-        if self.config.stage == "autoencoder":
-            return self.trained_module(batch["pixels"].to(device))
-        if "latent_mean" in batch:  # cached: draw the latent from the stored posterior
-            mean, std = batch["latent_mean"].to(device), batch["latent_std"].to(device)
-            latents = (mean + std * torch.randn_like(mean)) * self.model.vae.config.scaling_factor
-        else:
-            with torch.no_grad():
-                latents = images_to_latents(self.model.vae, batch["pixels"].to(device))
-        dropped = torch.rand(len(batch["captions"])) < diffusion.caption_dropout
-        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
-        if "text" in batch:
-            empty = self.dataset.tensors["empty_text"]
-            text = torch.where(dropped[:, None, None], empty, batch["text"]).to(device)
-        else:
-            with torch.set_grad_enabled(diffusion.train_text_encoder):
-                text = encode_prompts(self.model.tokenizer, self.text_encoder, captions)
-        weighting = dict(
-            snr_gamma=diffusion.snr_gamma,
-            noise_offset=diffusion.noise_offset,
-            high_noise_bias=diffusion.high_noise_bias,
-        )
-        if not (diffusion.grounding_loss and "boxes" in batch):
-            return diffusion_loss(self.trained_module, self.noise_schedule, latents, text, **weighting)
-        targets = grounding_targets(self.model.tokenizer, captions, batch["boxes"], tuple(latents.shape[-2:]))
-        layers: list[torch.Tensor] = []
-        with capture_attention_probs(self.trained_module, lambda _, probs: layers.append(probs)):
-            loss = diffusion_loss(self.trained_module, self.noise_schedule, latents, text, **weighting)
-        return loss + diffusion.grounding_loss * grounding_loss(layers, targets)
 
     def _after_step(self, loss: float, lr: float, bar: tqdm) -> None:
         config, accelerator = self.config, self.accelerator
@@ -301,7 +214,7 @@ class Trainer:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("validation", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
 
-    def _finish(self, holdout: CaptionedImages | None) -> LatentDiffusion:
+    def _finish(self) -> LatentDiffusion:
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
         total = torch.tensor(len(self.skipped), device=accelerator.device)
@@ -310,35 +223,13 @@ class Trainer:
             self.ema.copy_to(self.trained_parameters)
         for module in self.wrapped:
             module.eval()
-        if self.config.stage == "autoencoder" and holdout is not None:
-            self._calibrate_autoencoder(holdout)
-        if self.config.stage == "diffusion":  # sample.py's defaults for this model: what validation used
-            validation = self.config.validation
-            self.model.sampling = SamplingDefaults(validation.steps, validation.guidance_scale)
+        self.stage.finish()
         if accelerator.is_main_process:
-            for part in self.model.parts().values():
-                part.to(DTYPES[self.config.save_precision])
-            self.model.save(self.output / "model")
+            self.stage.save(self.output)
             reasons = " (each named above)" if skipped else ""
             print(f"trained {self.progress.step} steps; skipped {skipped} bad file(s){reasons}")
         accelerator.end_training()
         return self.model
-
-    @torch.no_grad()
-    def _calibrate_autoencoder(self, holdout: CaptionedImages) -> None:
-        """Report held-out PSNR, and set scaling_factor = 1/std of the latents, as SD did for its VAE,
-        so the diffusion stage sees unit-variance latents."""
-        vae = self.model.vae
-        items = [holdout[(0, i)] for i in range(len(holdout))]
-        images = torch.stack([item["pixels"] for item in items if isinstance(item, dict)]).to(self.accelerator.device)
-        posterior = vae.encode(images).latent_dist
-        reconstruction = vae.decode(posterior.mode()).sample
-        std = float(posterior.sample().std())
-        vae.register_to_config(scaling_factor=1 / std if math.isfinite(std) and std > 0 else 1.0)
-        self.holdout_psnr = psnr(reconstruction, images)
-        if self.accelerator.is_main_process:
-            print(f"held-out reconstruction PSNR {self.holdout_psnr:.2f} dB on {len(images)} images; "
-                  f"latent std {std:.3f}, scaling_factor {vae.config.scaling_factor:.4f}")  # fmt: skip
 
 
 def build_model(config: TrainConfig) -> LatentDiffusion:

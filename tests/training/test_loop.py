@@ -166,13 +166,22 @@ def test_mixed_precision_reads_as_written_in_yaml_and_on_the_command_line(four_i
         (["data.path=/nowhere"], "data.path='/nowhere': no such folder or .tar file"),
         (["checkpoint.resume=latest"], "checkpoint.resume=latest: no checkpoint in"),
         (["steps.max"], "'steps.max': overrides are dotted.key=value"),
+        (["stage=autoencoder", "data.cache_latents=true"], "data.cache_latents=true: for the diffusion stage"),
+        (["optim.use_8bit_adam=true"], "optim.use_8bit_adam=true: pip install bitsandbytes"),  # not installed here
     ],
 )
-def test_config_errors_are_one_line_before_any_work(four_images, tmp_path, capsys, overrides, message):
+def test_config_errors_are_one_line_before_any_work(four_images, tmp_path, capsys, monkeypatch, overrides, message):
+    monkeypatch.setattr("ldm.train.loop.build_model", lambda config: pytest.fail("the model was built"))
     assert train.main(["--config", str(recipe(tmp_path, four_images)), *overrides]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.py: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_loaded_recipe_is_frozen(four_images, tmp_path):
+    config = load_config(recipe(tmp_path, four_images), [])
+    with pytest.raises(AttributeError):
+        config.optim.learning_rate = 1.0
 
 
 def test_a_missing_required_value_is_named(tmp_path, capsys):
@@ -234,7 +243,8 @@ def test_the_grounding_loss_adds_to_the_loss_and_its_boxes_survive_the_latent_ca
     assert cached == open_dataset(four_images, ImageOptions(16))[(0, 1)]["boxes"] and len(cached) >= 2
 
 
-def test_the_grounding_loss_needs_boxes(four_images, tmp_path, capsys):
+def test_the_grounding_loss_needs_boxes(four_images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ldm.train.loop.build_model", lambda config: pytest.fail("the model was built"))
     bare = tmp_path / "bare"
     bare.mkdir()
     for file in four_images.glob("0000[0-3].[pt]*"):  # images and captions, no .boxes.json
@@ -252,7 +262,7 @@ def test_the_autoencoder_stage_reports_psnr_and_sets_the_latent_scale(four_image
     )
     model = trainer.run()
     assert trainer.losses[-1] < trainer.losses[0]
-    assert 0 < trainer.holdout_psnr < 100
+    assert 0 < trainer.stage.holdout_psnr < 100
     assert model.vae.config.scaling_factor != 0.18215
     saved = LatentDiffusion.load(tmp_path / "run" / "model")
     assert saved.vae.config.scaling_factor == pytest.approx(model.vae.config.scaling_factor)
