@@ -29,7 +29,7 @@ FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance
             "height", "width", "strength", "lora")  # fmt: skip
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
+def make_parser() -> Parser:
     parser = Parser(prog="sample.py", description=__doc__.splitlines()[0])
     prompts = parser.add_mutually_exclusive_group()
     prompts.add_argument("--prompt", help="the text to draw; (word:1.3) emphasis, BREAK, any length")
@@ -70,7 +70,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in less memory")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with a PNG's settings filled in and the combinations checked."""
+    args = make_parser().parse_args(argv)
     if args.from_png is not None:
         apply_png_settings(args)
     if args.prompt is None and args.prompt_file is None:
