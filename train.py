@@ -26,7 +26,7 @@ from pipelines.text_to_image import TextToImagePipeline
 def sampler(config: TrainConfig) -> Validate | None:
     """Validation: the recipe's prompts, sampled with fixed seeds into one grid."""
     validation = config.validation
-    if config.stage != "diffusion" or not validation.prompts:
+    if config.stage == "autoencoder" or not validation.prompts:
         return None
 
     def validate(model: LatentDiffusion, step: int, device: torch.device) -> Image.Image:

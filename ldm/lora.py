@@ -1,6 +1,7 @@
-"""LoRA files merged into a model's weights: W <- W + scale · (alpha / rank) · B A.
+"""LoRA files: written from a trained adapter, and merged into a model's weights:
+W <- W + scale · (alpha / rank) · B A.
 
-Reads the two formats in use for SD 1.x/2.x: diffusers/peft (`unet.<module>.lora_A.weight`,
+Reads and writes the two formats in use for SD 1.x/2.x: diffusers/peft (`unet.<module>.lora_A.weight`,
 `lora_B`, alpha in the `lora_adapter_metadata` of the file, else alpha = rank, as diffusers
 assumes) and kohya/A1111 (`lora_unet_<module_with_underscores>.lora_down.weight`, `lora_up`,
 `.alpha`). Merging once costs nothing per step; a LoRA for another architecture is refused.
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldm.model import LatentDiffusion, ModelLoadError
@@ -88,3 +90,42 @@ def merge_lora(model: LatentDiffusion, path: str | Path, scale: float = 1.0) -> 
             )
         weight += update.reshape(weight.shape).to(weight.dtype)
     return len(factors)
+
+
+def lora_file(
+    adapters: dict[str, dict[str, Tensor]], targets: dict[str, list[str]], alpha: float, kind: str
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a LoRA file, from peft's adapter weights per model part
+    (`unet`, `text_encoder`; keys `<module>.lora_A.weight` and `.lora_B.weight`) and the module
+    names each part's adapter targets.
+
+    kind "kohya": `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight` and an
+    `.alpha` per module, as kohya's networks/lora.py writes them and A1111's Lora extension
+    (extensions-builtin/Lora/networks.py, convert_diffusers_name_to_compvis) and ComfyUI read them.
+    kind "diffusers": peft's keys under `unet.`/`text_encoder.`, with rank and alpha per part in
+    `lora_adapter_metadata`, as diffusers' `save_lora_weights` writes them."""
+    tensors, metadata, options = {}, {}, {}
+    for part, state in adapters.items():
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[part]
+        for key, value in state.items():
+            if part == "text_encoder" and not key.startswith(TEXT_PREFIX):  # files spell CLIP's names in full
+                key = TEXT_PREFIX + key
+            module, _, factor = key.rpartition(".lora_")  # factor: "A.weight" or "B.weight"
+            if kind == "diffusers":
+                tensors[f"{part}.{key}"] = value
+                continue
+            name = prefix + module.replace(".", "_")
+            tensors[f"{name}.lora_{'down' if factor == 'A.weight' else 'up'}.weight"] = value
+            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=value.dtype)
+        rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+        options |= {f"{part}.r": rank, f"{part}.lora_alpha": alpha, f"{part}.target_modules": targets[part]}
+    if kind == "diffusers":
+        metadata["lora_adapter_metadata"] = json.dumps(options, sort_keys=True)
+    return {key: value.contiguous() for key, value in tensors.items()}, metadata
+
+
+def save_lora(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Written beside its name, then moved into place: never a half-written file."""
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, partial, metadata=metadata)
+    partial.replace(path)

@@ -50,6 +50,22 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """stage: lora. Low-rank adapters (peft) on the named modules; the base weights stay frozen."""
+
+    rank: int = 16
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    # UNet module names, matched at the end of the path as peft matches them: the attention
+    # projections by default; add ff.net.0.proj and ff.net.2 (feed-forward), proj_in and proj_out,
+    # conv1 and conv2 (the ResNet convolutions, LoCon-style).
+    targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder: bool = False  # adapters on the text encoder too, at optim.text_encoder_lr
+    text_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    format: str = "kohya"  # lora.safetensors keys: kohya (A1111, ComfyUI, diffusers read it) or diffusers
+
+
+@dataclass(frozen=True)
 class AutoencoderConfig:
     loss: str = "l1"  # l1 or mse
     kl_weight: float = 1e-6
@@ -101,7 +117,7 @@ class ValidationConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = MISSING
-    stage: str = "diffusion"  # diffusion or autoencoder
+    stage: str = "diffusion"  # diffusion, autoencoder, or lora (adapters on a pretrained model)
     seed: int = 0
     ema_decay: float | None = 0.999  # EMA of the trained model's weights; null for none
     log_every: int = 10
@@ -111,6 +127,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: StepsConfig = field(default_factory=StepsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -119,7 +136,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every check that needs only the recipe, so a mistake costs no model building."""
         choices = {
-            "stage": (self.stage, ("diffusion", "autoencoder")),
+            "stage": (self.stage, ("diffusion", "autoencoder", "lora")),
+            "lora.format": (self.lora.format, ("kohya", "diffusers")),
             "report_to": (self.report_to, ("tensorboard", "wandb", "none")),
             "steps.mixed_precision": (self.steps.mixed_precision, ("no", "fp16", "bf16")),
             "save_precision": (self.save_precision, ("fp32", "fp16", "bf16")),
@@ -152,12 +170,31 @@ class TrainConfig:
         if self.diffusion.grounding_loss and self.steps.gradient_checkpointing:
             # A checkpointed block is recomputed in the backward pass without the probabilities taken from it.
             raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
-        if self.data.cache_latents and self.stage != "diffusion":
+        self._check_lora()
+        if self.data.cache_latents and self.stage == "autoencoder":
             raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
         if self.data.cache_latents and (not self.data.center_crop or self.data.random_flip):
             raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
+
+    def _check_lora(self) -> None:
+        if self.stage != "lora":
+            return
+        lora = self.lora
+        if self.model.pretrained is None:
+            raise ConfigError("stage=lora: adapts a trained model; set model.pretrained")
+        if lora.rank < 1:
+            raise ConfigError(f"lora.rank={lora.rank}: must be at least 1")
+        if not lora.alpha > 0:
+            raise ConfigError(f"lora.alpha={lora.alpha}: must be above 0")
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"lora.dropout={lora.dropout}: must be in [0, 1)")
+        if not lora.targets:
+            raise ConfigError("lora.targets: name at least one UNet module, e.g. [to_q, to_k, to_v, to_out.0]")
+        if self.diffusion.train_text_encoder:
+            raise ConfigError("stage=lora: the text encoder gets adapters with lora.text_encoder=true, "
+                              "not diffusion.train_text_encoder")  # fmt: skip
 
 
 def load_config(path: str | Path, overrides: list[str]) -> TrainConfig:

@@ -84,14 +84,16 @@ class Trainer:
         *self.wrapped, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
         # Every trained weight (UNet and a jointly trained text encoder): what the EMA averages.
         # Listed once, not rebuilt each step (1.7 ms a step for the demo model's 394 tensors).
-        self.trained_parameters = [p for m in self.wrapped for p in accelerator.unwrap_model(m).parameters()]
+        self.trained_parameters = [p for m in self.wrapped for p in trainable(accelerator.unwrap_model(m))]
         self.ema = None
         if config.ema_decay:  # foreach: one kernel per update, not one per tensor
             self.ema = EMAModel(self.trained_parameters, decay=config.ema_decay, foreach=True)
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress, *([self.ema] if self.ema else []))
-        if checkpoint:
-            accelerator.load_state(str(checkpoint))
+        accelerator.register_save_state_pre_hook(without_frozen_weights)
+        if checkpoint:  # a checkpoint without the frozen weights loads around them
+            whole = all(p.requires_grad for m in self.wrapped for p in m.parameters())
+            accelerator.load_state(str(checkpoint), strict=whole)
             logger.info("resumed from %s at step %d", checkpoint, step_of(checkpoint))
         else:
             set_seed(config.seed, device_specific=True)  # different noise and dropout on every process
@@ -107,7 +109,7 @@ class Trainer:
         the checkpoint to resume from (returned)."""
         if self.config.optim.use_8bit_adam and self.accelerator.device.type != "cuda":
             raise ConfigError("optim.use_8bit_adam=true: needs a CUDA device (bitsandbytes)")
-        if (self.output / "model").exists():
+        if (self.output / STAGES[self.config.stage].RESULT).exists():
             raise ConfigError(f"output_dir={str(self.output)!r} already holds a trained model; choose a new one")
         if not self.config.checkpoint.resume and (self.output / "checkpoints").exists():
             raise ConfigError(
@@ -129,8 +131,8 @@ class Trainer:
     def _optimizer(self, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
         optim = self.config.optim
         text_lr = optim.learning_rate if optim.text_encoder_lr is None else optim.text_encoder_lr
-        parameters = [
-            {"params": list(m.parameters()), "lr": text_lr if m is self.model.text_encoder else optim.learning_rate}
+        parameters = [  # only what trains: a LoRA's adapters, not the frozen weights around them
+            {"params": trainable(m), "lr": text_lr if m is self.model.text_encoder else optim.learning_rate}
             for m in modules
         ]
         options = dict(lr=optim.learning_rate, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
@@ -241,3 +243,14 @@ def build_model(config: TrainConfig) -> LatentDiffusion:
     if config.model.vae:
         model.vae = LatentDiffusion.load(config.model.vae).vae
     return model
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def without_frozen_weights(models: list[torch.nn.Module], weights: list[dict], folder: str) -> None:
+    """Checkpoints keep what trains: a LoRA run's adapters, not the frozen model around them."""
+    for i, model in enumerate(models):
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        weights[i] = {key: value for key, value in weights[i].items() if key not in frozen}

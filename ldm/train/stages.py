@@ -5,6 +5,7 @@ checkpoints, validation. A new way to train (LoRA, DreamBooth) is a new stage he
     Stage            trains                               loss
     AutoencoderStage the VAE                              reconstruction + KL (objectives.py)
     DiffusionStage   the UNet (and maybe the text encoder) ε or v regression (+ grounding)
+    LoraStage        adapters on the UNet (and maybe text)  as DiffusionStage
 """
 
 import math
@@ -13,6 +14,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict, inject_adapter_in_model
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -20,6 +23,7 @@ from ldm.attention import capture_attention_probs
 from ldm.autoencoder import images_to_latents
 from ldm.data.datasets import CaptionedImages, boxes_file
 from ldm.errors import ConfigError
+from ldm.lora import lora_file, save_lora
 from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults
 from ldm.text import encode_prompts
 from ldm.train.cache import CachedExamples, build_cache, load_cache
@@ -32,6 +36,8 @@ class Stage:
     """One kind of training of `model`. The loop calls, in order: `check` before the model is built,
     `data` and `trained` once, `loss` every batch (with the trained modules as Accelerate wrapped
     them), `finish` and `save`."""
+
+    RESULT = "model"  # what `save` writes under output_dir
 
     @classmethod
     def check(cls, config: TrainConfig, dataset: Dataset) -> None:
@@ -60,7 +66,7 @@ class Stage:
         """On the main process: the trained model, in the recipe's precision."""
         for part in self.model.parts().values():
             part.to(DTYPES[self.config.save_precision])
-        self.model.save(output / "model")
+        self.model.save(output / self.RESULT)
 
 
 class AutoencoderStage(Stage):
@@ -117,6 +123,7 @@ class DiffusionStage(Stage):
         model.vae.to(accelerator.device)
         model.text_encoder.to(accelerator.device)
         self.cache: CachedExamples | None = None
+        self.text_trains = config.diffusion.train_text_encoder  # else its embeddings may be cached
 
     @classmethod
     def check(cls, config: TrainConfig, dataset: Dataset) -> None:
@@ -134,7 +141,7 @@ class DiffusionStage(Stage):
         data = self.config.data
         if not data.cache_latents:
             return dataset
-        cache_text, folder = not self.config.diffusion.train_text_encoder, Path(data.cache_dir).expanduser()
+        cache_text, folder = not self.text_trains, Path(data.cache_dir).expanduser()
         with self.accelerator.main_process_first():  # the main process writes, the others then read
             path = build_cache(dataset, self.model, cache_text, folder, self.accelerator.device)
         self.cache = load_cache(path)
@@ -161,7 +168,7 @@ class DiffusionStage(Stage):
             text = torch.where(dropped[:, None, None], self.cache.empty_text, batch["text"])
             text = text.to(self.accelerator.device)
         else:
-            with torch.set_grad_enabled(diffusion.train_text_encoder):
+            with torch.set_grad_enabled(self.text_trains):
                 text = encode_prompts(self.model.tokenizer, text_encoder, captions)
         weighting = dict(
             snr_gamma=diffusion.snr_gamma,
@@ -190,4 +197,95 @@ class DiffusionStage(Stage):
         self.model.sampling = SamplingDefaults(validation.steps, validation.guidance_scale)
 
 
-STAGES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "diffusion": DiffusionStage}
+class LoraStage(DiffusionStage):
+    """Trains low-rank adapters (peft) on named modules of a pretrained model, with the diffusion
+    loss; the base weights stay frozen and are not saved: the run's result is lora.safetensors."""
+
+    RESULT = "lora.safetensors"
+
+    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator):
+        super().__init__(config, model, accelerator)
+        self.text_trains = config.lora.text_encoder
+        self.targets = {"unet": list(config.lora.targets)}
+        if config.lora.text_encoder:
+            self.targets["text_encoder"] = list(config.lora.text_targets)
+
+    def trained(self) -> list[nn.Module]:
+        lora = self.config.lora
+        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        for part, targets in self.targets.items():
+            check_targets(parts[part], targets, f"lora.{'targets' if part == 'unet' else 'text_targets'}")
+            adapter = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                     target_modules=targets)  # fmt: skip
+            inject_adapter_in_model(adapter, parts[part])
+        trained = [parts[part] for part in self.targets]
+        if self.config.steps.gradient_checkpointing:
+            self.model.unet.gradient_checkpointing = True
+            if lora.text_encoder:
+                self.model.text_encoder.gradient_checkpointing_enable()
+        for module in trained:
+            module.train()
+        return trained
+
+    def finish(self) -> None:
+        pass  # the base model's sampling defaults stay as they were
+
+    def save(self, output: Path) -> None:
+        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        dtype = DTYPES[self.config.save_precision]
+        adapters = {
+            part: {key: value.to(dtype) for key, value in get_peft_model_state_dict(parts[part]).items()}
+            for part in self.targets
+        }
+        tensors, metadata = lora_file(adapters, self.targets, self.config.lora.alpha, self.config.lora.format)
+        save_lora(output / self.RESULT, tensors, metadata | self._training_metadata())
+
+    def _training_metadata(self) -> dict[str, str]:
+        """kohya's `ss_` fields (train_network.py), as model browsers and web UIs read them."""
+        config, unet = self.config, self.model.unet.config
+        v2 = unet.cross_attention_dim == 1024
+        v_prediction = self.noise_schedule.config.prediction_type == "v_prediction"
+        values = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": config.lora.rank,
+            "ss_network_alpha": config.lora.alpha,
+            "ss_network_dropout": config.lora.dropout,
+            "ss_base_model_version": f"sd_v{2 if v2 else 1}{'_v' if v_prediction else ''}",
+            "ss_v2": v2,
+            "ss_sd_model_name": Path(str(config.model.pretrained)).name,
+            "ss_resolution": f"({config.data.resolution}, {config.data.resolution})",
+            "ss_steps": config.steps.max,
+            "ss_max_train_steps": config.steps.max,
+            "ss_batch_size_per_device": config.steps.batch_size,
+            "ss_gradient_accumulation_steps": config.steps.gradient_accumulation,
+            "ss_learning_rate": config.optim.learning_rate,
+            "ss_unet_lr": config.optim.learning_rate,
+            "ss_text_encoder_lr": config.optim.text_encoder_lr if config.lora.text_encoder else None,
+            "ss_lr_scheduler": config.optim.lr_scheduler,
+            "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if config.optim.use_8bit_adam else "torch.optim.AdamW",
+            "ss_mixed_precision": config.steps.mixed_precision,
+            "ss_seed": config.seed,
+            "ss_noise_offset": config.diffusion.noise_offset,
+            "ss_min_snr_gamma": config.diffusion.snr_gamma,
+            "ss_caption_dropout_rate": config.diffusion.caption_dropout,
+            "ss_cache_latents": config.data.cache_latents,
+            "ss_output_name": Path(self.RESULT).stem,
+            "ss_training_comment": "trained with ldm-toolkit (train.py, stage=lora)",
+        }
+        return {key: str(value) for key, value in values.items()}
+
+
+def check_targets(module: nn.Module, targets: list[str], key: str) -> None:
+    """Each target names at least one Linear or Conv2d layer, matched as peft matches names."""
+    for target in targets:
+        found = [m for name, m in module.named_modules() if name == target or name.endswith("." + target)]
+        if not found:
+            raise ConfigError(f"{key}: {target!r} names no module of this model")
+        wrong = {type(m).__name__ for m in found if not isinstance(m, nn.Linear | nn.Conv2d)}
+        if wrong:
+            raise ConfigError(
+                f"{key}: {target!r} names {', '.join(sorted(wrong))} layers; LoRA adapts Linear and Conv2d"
+            )
+
+
+STAGES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "diffusion": DiffusionStage, "lora": LoraStage}

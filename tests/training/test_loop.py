@@ -3,12 +3,11 @@
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
+from training.conftest import Stop, recipe
 
 import train
-from commands.make_shapes import main as make_shapes
 from conftest import perturbed_tiny_model
 from ldm.data.datasets import ImageOptions, open_dataset
 from ldm.model import LatentDiffusion, SamplingDefaults
@@ -16,48 +15,11 @@ from ldm.train.config import load_config
 from ldm.train.loop import Trainer, build_model
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps one global state per process (train.py runs one Trainer per process);
-    these tests run many, with different precisions, so each starts afresh."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def four_images(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shapes")
-    assert make_shapes(["--out", str(folder / "data"), "--n", "4", "--size", "16", "--seed", "0"]) == 0
-    return folder / "data"
-
-
-def recipe(tmp_path, data, **sections):
-    spec = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"preset": "tiny"},
-        "data": {"path": str(data), "resolution": 16},
-        "optim": {"learning_rate": 3e-3},
-        "steps": {"max": 30, "batch_size": 4},
-        "checkpoint": {"every": 10, "keep": 5},
-        "report_to": "none",
-    }
-    for key, value in sections.items():
-        spec.setdefault(key, {}).update(value) if isinstance(value, dict) else spec.update({key: value})
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def test_a_tiny_model_overfits_four_images(four_images, tmp_path):
     trainer = Trainer(load_config(recipe(tmp_path, four_images, steps={"max": 120}), []))
     trainer.run()
     first, last = sum(trainer.losses[:10]) / 10, sum(trainer.losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
-
-
-class Stop(Exception):
-    pass
 
 
 def test_a_resumed_run_reproduces_the_uninterrupted_one(four_images, tmp_path, monkeypatch):

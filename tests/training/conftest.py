@@ -1,0 +1,44 @@
+"""Shared by the training tests: a four-image shapes folder, tiny recipes, a fresh Accelerate state."""
+
+import pytest
+import yaml
+from accelerate.state import AcceleratorState
+
+from commands.make_shapes import main as make_shapes
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one global state per process (train.py runs one Trainer per process);
+    these tests run many, with different precisions, so each starts afresh."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def four_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    assert make_shapes(["--out", str(folder / "data"), "--n", "4", "--size", "16", "--seed", "0"]) == 0
+    return folder / "data"
+
+
+def recipe(tmp_path, data, **sections):
+    spec = {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"preset": "tiny"},
+        "data": {"path": str(data), "resolution": 16},
+        "optim": {"learning_rate": 3e-3},
+        "steps": {"max": 30, "batch_size": 4},
+        "checkpoint": {"every": 10, "keep": 5},
+        "report_to": "none",
+    }
+    for key, value in sections.items():
+        spec.setdefault(key, {}).update(value) if isinstance(value, dict) else spec.update({key: value})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+class Stop(Exception):
+    pass
