@@ -2,6 +2,7 @@
 judge: ldm/eval/). This command draws the images, so it sits above the pipelines.
 
     python -m commands.eval_shapes --model runs/shapes-diffusion/model [--seeds 2] [--out eval-shapes]
+    python -m commands.eval_shapes --model models/default --colors purple=128,0,255 --lora runs/purple/lora.safetensors
 """
 
 import json
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 from commands.cli import Parser, fail
-from ldm.data.shapes import parse_pairs
+from ldm.data.shapes import choose_colors, parse_pairs
 from ldm.errors import UserError
 from ldm.eval.judge import DEFAULT_LEFT_OUT, contact_sheet, evaluate, prompt_set, summarise
 from pipelines.text_to_image import TextToImagePipeline
@@ -25,12 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--left-out", default=DEFAULT_LEFT_OUT, help="the pairs the model never saw")
     parser.add_argument("--out", type=Path, default=Path("eval-shapes"), help="contact sheet and results.json")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--colors", help="extra colours, as make_shapes takes them: purple=128,0,255")
+    parser.add_argument("--only-colors", help="prompts of these colours only, e.g. purple")
+    parser.add_argument("--lora", type=Path, help="a LoRA .safetensors merged into the model (scale 1)")
     try:
         args = parser.parse_args(argv)
         if args.seeds < 1 or args.steps < 1:
             raise UserError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
-        left_out = parse_pairs(args.left_out, "--left-out")
+        palette, colors = choose_colors(args.colors, args.only_colors)
+        left_out = parse_pairs(args.left_out, "--left-out", palette)
         pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype="fp32")
+        if args.lora:
+            pipe.load_lora(args.lora)
     except UserError as error:
         return fail("eval_shapes", error)
 
@@ -40,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         run = pipe.generate(prompts, batch_size=args.batch_size, seed=round_ * len(prompts), **options)
         return [(generated.image, generated.attention_maps) for generated in run]
 
-    verdicts = evaluate(generate, prompt_set(left_out), args.seeds)
+    verdicts = evaluate(generate, prompt_set(left_out, colors=colors), args.seeds, palette)
     summary = summarise(verdicts)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -2,13 +2,14 @@
 
     python -m commands.make_shapes --out data/shapes --n 5000 --size 64 --seed 0 \
         --leave-out "blue triangle,yellow circle"
+    python -m commands.make_shapes --out data/purple --n 200 --colors purple=128,0,255 --only-colors purple
 """
 
 import sys
 from pathlib import Path
 
 from commands.cli import Parser, fail
-from ldm.data.shapes import generate, parse_pairs
+from ldm.data.shapes import choose_colors, generate, parse_pairs
 from ldm.errors import UserError
 
 
@@ -20,16 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--leave-out", default="", help="colour-shape pairs never drawn, e.g. 'red circle,blue square'")
     parser.add_argument("--two-objects", type=float, default=0.3, help="fraction of images with two shapes")
+    parser.add_argument("--colors", help="extra colours, e.g. purple=128,0,255 (several: comma-separated)")
+    parser.add_argument("--only-colors", help="draw only these colours, e.g. purple")
     try:
         args = parser.parse_args(argv)
-        left_out = parse_pairs(args.leave_out)
+        palette, colors = choose_colors(args.colors, args.only_colors)
+        left_out = parse_pairs(args.leave_out, palette=palette)
         if args.n < 1 or args.size < 16 or not 0 <= args.two_objects <= 1:
             raise UserError("--n must be at least 1, --size at least 16, --two-objects within 0..1")
         if args.out.exists() and any(args.out.iterdir()):
             raise UserError(f"--out {args.out}: exists and is not empty")
     except UserError as error:
         return fail("make_shapes", error)
-    generate(args.out, args.n, args.size, args.seed, left_out, args.two_objects)
+    generate(args.out, args.n, args.size, args.seed, left_out, args.two_objects, palette, colors)
     print(f"wrote {args.n} images with captions to {args.out}")
     return 0
 

@@ -8,9 +8,12 @@ with each shape's box under its colour and shape words (for `diffusion.grounding
 `a [small|large] COLOR SHAPE POSITION`, optionally `... and a COLOR SHAPE POSITION`. Item i is
 drawn from its own generator seeded by (seed, i), so the first n items do not depend on --n.
 `--leave-out` keeps chosen colour-shape pairs out of the data, to test composition on pairs never seen.
+`--colors purple=128,0,255` adds colours the demo model never saw (to teach one with a LoRA), and
+`--only-colors purple` draws just those.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +32,7 @@ COLORS = {
     "orange": (255, 128, 0),
     "white": (255, 255, 255),
 }
+Palette = dict[str, tuple[int, int, int]]  # colour word -> RGB
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = {  # name -> (column, row) on a 3x3 grid whose centres are at 1/6, 1/2 and 5/6 of the side
     "in the top left": (0, 0),
@@ -57,7 +61,9 @@ class Shape:
         return ((2 * column + 1) / 6 + offset[0]) * side, ((2 * row + 1) / 6 + offset[1]) * side
 
 
-def draw(shapes: list[Shape], side: int, rng: np.random.Generator) -> tuple[Image.Image, dict[str, list]]:
+def draw(
+    shapes: list[Shape], side: int, rng: np.random.Generator, palette: Palette = COLORS
+) -> tuple[Image.Image, dict[str, list]]:
     """The picture, and the box (x0, y0, x1, y1 in pixels) of each shape under its colour and shape words."""
     image = Image.new("RGB", (side, side))
     canvas = ImageDraw.Draw(image)
@@ -68,11 +74,11 @@ def draw(shapes: list[Shape], side: int, rng: np.random.Generator) -> tuple[Imag
         for word in (item.color, item.shape):
             boxes.setdefault(word, []).append([round(v, 2) for v in (x - r, y - r, x + r, y + r)])
         if item.shape == "circle":
-            canvas.ellipse([x - r, y - r, x + r, y + r], fill=COLORS[item.color])
+            canvas.ellipse([x - r, y - r, x + r, y + r], fill=palette[item.color])
         elif item.shape == "square":
-            canvas.rectangle([x - r, y - r, x + r, y + r], fill=COLORS[item.color])
+            canvas.rectangle([x - r, y - r, x + r, y + r], fill=palette[item.color])
         else:  # pointing up, its box the same as the square's
-            canvas.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=COLORS[item.color])
+            canvas.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=palette[item.color])
     return image, boxes
 
 
@@ -82,10 +88,15 @@ def caption(shapes: list[Shape]) -> str:
     return text + "".join(f" and a {s.color} {s.shape} {s.position}" for s in shapes[1:])
 
 
-def sample_scene(rng: np.random.Generator, left_out: set[tuple[str, str]], two_objects: float) -> list[Shape]:
+def sample_scene(
+    rng: np.random.Generator,
+    left_out: set[tuple[str, str]],
+    two_objects: float,
+    colors: tuple[str, ...] = tuple(COLORS),
+) -> list[Shape]:
     """One object, or two that do not touch: the second is small and at least two cells from a
     large first one (one cell from a small one)."""
-    pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in left_out]
+    pairs = [(c, s) for c in colors for s in SHAPES if (c, s) not in left_out]
     names = list(POSITIONS)
 
     def pick(size: str, position: str) -> Shape:
@@ -103,25 +114,60 @@ def sample_scene(rng: np.random.Generator, left_out: set[tuple[str, str]], two_o
     return [first, pick("small", free[rng.integers(len(free))])]
 
 
-def parse_pairs(text: str, flag: str = "--leave-out") -> set[tuple[str, str]]:
+def parse_pairs(text: str, flag: str = "--leave-out", palette: Palette = COLORS) -> set[tuple[str, str]]:
     """'red circle,blue square' -> {('red', 'circle'), ('blue', 'square')}."""
     pairs = set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         words = item.split()
-        if len(words) != 2 or words[0] not in COLORS or words[1] not in SHAPES:
+        if len(words) != 2 or words[0] not in palette or words[1] not in SHAPES:
             raise UserError(
-                f"{flag} {item!r}: expected 'COLOR SHAPE' with COLOR in {list(COLORS)}, SHAPE in {list(SHAPES)}"
+                f"{flag} {item!r}: expected 'COLOR SHAPE' with COLOR in {list(palette)}, SHAPE in {list(SHAPES)}"
             )
         pairs.add((words[0], words[1]))
     return pairs
 
 
-def generate(out: Path, n: int, size: int, seed: int, left_out: set[tuple[str, str]], two_objects: float) -> None:
+def parse_colors(text: str) -> Palette:
+    """'purple=128,0,255,pink=255,128,192' -> the palette with those colours added. A colour must be
+    brighter than half in some channel, or the detector would take it for the black background."""
+    item = r"([a-z]+)=(\d+,\d+,\d+)"
+    if not re.fullmatch(rf"{item}(,{item})*", text.strip()):
+        raise UserError(f"--colors {text!r}: expected NAME=R,G,B[,NAME=R,G,B...], e.g. purple=128,0,255")
+    palette = dict(COLORS)
+    for name, rgb in re.findall(item, text):
+        values = tuple(int(v) for v in rgb.split(","))
+        if max(values) > 255 or max(values) <= 128:
+            raise UserError(f"--colors {name}={rgb}: channels 0..255, the brightest above 128")
+        palette[name] = values
+    return palette
+
+
+def choose_colors(extra: str | None, only: str | None) -> tuple[Palette, tuple[str, ...]]:
+    """The palette (COLORS plus `extra`, as parse_colors reads it) and the colours to draw: `only`
+    (comma-separated names), else all of the palette."""
+    palette = parse_colors(extra) if extra else COLORS
+    colors = tuple(c.strip() for c in only.split(",")) if only else tuple(palette)
+    if unknown := [c for c in colors if c not in palette]:
+        raise UserError(f"--only-colors {','.join(unknown)}: not in the palette {list(palette)}")
+    return palette, colors
+
+
+def generate(
+    out: Path,
+    n: int,
+    size: int,
+    seed: int,
+    left_out: set[tuple[str, str]],
+    two_objects: float,
+    palette: Palette = COLORS,
+    colors: tuple[str, ...] = tuple(COLORS),
+) -> None:
+    """n images of the `colors` (names in `palette`), written as the folder format train.py reads."""
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        shapes = sample_scene(rng, left_out, two_objects)
-        image, boxes = draw(shapes, size, rng)
+        shapes = sample_scene(rng, left_out, two_objects, colors)
+        image, boxes = draw(shapes, size, rng, palette)
         image.save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption(shapes) + "\n")
         (out / f"{i:05d}.boxes.json").write_text(json.dumps(boxes) + "\n")

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ldm.data.shapes import COLORS, POSITIONS, SIZES
+from ldm.data.shapes import COLORS, POSITIONS, SIZES, Palette
 
-PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
-NAMES = list(COLORS)
 CELLS = {cell: name for name, cell in POSITIONS.items()}
 # A pixel whose brightest channel exceeds half of full intensity is part of a shape: every colour
 # is drawn at 255 in some channel, and a blurred edge crosses half its height where the true edge
@@ -30,8 +28,8 @@ class Detection:
     mask: np.ndarray  # (H, W) bool
 
 
-def detect(image: np.ndarray) -> list[Detection]:
-    """Shapes in an (H, W, 3) uint8 image, largest first."""
+def detect(image: np.ndarray, palette: Palette = COLORS) -> list[Detection]:
+    """Shapes in an (H, W, 3) uint8 image, largest first, each named by its nearest palette colour."""
     height, width, _ = image.shape
     foreground = image.max(axis=2) > FOREGROUND
     labels, count = ndimage.label(foreground, structure=np.ones((3, 3)))
@@ -41,16 +39,17 @@ def detect(image: np.ndarray) -> list[Detection]:
         area = int(mask.sum())
         if area < MIN_AREA * height * width:
             continue
-        found.append(classify(image, mask, area))
+        found.append(classify(image, mask, area, palette))
     return sorted(found, key=lambda d: -d.area)
 
 
-def classify(image: np.ndarray, mask: np.ndarray, area: int) -> Detection:
+def classify(image: np.ndarray, mask: np.ndarray, area: int, palette: Palette = COLORS) -> Detection:
     height, width = mask.shape
     rows, columns = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, columns.min(), columns.max() + 1
     mean = image[mask].astype(np.float32).mean(axis=0)
-    color = NAMES[int(np.argmin(((PALETTE - mean) ** 2).sum(axis=1)))]
+    distances = ((np.array(list(palette.values()), dtype=np.float32) - mean) ** 2).sum(axis=1)
+    color = list(palette)[int(np.argmin(distances))]
     span = max(bottom - top, right - left) / max(height, width)
     size = "large" if span > (SIZES["small"] + SIZES["large"]) / 2 else "small"
     cell = (min(int((left + right) / 2 / width * 3), 2), min(int((top + bottom) / 2 / height * 3), 2))

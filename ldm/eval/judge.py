@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Shape, caption
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Palette, Shape, caption
 from ldm.eval.detector import Detection, detect
 
 DEFAULT_LEFT_OUT = "blue triangle,yellow circle"  # what configs/shapes-*.yaml leave out
@@ -45,15 +45,18 @@ class Verdict:
     pointing: dict[str, bool] = field(default_factory=dict)  # shape word, colour word
 
 
-def prompt_set(left_out: set[tuple[str, str]], two_objects: int = 24) -> list[Case]:
+def prompt_set(
+    left_out: set[tuple[str, str]], two_objects: int = 24, colors: tuple[str, ...] = tuple(COLORS)
+) -> list[Case]:
+    """Every colour x shape x position as one object (sizes alternating), and pairs of objects apart."""
     cases = []
     for i, (color, shape, position) in enumerate(
-        (c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS
+        (c, s, p) for c in colors for s in SHAPES for p in POSITIONS
     ):  # fmt: skip
         kind = "left-out" if (color, shape) in left_out else "seen"
         cases.append(Case(kind, [Shape(color, shape, position, "small" if i % 2 else "large")]))
     rng = np.random.default_rng(0)
-    pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in left_out]
+    pairs = [(c, s) for c in colors for s in SHAPES if (c, s) not in left_out]
     names = list(POSITIONS)
     while sum(case.kind == "two-objects" for case in cases) < two_objects:
         (c1, s1), (c2, s2) = (pairs[i] for i in rng.choice(len(pairs), 2, replace=False))
@@ -64,8 +67,10 @@ def prompt_set(left_out: set[tuple[str, str]], two_objects: int = 24) -> list[Ca
     return cases
 
 
-def judge(case: Case, seed: int, image: Image.Image, maps: list[tuple[str, Tensor]]) -> Verdict:
-    found = detect(np.asarray(image.convert("RGB")))
+def judge(
+    case: Case, seed: int, image: Image.Image, maps: list[tuple[str, Tensor]], palette: Palette = COLORS
+) -> Verdict:
+    found = detect(np.asarray(image.convert("RGB")), palette)
     verdict = Verdict(case, seed, image)
     if case.kind == "two-objects":
         wanted = {(s.color, s.shape, s.position) for s in case.shapes}
@@ -114,6 +119,18 @@ def summarise(verdicts: list[Verdict]) -> dict:
         "two objects": {"whole prompt": rate([v.correct for v in verdicts if v.case.kind == "two-objects"])},
         "pointing game": {role: pointing(singles, role) for role in ("shape", "color")},
         "seen, by size": {size: by_size([v for v in seen if v.case.shapes[0].size == size]) for size in SIZES},
+        "single objects, by colour": {
+            color: by_colour([v for v in singles if v.case.shapes[0].color == color])
+            for color in dict.fromkeys(v.case.shapes[0].color for v in singles)
+        },
+    }
+
+
+def by_colour(verdicts: list[Verdict]) -> dict:
+    """How a colour fares: drawn in that colour, and the whole prompt right (a taught colour's test)."""
+    return {
+        "color": rate([v.attributes["color"] for v in verdicts]),
+        "whole prompt": rate([v.correct for v in verdicts]),
     }
 
 
@@ -149,10 +166,10 @@ def contact_sheet(verdicts: list[Verdict], per_row: int = 16, limit: int = 64) -
     return sheet
 
 
-def evaluate(generate, cases: list[Case], rounds: int) -> list[Verdict]:
+def evaluate(generate, cases: list[Case], rounds: int, palette: Palette = COLORS) -> list[Verdict]:
     """`generate(prompts, round)` -> one (image, attention maps) per prompt, for each round."""
     verdicts = []
     for round_ in range(rounds):
         for case, (image, maps) in zip(cases, generate([c.prompt for c in cases], round_), strict=True):
-            verdicts.append(judge(case, round_, image, maps))
+            verdicts.append(judge(case, round_, image, maps, palette))
     return verdicts

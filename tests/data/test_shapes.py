@@ -60,3 +60,30 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "full" / "mine.txt").write_text("keep")
     assert main(["--out", str(tmp_path / "full"), "--n", "3"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_extra_colours_are_drawn_and_boxed_and_only_colours_draws_just_them(tmp_path):
+    argv = ["--out", str(tmp_path / "d"), "--n", "20", "--size", "32", "--colors", "rose=255,0,128,lime=128,255,0"]
+    assert main([*argv, "--only-colors", "rose"]) == 0
+    captions = [p.read_text() for p in sorted((tmp_path / "d").glob("*.txt"))]
+    assert all(" rose " in c and not any(f" {name} " in c for name in COLORS) for c in captions)
+    pixels = {tuple(p) for f in (tmp_path / "d").glob("*.png") for p in np.asarray(Image.open(f)).reshape(-1, 3)}
+    assert pixels == {(0, 0, 0), (255, 0, 128)}
+    boxes = json.loads((tmp_path / "d" / "00000.boxes.json").read_text())
+    assert "rose" in boxes
+    # the default palette and seed give the same data as before the option existed
+    main(["--out", str(tmp_path / "a"), "--n", "3", "--seed", "7"])
+    main(["--out", str(tmp_path / "b"), "--n", "3", "--seed", "7", "--only-colors", ",".join(COLORS)])
+    for name in ("00002.png", "00002.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_bad_colours_are_one_line_and_exit_2(tmp_path, capsys):
+    for argv, message in [
+        (["--colors", "purple"], "--colors 'purple': expected NAME=R,G,B"),
+        (["--colors", "dark=20,0,40"], "--colors dark=20,0,40: channels 0..255, the brightest above 128"),
+        (["--only-colors", "purple"], "--only-colors purple: not in the palette"),
+    ]:
+        assert main(["--out", str(tmp_path / "d"), "--n", "3", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

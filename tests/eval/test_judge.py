@@ -116,3 +116,18 @@ def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err == "eval_shapes: error: --seeds 0, --steps 25: both must be at least 1\n"
     assert main(["--model", str(tmp_path / "none"), "--left-out", "red"]) == 2
     assert "--left-out 'red': expected 'COLOR SHAPE'" in capsys.readouterr().err
+
+
+def test_an_extra_colour_is_detected_prompted_and_reported_by_colour(tmp_path):
+    palette = {"red": (255, 0, 0), "magenta": (255, 0, 255), "rose": (255, 0, 128)}
+    cases = prompt_set(set(), two_objects=0, colors=("rose",))
+    assert len(cases) == 27 and all(case.shapes[0].color == "rose" for case in cases)
+
+    def generate(prompts, round_):
+        rng = np.random.default_rng(round_)
+        return [(draw(case.shapes, 64, rng, palette)[0], []) for case in cases]
+
+    summary = summarise(evaluate(generate, cases, rounds=1, palette=palette))
+    assert summary["single objects, by colour"]["rose"]["color"] == 100.0
+    crisp = draw(cases[0].shapes, 64, np.random.default_rng(0), palette)[0]
+    assert detect(np.asarray(crisp), palette)[0].color == "rose" and detect(np.asarray(crisp))[0].color != "rose"
