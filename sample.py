@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
-from commands.cli import Parser, UsageError, check_writable, one_line_warnings, quiet_libraries
+from commands.cli import Parser, UsageError, check_writable, lora_argument, one_line_warnings, quiet_libraries
 from ldm.errors import UserError
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
@@ -100,17 +100,6 @@ def apply_png_settings(args: argparse.Namespace) -> None:
         args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
     if settings.get("strength") is not None and args.init_image is None:
         raise UsageError(f"--from-png {args.from_png}: it was drawn from an init image; pass it with --init-image")
-
-
-def lora_argument(value: str) -> tuple[str, float]:
-    """'style.safetensors:0.7' -> (file, 0.7); a path alone has scale 1."""
-    path, colon, scale = value.rpartition(":")
-    if not colon or Path(value).is_file():
-        return value, 1.0
-    try:
-        return path, float(scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value}: {scale!r} is not a scale (write FILE or FILE:0.8)") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

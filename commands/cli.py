@@ -53,3 +53,14 @@ def fail(program: str, error: UserError) -> int:
     """A user's mistake, as every command reports it: `program: error: message` on stderr, exit code 2."""
     print(f"{program}: error: {error}", file=sys.stderr)
     return 2
+
+
+def lora_argument(value: str) -> tuple[str, float]:
+    """'style.safetensors:0.7' -> (file, 0.7); a path alone has scale 1."""
+    path, colon, scale = value.rpartition(":")
+    if not colon or Path(value).is_file():
+        return value, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: {scale!r} is not a scale (write FILE or FILE:0.8)") from None

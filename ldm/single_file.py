@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
     convert_ldm_unet_checkpoint,
@@ -78,6 +79,13 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     text = text_state_from_files(model.text_encoder, text)
     expected = model.text_encoder.state_dict()  # SD 2.x files hold a 24th layer and a projection SD does not use
     load_exactly(model.text_encoder, {k: v for k, v in text.items() if k in expected}, "text_encoder")
+    if "v_pred" in state or "ztsnr" in state:  # the markers save_single_file writes (and ComfyUI reads)
+        changes = {"prediction_type": "v_prediction"} if "v_pred" in state else {}
+        scheduler = type(model.scheduler)
+        if "ztsnr" in state:  # DDIM takes the rescaled betas as an option (PNDM, the presets' own, does not)
+            changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+            scheduler = DDIMScheduler
+        model.scheduler = scheduler.from_config(model.scheduler.config, **changes)
     return model
 
 
@@ -96,9 +104,32 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
         state |= {OPEN_CLIP + k: v for k, v in open_clip_state(text).items()}
     else:
         state |= {CLIP + k: v for k, v in text.items()}
+    scheduler = model.scheduler.config
+    v_prediction = scheduler.prediction_type == "v_prediction"
+    zero_snr = bool(scheduler.get("rescale_betas_zero_snr", False))
+    # ComfyUI (comfy/supported_models.py, model_type) reads these two empty keys as "v-prediction"
+    # and "zero terminal SNR"; SD 2.x's v-prediction it also guesses from the weights.
+    state |= {"v_pred": torch.zeros(0)} if v_prediction else {}
+    state |= {"ztsnr": torch.zeros(0)} if zero_snr else {}
     partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, partial)
+    save_file({k: v.contiguous() for k, v in state.items()}, partial, metadata=model_spec(model, v_prediction))
     partial.rename(path)
+
+
+def model_spec(model: LatentDiffusion, v_prediction: bool) -> dict[str, str]:
+    """Stability's ModelSpec header fields, as kohya's library/sai_model_spec.py writes them."""
+    v2 = model.unet.config.cross_attention_dim == 1024
+    if v2:
+        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+    else:
+        architecture = "stable-diffusion-v1"
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "modelspec.title": "ldm-toolkit export",
+    }
 
 
 def unet_key(key: str, config: UNetConfig) -> str:

@@ -18,7 +18,8 @@ from pipelines.text_to_image import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["sample.py", "train.py", "commands/describe.py", "commands/make_shapes.py",
-            "commands/eval_shapes.py", "commands/eval_additivity.py", "commands/eval_metrics.py"]  # fmt: skip
+            "commands/eval_shapes.py", "commands/eval_additivity.py", "commands/eval_metrics.py",
+            "commands/convert.py"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
