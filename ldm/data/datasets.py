@@ -224,7 +224,14 @@ def collate(items: list) -> dict:
     return batch
 
 
-def open_dataset(path: str | Path, options: ImageOptions, caption_column: str = "text", rank: int = 0, world: int = 1):
+def open_dataset(
+    path: str | Path,
+    options: ImageOptions,
+    caption_column: str = "text",
+    rank: int = 0,
+    world: int = 1,
+    caption_extension: str = ".txt",
+):
     """The dataset at `path`, in whichever of the three formats it is."""
     path = Path(path)
     if path.is_file() and path.suffix == ".tar":
@@ -242,7 +249,7 @@ def open_dataset(path: str | Path, options: ImageOptions, caption_column: str = 
         raise DatasetError(
             f"data.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}), metadata file or .tar shards"
         )
-    return CaptionedImages([(image, image.with_suffix(".txt")) for image in images], options)
+    return CaptionedImages([(image, image.with_suffix(caption_extension)) for image in images], options)
 
 
 def read_metadata(file: Path, caption_column: str) -> list[tuple[Path, str | None]]:

@@ -36,6 +36,9 @@ class DataConfig:
     num_workers: int = 0
     cache_latents: bool = False  # diffusion stage: encode images (and captions, if frozen) once, reuse
     cache_dir: str = "~/.cache/ldm-toolkit"
+    caption_extension: str = ".txt"  # folders: NAME.png's caption is NAME + this
+    shuffle_tags: bool = False  # comma-separated tags shuffled each step, after the first keep_tokens
+    keep_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,10 +176,20 @@ class TrainConfig:
         self._check_lora()
         if self.data.cache_latents and self.stage == "autoencoder":
             raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
+        if self.data.shuffle_tags and self.data.cache_latents and not self._text_trains():
+            raise ConfigError("data.shuffle_tags=true: the captions change every step, so their embeddings cannot be "
+                              "cached; set data.cache_latents=false or train the text encoder")  # fmt: skip
+        if self.data.keep_tokens < 0:
+            raise ConfigError(f"data.keep_tokens={self.data.keep_tokens}: must be 0 or more")
+        if not self.data.caption_extension.startswith("."):
+            raise ConfigError(f"data.caption_extension={self.data.caption_extension!r}: starts with a dot, e.g. .txt")
         if self.data.cache_latents and (not self.data.center_crop or self.data.random_flip):
             raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
+
+    def _text_trains(self) -> bool:
+        return self.lora.text_encoder if self.stage == "lora" else self.diffusion.train_text_encoder
 
     def _check_lora(self) -> None:
         if self.stage != "lora":

@@ -122,8 +122,9 @@ class Trainer:
         data, accelerator = self.config.data, self.accelerator
         options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed)
         dataset = open_dataset(
-            data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes
-        )
+            data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes,
+            data.caption_extension,
+        )  # fmt: skip
         check_usable(dataset)
         STAGES[self.config.stage].check(self.config, dataset)
         return dataset

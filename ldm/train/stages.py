@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import images_to_latents
+from ldm.data.captions import shuffle_tags
 from ldm.data.datasets import CaptionedImages, boxes_file
 from ldm.errors import ConfigError
 from ldm.lora import lora_file, save_lora
@@ -162,8 +163,11 @@ class DiffusionStage(Stage):
         diffusion = self.config.diffusion
         unet, text_encoder = modules[0], modules[1] if len(modules) > 1 else self.model.text_encoder
         latents = self._latents(batch)
-        dropped = torch.rand(len(batch["captions"])) < diffusion.caption_dropout
-        captions = ["" if drop else caption for caption, drop in zip(batch["captions"], dropped, strict=True)]
+        captions = batch["captions"]
+        if self.config.data.shuffle_tags:
+            captions = [shuffle_tags(caption, self.config.data.keep_tokens) for caption in captions]
+        dropped = torch.rand(len(captions)) < diffusion.caption_dropout
+        captions = ["" if drop else caption for caption, drop in zip(captions, dropped, strict=True)]
         if self.cache is not None and self.cache.empty_text is not None:  # text cached too
             text = torch.where(dropped[:, None, None], self.cache.empty_text, batch["text"])
             text = text.to(self.accelerator.device)
