@@ -19,6 +19,7 @@ from ldm.errors import UserError
 from ldm.model import LatentDiffusion
 from ldm.train.config import TrainConfig, load_config
 from ldm.train.loop import Trainer, Validate
+from ldm.train.stages import Draw
 from pipelines.outputs import grid
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -45,6 +46,18 @@ def sampler(config: TrainConfig) -> Validate | None:
     return validate
 
 
+def painter(config: TrainConfig) -> Draw:
+    """DreamBooth's class images: the base model's own pictures of the class prompt, at the
+    training resolution and the model's sampling defaults (sampling.json, else the pipeline's)."""
+
+    def draw(model: LatentDiffusion, prompts: list[str], seed: int, device: torch.device) -> list[Image.Image]:
+        pipe = TextToImagePipeline(model, device=str(device.type), dtype="fp32")
+        size = config.data.resolution
+        return pipe(prompts, seed=seed, height=size, width=size, progress=False)
+
+    return draw
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a recipe in configs/")
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         config = load_config(args.config, args.overrides)
         check_writable(Path(config.output_dir), f"output_dir={config.output_dir}")
-        Trainer(config, validate=sampler(config)).run()
+        Trainer(config, validate=sampler(config), draw=painter(config)).run()
     except UserError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

@@ -69,6 +69,18 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class DreamBoothConfig:
+    """DreamBooth (stage diffusion or lora): every training image captioned by the instance prompt,
+    and prior preservation: the base model's own images of the class prompt trained alongside."""
+
+    instance_prompt: str | None = None  # e.g. "a photo of sks dog"; default: the images' own captions
+    class_prompt: str | None = None  # e.g. "a photo of a dog"; set it to turn prior preservation on
+    class_images: int = 100  # drawn by the base model once, then reused
+    class_dir: str | None = None  # where they are kept; default DATA.CACHE_DIR/class-images/<prompt, model, size>
+    prior_loss_weight: float = 1.0  # the class images' loss, relative to the instance images'
+
+
+@dataclass(frozen=True)
 class AutoencoderConfig:
     loss: str = "l1"  # l1 or mse
     kl_weight: float = 1e-6
@@ -131,6 +143,7 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: StepsConfig = field(default_factory=StepsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -174,6 +187,7 @@ class TrainConfig:
             # A checkpointed block is recomputed in the backward pass without the probabilities taken from it.
             raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
         self._check_lora()
+        self._check_dreambooth()
         if self.data.cache_latents and self.stage == "autoencoder":
             raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
         if self.data.shuffle_tags and self.data.cache_latents and not self._text_trains():
@@ -187,6 +201,23 @@ class TrainConfig:
             raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
+
+    def _check_dreambooth(self) -> None:
+        dreambooth = self.dreambooth
+        if (dreambooth.instance_prompt or dreambooth.class_prompt) and self.stage == "autoencoder":
+            raise ConfigError("dreambooth: for the diffusion and lora stages")
+        if dreambooth.class_prompt is None:
+            return
+        if dreambooth.class_prompt == dreambooth.instance_prompt:
+            raise ConfigError("dreambooth.class_prompt: must differ from the instance prompt (a class image is "
+                              "known by its caption)")  # fmt: skip
+        if dreambooth.class_images < 1:
+            raise ConfigError(f"dreambooth.class_images={dreambooth.class_images}: must be at least 1")
+        if dreambooth.prior_loss_weight < 0:
+            raise ConfigError(f"dreambooth.prior_loss_weight={dreambooth.prior_loss_weight}: must be 0 or more")
+        if self.data.shuffle_tags:
+            raise ConfigError("dreambooth.class_prompt: needs data.shuffle_tags=false (the class images are known "
+                              "by their caption)")  # fmt: skip
 
     def _text_trains(self) -> bool:
         return self.lora.text_encoder if self.stage == "lora" else self.diffusion.train_text_encoder

@@ -31,7 +31,7 @@ from ldm.errors import ConfigError
 from ldm.model import LatentDiffusion
 from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
 from ldm.train.config import TrainConfig, save_config
-from ldm.train.stages import STAGES
+from ldm.train.stages import STAGES, Draw
 
 logger = logging.getLogger(__name__)
 Validate = Callable[[LatentDiffusion, int, torch.device], Image.Image]  # (EMA model, step, device) -> a grid
@@ -51,8 +51,9 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, validate: Validate | None = None):
-        self.config, self.validate = config, validate
+    def __init__(self, config: TrainConfig, validate: Validate | None = None, draw: Draw | None = None):
+        """`validate` draws the validation grid, `draw` DreamBooth's class images (both from train.py)."""
+        self.config, self.validate, self.draw = config, validate, draw
         self.output = Path(config.output_dir)
         self.accelerator = Accelerator(
             mixed_precision=config.steps.mixed_precision,
@@ -71,7 +72,7 @@ class Trainer:
         dataset = self._dataset()
         set_seed(config.seed)  # the same initial weights on every process
         self.model = build_model(config)
-        self.stage = STAGES[config.stage](config, self.model, accelerator)
+        self.stage = STAGES[config.stage](config, self.model, accelerator, self.draw)
         self.dataset = self.stage.data(dataset)
         modules = self.stage.trained()
         optimizer = self._optimizer(modules)
@@ -125,8 +126,11 @@ class Trainer:
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes,
             data.caption_extension,
         )  # fmt: skip
-        check_usable(dataset)
         STAGES[self.config.stage].check(self.config, dataset)
+        instance_prompt = self.config.dreambooth.instance_prompt
+        if instance_prompt:  # DreamBooth: one caption for every image (a folder dataset: checked)
+            dataset = CaptionedImages([(image, instance_prompt) for image, _ in dataset.entries], options)
+        check_usable(dataset)
         return dataset
 
     def _optimizer(self, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:

@@ -16,6 +16,7 @@ def diffusion_loss(
     snr_gamma: float | None = None,
     noise_offset: float = 0.0,
     high_noise_bias: float = 1.0,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Noise the latents to a random timestep, x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and regress the UNet's
     output on its target: ε for `epsilon`, v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for `v_prediction`.
@@ -23,7 +24,8 @@ def diffusion_loss(
     noise_offset adds a per-channel constant to ε, which lets the model learn very dark and very
     bright images; high_noise_bias draws the noisiest quarter of timesteps that many times as often
     as the rest (diffusers' "later" timestep bias), where the layout is decided; snr_gamma weights
-    each timestep by min(SNR, γ)/SNR (Hang et al., 2023, "Min-SNR")."""
+    each timestep by min(SNR, γ)/SNR (Hang et al., 2023, "Min-SNR"); `weights` weights each sample
+    (DreamBooth's prior-preservation loss: the class images at prior_loss_weight)."""
     batch = latents.shape[0]
     noise = torch.randn_like(latents)
     if noise_offset:
@@ -32,9 +34,9 @@ def diffusion_loss(
     if high_noise_bias == 1.0:
         timesteps = torch.randint(0, steps, (batch,), device=latents.device)
     else:
-        weights = torch.ones(steps)
-        weights[steps - steps // 4 :] = high_noise_bias
-        timesteps = torch.multinomial(weights, batch, replacement=True).to(latents.device)
+        odds = torch.ones(steps)
+        odds[steps - steps // 4 :] = high_noise_bias
+        timesteps = torch.multinomial(odds, batch, replacement=True).to(latents.device)
     noisy = noise_schedule.add_noise(latents, noise, timesteps)
     if noise_schedule.config.prediction_type == "v_prediction":
         target = noise_schedule.get_velocity(latents, noise, timesteps)
@@ -42,6 +44,8 @@ def diffusion_loss(
         target = noise
     prediction = unet(noisy, timesteps, text)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = weights * per_sample
     if snr_gamma is None:
         return per_sample.mean()
     alphas = noise_schedule.alphas_cumprod.to(latents.device)[timesteps]

@@ -8,7 +8,10 @@ checkpoints, validation. A new way to train (LoRA, DreamBooth) is a new stage he
     LoraStage        adapters on the UNet (and maybe text)  as DiffusionStage
 """
 
+import hashlib
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, inject_adapter_in_model
+from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -32,6 +36,10 @@ from ldm.train.config import TrainConfig
 from ldm.train.grounding import grounding_loss, grounding_targets
 from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
 
+logger = logging.getLogger(__name__)
+Draw = Callable[[LatentDiffusion, list[str], int, torch.device], list[Image.Image]]  # image k: seed + k
+CLASS_BATCH = 8
+
 
 class Stage:
     """One kind of training of `model`. The loop calls, in order: `check` before the model is built,
@@ -44,8 +52,8 @@ class Stage:
     def check(cls, config: TrainConfig, dataset: Dataset) -> None:
         """What this stage needs of the data; ConfigError if it is not there."""
 
-    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator):
-        self.config, self.model, self.accelerator = config, model, accelerator
+    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator, draw: Draw | None = None):
+        self.config, self.model, self.accelerator, self.draw = config, model, accelerator, draw
         for part in model.parts().values():
             part.requires_grad_(False).eval()
 
@@ -116,8 +124,8 @@ class DiffusionStage(Stage):
     """Trains the UNet (and, from scratch, maybe the text encoder) to predict the noise (or v) added
     to the VAE's latents, conditioned on the captions; the VAE stays frozen."""
 
-    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator):
-        super().__init__(config, model, accelerator)
+    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator, draw: Draw | None = None):
+        super().__init__(config, model, accelerator, draw)
         prediction = config.diffusion.prediction_type or model.scheduler.config.prediction_type
         model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction)
         self.noise_schedule = DDPMScheduler.from_config(model.scheduler.config)
@@ -137,9 +145,13 @@ class DiffusionStage(Stage):
             )
         if data.cache_latents and not folder:
             raise ConfigError("data.cache_latents=true: for folder or metadata datasets, not tar shards")
+        dreambooth = config.dreambooth
+        if (dreambooth.instance_prompt or dreambooth.class_prompt) and not folder:
+            raise ConfigError("dreambooth: for folder or metadata datasets, not tar shards")
 
     def data(self, dataset: Dataset) -> Dataset:
         data = self.config.data
+        dataset = self._dreambooth(dataset)
         if not data.cache_latents:
             return dataset
         cache_text, folder = not self.text_trains, Path(data.cache_dir).expanduser()
@@ -147,6 +159,37 @@ class DiffusionStage(Stage):
             path = build_cache(dataset, self.model, cache_text, folder, self.accelerator.device)
         self.cache = load_cache(path)
         return self.cache
+
+    def _dreambooth(self, dataset: Dataset) -> Dataset:
+        """Prior preservation: the class images added to the data, captioned by the class prompt."""
+        class_prompt = self.config.dreambooth.class_prompt
+        if class_prompt is None:
+            return dataset
+        class_entries = [(image, class_prompt) for image in self._class_images()]
+        return CaptionedImages(dataset.entries + class_entries, dataset.options)
+
+    def _class_images(self) -> list[Path]:
+        """The base model's images of the class prompt: drawn into the class folder the first time
+        (seeds 0, 1, ...; the main process draws, the others wait), reused after."""
+        dreambooth = self.config.dreambooth
+        folder = Path(dreambooth.class_dir or class_folder(self.config)).expanduser()
+        with self.accelerator.main_process_first():
+            have = sorted(folder.glob("*.png"))
+            missing = dreambooth.class_images - len(have)
+            if missing > 0 and self.accelerator.is_main_process:
+                if self.draw is None:
+                    raise ConfigError("dreambooth.class_prompt: drawing class images needs train.py's sampler")
+                folder.mkdir(parents=True, exist_ok=True)
+                logger.info("drawing %d class images of %r into %s", missing, dreambooth.class_prompt, folder)
+                for start in range(len(have), dreambooth.class_images, CLASS_BATCH):
+                    count = min(CLASS_BATCH, dreambooth.class_images - start)
+                    images = self.draw(self.model, [dreambooth.class_prompt] * count, start, self.accelerator.device)
+                    for offset, image in enumerate(images):
+                        partial = folder / f".{start + offset:05d}.png.partial"
+                        image.save(partial, format="PNG")
+                        partial.rename(folder / f"{start + offset:05d}.png")
+                have = sorted(folder.glob("*.png"))
+        return have[: dreambooth.class_images]
 
     def trained(self) -> list[nn.Module]:
         model, diffusion = self.model, self.config.diffusion
@@ -164,6 +207,11 @@ class DiffusionStage(Stage):
         unet, text_encoder = modules[0], modules[1] if len(modules) > 1 else self.model.text_encoder
         latents = self._latents(batch)
         captions = batch["captions"]
+        class_prompt = self.config.dreambooth.class_prompt
+        weights = None
+        if class_prompt is not None:  # prior preservation: a class image is known by its caption
+            prior = self.config.dreambooth.prior_loss_weight
+            weights = torch.tensor([prior if c == class_prompt else 1.0 for c in captions], device=latents.device)
         if self.config.data.shuffle_tags:
             captions = [shuffle_tags(caption, self.config.data.keep_tokens) for caption in captions]
         dropped = torch.rand(len(captions)) < diffusion.caption_dropout
@@ -178,6 +226,7 @@ class DiffusionStage(Stage):
             snr_gamma=diffusion.snr_gamma,
             noise_offset=diffusion.noise_offset,
             high_noise_bias=diffusion.high_noise_bias,
+            weights=weights,
         )
         if not (diffusion.grounding_loss and batch.get("boxes")):
             return diffusion_loss(unet, self.noise_schedule, latents, text, **weighting)
@@ -207,8 +256,8 @@ class LoraStage(DiffusionStage):
 
     RESULT = "lora.safetensors"
 
-    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator):
-        super().__init__(config, model, accelerator)
+    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator, draw: Draw | None = None):
+        super().__init__(config, model, accelerator, draw)
         self.text_trains = config.lora.text_encoder
         self.targets = {"unet": list(config.lora.targets)}
         if config.lora.text_encoder:
@@ -290,6 +339,12 @@ def check_targets(module: nn.Module, targets: list[str], key: str) -> None:
             raise ConfigError(
                 f"{key}: {target!r} names {', '.join(sorted(wrong))} layers; LoRA adapts Linear and Conv2d"
             )
+
+
+def class_folder(config: TrainConfig) -> Path:
+    """The default class-image folder: one per class prompt, base model and resolution."""
+    key = f"{config.model.pretrained or config.model.preset}|{config.dreambooth.class_prompt}|{config.data.resolution}"
+    return Path(config.data.cache_dir) / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 STAGES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "diffusion": DiffusionStage, "lora": LoraStage}

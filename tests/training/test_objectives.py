@@ -63,3 +63,18 @@ def test_only_finished_checkpoints_count(tmp_path):
     for name in ["step-00000010", "step-00000030", ".step-00000040.partial", "step-00000020", "notes"]:
         (tmp_path / name).mkdir()
     assert [p.name for p in completed(tmp_path)] == ["step-00000010", "step-00000020", "step-00000030"]
+
+
+def test_sample_weights_scale_each_samples_loss():
+    """DreamBooth's prior preservation weights the class images' samples by prior_loss_weight."""
+    schedule = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    latents, text = torch.randn(2, 4, 8, 8), torch.zeros(2, 7, 8)
+
+    def run(weights):
+        torch.manual_seed(0)  # the same noise and timesteps each time
+        return diffusion_loss(Recorder(), schedule, latents, text, weights=weights)
+
+    whole = run(None)
+    torch.testing.assert_close(run(torch.tensor([1.0, 0.0])) + run(torch.tensor([0.0, 1.0])), whole)
+    torch.testing.assert_close(run(torch.tensor([0.5, 0.5])), whole / 2)
+    assert run(torch.tensor([1.0, 0.0])) != run(torch.tensor([0.0, 1.0]))
