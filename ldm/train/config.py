@@ -138,6 +138,7 @@ class TrainConfig:
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard, wandb or none
     save_precision: str = "fp32"  # the final model's weights on disk: fp32, fp16 (half the size) or bf16
+    save_single_file: bool = False  # also OUTPUT_DIR/model.safetensors, original layout (a LoRA merged in)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

@@ -28,8 +28,9 @@ from ldm.autoencoder import images_to_latents
 from ldm.data.captions import shuffle_tags
 from ldm.data.datasets import CaptionedImages, boxes_file
 from ldm.errors import ConfigError
-from ldm.lora import lora_file, save_lora
+from ldm.lora import lora_file, merge_lora, save_lora
 from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults
+from ldm.single_file import save_single_file
 from ldm.text import encode_prompts
 from ldm.train.cache import CachedExamples, build_cache, load_cache
 from ldm.train.config import TrainConfig
@@ -39,6 +40,7 @@ from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
 logger = logging.getLogger(__name__)
 Draw = Callable[[LatentDiffusion, list[str], int, torch.device], list[Image.Image]]  # image k: seed + k
 CLASS_BATCH = 8
+SINGLE_FILE = "model.safetensors"  # save_single_file: true
 
 
 class Stage:
@@ -72,10 +74,12 @@ class Stage:
         """On every process, after the last step, with the EMA weights in place."""
 
     def save(self, output: Path) -> None:
-        """On the main process: the trained model, in the recipe's precision."""
+        """On the main process: the trained model, in the recipe's precision (and as one file)."""
         for part in self.model.parts().values():
             part.to(DTYPES[self.config.save_precision])
         self.model.save(output / self.RESULT)
+        if self.config.save_single_file:
+            save_single_file(self.model, output / SINGLE_FILE)
 
 
 class AutoencoderStage(Stage):
@@ -292,6 +296,12 @@ class LoraStage(DiffusionStage):
         }
         tensors, metadata = lora_file(adapters, self.targets, self.config.lora.alpha, self.config.lora.format)
         save_lora(output / self.RESULT, tensors, metadata | self._training_metadata())
+        if self.config.save_single_file:  # the base model with the file just written merged in
+            merged = LatentDiffusion.load(self.config.model.pretrained)
+            merge_lora(merged, output / self.RESULT)
+            for part in merged.parts().values():
+                part.to(dtype)
+            save_single_file(merged, output / SINGLE_FILE)
 
     def _training_metadata(self) -> dict[str, str]:
         """kohya's `ss_` fields (train_network.py), as model browsers and web UIs read them."""

@@ -13,6 +13,9 @@ from training.conftest import Stop, recipe
 
 import sample
 import train
+from ldm.lora import merge_lora
+from ldm.model import LatentDiffusion
+from ldm.single_file import load_single_file
 from ldm.train.config import load_config
 from ldm.train.loop import Trainer
 from pipelines.text_to_image import TextToImagePipeline
@@ -158,3 +161,19 @@ def test_the_lora_recipe_runs_and_sample_py_loads_its_file(tiny_model_dir, four_
             "--width", "16", "--lora", lora, "--outdir", str(tmp_path / "out")]  # fmt: skip
     assert sample.main(argv) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_save_single_file_writes_the_model_with_the_lora_merged_in(tiny_model_dir, four_images, tmp_path):
+    path = lora_recipe(tmp_path, four_images, tiny_model_dir, format="diffusers")
+    Trainer(load_config(path, ["save_single_file=true", "steps.max=2"])).run()
+    expected = LatentDiffusion.load(tiny_model_dir)
+    merge_lora(expected, tmp_path / "run" / "lora.safetensors")
+    written = load_single_file(tmp_path / "run" / "model.safetensors", preset="tiny")
+    for name, part in expected.parts().items():
+        for key, value in part.state_dict().items():
+            assert torch.equal(getattr(written, name).state_dict()[key], value), (name, key)
+    full = recipe(tmp_path / "full", four_images, steps={"max": 1})
+    Trainer(load_config(full, ["save_single_file=true"])).run()
+    trained = LatentDiffusion.load(tmp_path / "full" / "run" / "model")
+    written = load_single_file(tmp_path / "full" / "run" / "model.safetensors", preset="tiny")
+    assert all(torch.equal(v, written.unet.state_dict()[k]) for k, v in trained.unet.state_dict().items())
