@@ -44,6 +44,7 @@ class ImageOptions:
     center_crop: bool = True
     random_flip: bool = False
     seed: int = 0
+    upscale: bool = False  # images smaller than their training size: enlarged instead of skipped
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,19 @@ def load_item(
     options: ImageOptions,
     key: list[int],
     boxes: str | bytes | None = None,
+    size: tuple[int, int] | None = None,
 ):
     """One example as {"pixels", "caption"} (and "boxes" when given), or Skipped. `key` seeds
-    this item's crop and flip."""
+    this item's crop and flip; `size` (width, height) is its bucket's, else the square resolution."""
     try:
         if caption is None or not caption.strip():
             raise BadItem("no caption")
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as file:
             file.load()
             pixels, placement = prepare_image(
-                file, options.resolution, options.center_crop, options.random_flip, np.random.default_rng(key)
-            )
+                file, size or (options.resolution, options.resolution), options.center_crop, options.random_flip,
+                np.random.default_rng(key), options.upscale,
+            )  # fmt: skip
         item = {"pixels": pixels, "caption": caption.strip()}
         if boxes is not None:
             item["boxes"] = read_boxes(boxes, placement)
@@ -104,8 +107,14 @@ class CaptionedImages(Dataset):
     """Formats 1 and 2: a list of (image file, caption) known up front. Indexed by (epoch, index)
     pairs from `EpochSampler`, so each epoch's crops and flips are fixed by the seed."""
 
-    def __init__(self, entries: list[tuple[Path, str | Path | None]], options: ImageOptions):
+    def __init__(
+        self,
+        entries: list[tuple[Path, str | Path | None]],
+        options: ImageOptions,
+        sizes: list[tuple[int, int]] | None = None,
+    ):
         self.entries, self.options = entries, options
+        self.sizes = sizes  # each entry's bucket (width, height); None: all square
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -125,7 +134,8 @@ class CaptionedImages(Dataset):
             boxes = boxes.read_bytes() if boxes.is_file() else None
         except OSError as error:
             return Skipped(str(image), f"unreadable boxes ({boxes.name}: {type(error).__name__})")
-        return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index], boxes)
+        size = self.sizes[index] if self.sizes else None
+        return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index], boxes, size)
 
 
 class EpochSampler(Sampler):

@@ -34,41 +34,50 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class Placement:
     """Where the source image went: scaled by `scale`, cropped at (left, top), maybe mirrored."""
 
-    resolution: int
+    width: int
+    height: int
     scale: float
     left: int
     top: int
     flip: bool
 
     def box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-        """A source-pixel box (x0, y0, x1, y1) as fractions of the training square; None if cropped away."""
-        side = self.resolution
-        x0, x1 = (min(max(x * self.scale - self.left, 0), side) / side for x in (box[0], box[2]))
-        y0, y1 = (min(max(y * self.scale - self.top, 0), side) / side for y in (box[1], box[3]))
+        """A source-pixel box (x0, y0, x1, y1) as fractions of the training image; None if cropped away."""
+        width, height = self.width, self.height
+        x0, x1 = (min(max(x * self.scale - self.left, 0), width) / width for x in (box[0], box[2]))
+        y0, y1 = (min(max(y * self.scale - self.top, 0), height) / height for y in (box[1], box[3]))
         if x1 <= x0 or y1 <= y0:
             return None
         return (1 - x1, y0, 1 - x0, y1) if self.flip else (x0, y0, x1, y1)
 
 
 def prepare_image(
-    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, rng: np.random.Generator
+    image: Image.Image,
+    size: tuple[int, int],
+    center_crop: bool,
+    random_flip: bool,
+    rng: np.random.Generator,
+    upscale: bool = False,
 ) -> tuple[Tensor, Placement]:
-    """(3, resolution, resolution) in [-1, 1], and where the source image went."""
+    """(3, height, width) in [-1, 1] for size = (width, height), and where the source image went."""
     image = to_rgb(image)
     width, height = image.size
-    if min(width, height) < resolution:
-        raise BadItem(f"{width}x{height} is smaller than the training resolution {resolution}")
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.BICUBIC)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    target_width, target_height = size
+    if not upscale and (width < target_width or height < target_height):
+        square = target_width == target_height
+        wanted = f"resolution {target_width}" if square else f"size {target_width}x{target_height}"
+        raise BadItem(f"{width}x{height} is smaller than the training {wanted}")
+    scale = max(target_width / width, target_height / height)
+    scaled = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
+    image = image.resize(scaled, Image.BICUBIC)
+    spare_x, spare_y = scaled[0] - target_width, scaled[1] - target_height
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + target_width, top + target_height))
     flip = random_flip and rng.random() < 0.5
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(array).permute(2, 0, 1), Placement(resolution, scale, left, top, flip)
+    return torch.from_numpy(array).permute(2, 0, 1), Placement(target_width, target_height, scale, left, top, flip)

@@ -37,6 +37,9 @@ class DataConfig:
     cache_latents: bool = False  # diffusion stage: encode images (and captions, if frozen) once, reuse
     cache_dir: str = "~/.cache/ldm-toolkit"
     caption_extension: str = ".txt"  # folders: NAME.png's caption is NAME + this
+    buckets: bool = False  # aspect-ratio buckets of about resolution² pixels, instead of square crops
+    bucket_step: int = 64  # bucket sides are multiples of this (64 for SD: 8 latent pixels)
+    upscale: bool = False  # enlarge images smaller than their bucket (or the square) instead of skipping them
     shuffle_tags: bool = False  # comma-separated tags shuffled each step, after the first keep_tokens
     keep_tokens: int = 0
 
@@ -194,6 +197,10 @@ class TrainConfig:
         if self.data.shuffle_tags and self.data.cache_latents and not self._text_trains():
             raise ConfigError("data.shuffle_tags=true: the captions change every step, so their embeddings cannot be "
                               "cached; set data.cache_latents=false or train the text encoder")  # fmt: skip
+        if self.data.buckets and self.data.cache_latents:
+            raise ConfigError("data.buckets=true: not with data.cache_latents yet (the cache holds one image size)")
+        if self.data.buckets and not 8 <= self.data.bucket_step <= self.data.resolution:
+            raise ConfigError(f"data.bucket_step={self.data.bucket_step}: between 8 and data.resolution")
         if self.data.keep_tokens < 0:
             raise ConfigError(f"data.keep_tokens={self.data.keep_tokens}: must be 0 or more")
         if not self.data.caption_extension.startswith("."):

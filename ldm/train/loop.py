@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ldm.data.buckets import BucketBatchSampler, assign, bucket_sizes, image_size, table
 from ldm.data.datasets import (
     CaptionedImages,
     EpochSampler,
@@ -74,6 +75,8 @@ class Trainer:
         self.model = build_model(config)
         self.stage = STAGES[config.stage](config, self.model, accelerator, self.draw)
         self.dataset = self.stage.data(dataset)
+        if config.data.buckets:
+            self.dataset = self._buckets(self.dataset)
         modules = self.stage.trained()
         optimizer = self._optimizer(modules)
         lr_scheduler = get_scheduler(
@@ -121,12 +124,14 @@ class Trainer:
 
     def _dataset(self) -> CaptionedImages | TarShards:
         data, accelerator = self.config.data, self.accelerator
-        options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed)
+        options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed, data.upscale)
         dataset = open_dataset(
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes,
             data.caption_extension,
         )  # fmt: skip
         STAGES[self.config.stage].check(self.config, dataset)
+        if data.buckets and not isinstance(dataset, CaptionedImages):
+            raise ConfigError("data.buckets=true: for folder or metadata datasets, not tar shards")
         instance_prompt = self.config.dreambooth.instance_prompt
         if instance_prompt:  # DreamBooth: one caption for every image (a folder dataset: checked)
             dataset = CaptionedImages([(image, instance_prompt) for image, _ in dataset.entries], options)
@@ -148,6 +153,19 @@ class Trainer:
 
         return bitsandbytes.optim.AdamW8bit(parameters, **options)
 
+    def _buckets(self, dataset: CaptionedImages) -> CaptionedImages:
+        """Each image's aspect-ratio bucket, from its header; the table goes in the log."""
+        data = self.config.data
+        buckets = bucket_sizes(data.resolution, data.bucket_step)
+        square = (data.resolution, data.resolution)
+        sizes = [
+            assign(size, buckets, data.bucket_step, data.upscale) if (size := image_size(image)) else square
+            for image, _ in dataset.entries
+        ]  # an unreadable image keeps the square: it is skipped, with its reason, when read
+        if self.accelerator.is_main_process:
+            logger.info("aspect-ratio buckets (width x height: images): %s", table(sizes))
+        return CaptionedImages(dataset.entries, dataset.options, sizes)
+
     def _loader(self) -> DataLoader:
         """Resumes at the exact item the interrupted run would have read next."""
         steps, accelerator = self.config.steps, self.accelerator
@@ -156,6 +174,13 @@ class Trainer:
         options["generator"] = torch.Generator().manual_seed(
             self.config.seed
         )  # not the global RNG: resuming must not shift it
+        if isinstance(self.dataset, CaptionedImages) and self.dataset.sizes:
+            batches = BucketBatchSampler(
+                self.dataset.sizes, steps.batch_size, self.config.seed, accelerator.process_index,
+                accelerator.num_processes, self.progress.step * steps.gradient_accumulation,
+            )  # fmt: skip
+            options.pop("batch_size")
+            return DataLoader(self.dataset, batch_sampler=batches, **options)
         if not isinstance(self.dataset, TarShards):
             sampler = EpochSampler(
                 len(self.dataset), self.config.seed, accelerator.process_index, accelerator.num_processes, consumed

@@ -178,29 +178,29 @@ def transparent_palette_image() -> Image.Image:
 def test_resize_by_the_shorter_side_then_center_crop_and_scale_to_plus_minus_one():
     image = Image.new("RGB", (40, 20))
     image.paste((255, 255, 255), (0, 0, 6, 20))  # a white band on the left that the centre crop drops
-    pixels, _ = prepare_image(image, 10, center_crop=True, random_flip=False, rng=np.random.default_rng(0))
+    pixels, _ = prepare_image(image, (10, 10), center_crop=True, random_flip=False, rng=np.random.default_rng(0))
     assert pixels.shape == (3, 10, 10)
     assert pixels.min() == -1 and pixels.max() < -0.9
 
 
 def test_random_crop_and_flip_depend_only_on_the_item_seed():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
-    crop = lambda seed: prepare_image(image, 16, False, True, np.random.default_rng(seed))[0]  # noqa: E731
+    crop = lambda seed: prepare_image(image, (16, 16), False, True, np.random.default_rng(seed))[0]  # noqa: E731
     assert torch.equal(crop(1), crop(1))
     assert any(not torch.equal(crop(1), crop(s)) for s in range(2, 6))
     with pytest.raises(BadItem):
-        prepare_image(image, 32, True, False, np.random.default_rng(0))
+        prepare_image(image, (32, 32), True, False, np.random.default_rng(0))
 
 
 def test_boxes_follow_the_resize_crop_and_flip():
-    placement = Placement(resolution=10, scale=0.5, left=5, top=0, flip=False)  # 40x20 -> 20x10, centre crop
+    placement = Placement(width=10, height=10, scale=0.5, left=5, top=0, flip=False)  # 40x20 -> 20x10, centre crop
     assert placement.box((10, 0, 20, 10)) == (0.0, 0.0, 0.5, 0.5)
     assert placement.box((0, 0, 8, 20)) is None  # cropped away
     assert placement.box((26, 10, 60, 20)) == (0.8, 0.5, 1.0, 1.0)  # clipped to the square
-    mirrored = Placement(10, 0.5, 5, 0, flip=True)
+    mirrored = Placement(10, 10, 0.5, 5, 0, flip=True)
     assert mirrored.box((10, 0, 20, 10)) == (0.5, 0.0, 1.0, 0.5)
     image = Image.new("RGB", (40, 20))
-    assert prepare_image(image, 10, True, False, np.random.default_rng(0))[1] == placement
+    assert prepare_image(image, (10, 10), True, False, np.random.default_rng(0))[1] == placement
 
 
 def test_boxes_beside_the_images_come_with_the_items_and_bad_ones_are_skipped(tmp_path):

@@ -42,3 +42,20 @@ def recipe(tmp_path, data, **sections):
 
 class Stop(Exception):
     pass
+
+
+def run_until(monkeypatch, config, step: int) -> None:
+    """Train with `config`, killed right after `step` (its checkpoint written), as a crash would."""
+    from ldm.train.loop import Trainer
+
+    after_step = Trainer._after_step
+
+    def stop(self, *args):
+        after_step(self, *args)
+        if self.progress.step == step:
+            raise Stop
+
+    monkeypatch.setattr(Trainer, "_after_step", stop)
+    with pytest.raises(Stop):
+        Trainer(config).run()
+    monkeypatch.setattr(Trainer, "_after_step", after_step)

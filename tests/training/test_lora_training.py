@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training.conftest import Stop, recipe
+from training.conftest import recipe, run_until
 
 import sample
 import train
@@ -70,17 +70,7 @@ def test_a_lora_run_trains_and_saves_only_adapters(tiny_model_dir, four_images, 
 def test_a_resumed_lora_run_reproduces_the_uninterrupted_one(tiny_model_dir, four_images, tmp_path, monkeypatch):
     Trainer(load_config(lora_recipe(tmp_path / "whole", four_images, tiny_model_dir), [])).run()
     path = lora_recipe(tmp_path / "split", four_images, tiny_model_dir)
-    after_step = Trainer._after_step
-
-    def stop_at_3(self, *args):
-        after_step(self, *args)
-        if self.progress.step == 3:
-            raise Stop
-
-    monkeypatch.setattr(Trainer, "_after_step", stop_at_3)
-    with pytest.raises(Stop):
-        Trainer(load_config(path, [])).run()
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    run_until(monkeypatch, load_config(path, []), 3)
     Trainer(load_config(path, ["checkpoint.resume=latest"])).run()
     whole, split = (load_file(tmp_path / name / "run" / "lora.safetensors") for name in ("whole", "split"))
     for key, value in whole.items():
