@@ -95,6 +95,10 @@ class Trainer:
         self.progress = Progress()
         accelerator.register_for_checkpointing(self.progress, *([self.ema] if self.ema else []))
         accelerator.register_save_state_pre_hook(without_frozen_weights)
+        self.base_grid = None  # fine-tuning: the pretrained model's pictures, beside every validation grid
+        if self.validate and config.model.pretrained and accelerator.is_main_process:
+            self.base_grid = self.validate(self.model, 0, accelerator.device)  # before any weight changes
+            self._save_grid(self.base_grid, "base.png")
         if checkpoint:  # a checkpoint without the frozen weights loads around them
             whole = all(p.requires_grad for m in self.wrapped for p in m.parameters())
             accelerator.load_state(str(checkpoint), strict=whole)
@@ -232,19 +236,25 @@ class Trainer:
             self._validation(step)
 
     def _validation(self, step: int) -> None:
-        """Sample with the EMA weights, save the grid, log it; then back to training."""
+        """Sample with the EMA weights, save the grid (fine-tuning: the base model's to its left),
+        log it; then back to training."""
         if self.ema:
             self.ema.store(self.trained_parameters)
             self.ema.copy_to(self.trained_parameters)
         grid = self.validate(self.model, step, self.accelerator.device)
         if self.ema:
             self.ema.restore(self.trained_parameters)
-        folder = self.output / "validation"
-        folder.mkdir(parents=True, exist_ok=True)
-        grid.save(folder / f"step-{step:08d}.png")
+        if self.base_grid is not None:
+            grid = side_by_side(self.base_grid, grid)
+        self._save_grid(grid, f"step-{step:08d}.png")
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("validation", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+
+    def _save_grid(self, grid: Image.Image, name: str) -> None:
+        folder = self.output / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / name)
 
     def _finish(self) -> LatentDiffusion:
         accelerator = self.accelerator
@@ -284,3 +294,11 @@ def without_frozen_weights(models: list[torch.nn.Module], weights: list[dict], f
     for i, model in enumerate(models):
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         weights[i] = {key: value for key, value in weights[i].items() if key not in frozen}
+
+
+def side_by_side(left: Image.Image, right: Image.Image, gap: int = 4) -> Image.Image:
+    """Two grids in one picture, a dark gap between: before (the base model) and after."""
+    both = Image.new("RGB", (left.width + gap + right.width, max(left.height, right.height)), (40, 40, 40))
+    both.paste(left.convert("RGB"), (0, 0))
+    both.paste(right.convert("RGB"), (left.width + gap, 0))
+    return both
