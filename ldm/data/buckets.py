@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
+from ldm.data.datasets import CaptionedImages
+
 Size = tuple[int, int]  # (width, height)
 
 
@@ -48,6 +50,16 @@ def image_size(path: Path) -> Size | None:
             return image.size
     except (OSError, ValueError, SyntaxError):
         return None
+
+
+def bucketed(dataset: CaptionedImages, resolution: int, step: int, upscale: bool) -> CaptionedImages:
+    """The dataset with each image's bucket, from its header (an unreadable image keeps the
+    square: it is skipped, with its reason, when read)."""
+    buckets, square = bucket_sizes(resolution, step), (resolution, resolution)
+    sizes = [
+        assign(size, buckets, step, upscale) if (size := image_size(path)) else square for path, _ in dataset.entries
+    ]
+    return CaptionedImages(dataset.entries, dataset.options, sizes)
 
 
 def table(sizes: list[Size]) -> str:

@@ -24,7 +24,9 @@ from ldm.text import encode_prompts
 
 
 class CachedExamples(Dataset):
-    """Indexed by (epoch, index) like CaptionedImages; items are posteriors (and text), not pixels."""
+    """Indexed by (epoch, index) like CaptionedImages; items are posteriors (and text), not pixels.
+    With aspect-ratio buckets, each bucket's posteriors are stacked apart (`latent_mean@WxH`) and
+    `rows` says where each item's are; `sizes` are the buckets, for the batch sampler."""
 
     def __init__(
         self,
@@ -32,9 +34,12 @@ class CachedExamples(Dataset):
         captions: list[str | None],
         reasons: dict[int, list[str]],
         boxes: list[list | None],
+        rows: list[tuple[str, int]] | None = None,
+        sizes: list[tuple[int, int]] | None = None,
     ):
         self.empty_text = tensors.pop("empty_text", None)  # the empty caption's embedding, when text is cached
         self.tensors, self.captions, self.reasons, self.boxes = tensors, captions, reasons, boxes
+        self.rows, self.sizes = rows, sizes
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -43,7 +48,10 @@ class CachedExamples(Dataset):
         index = epoch_index[1]
         if index in self.reasons:
             return Skipped(*self.reasons[index])
-        item = {name: tensor[index] for name, tensor in self.tensors.items()}
+        bucket, row = self.rows[index] if self.rows else ("", index)
+        item = {name: self.tensors[name + bucket][row] for name in ("latent_mean", "latent_std")}
+        if "text" in self.tensors:
+            item["text"] = self.tensors["text"][index]
         if self.boxes[index] is not None:
             item["boxes"] = self.boxes[index]
         return item | {"caption": self.captions[index]}
@@ -62,6 +70,8 @@ def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
         digest.update(text)
         boxes = boxes_file(image)
         digest.update(boxes.read_bytes() if boxes.is_file() else b"no boxes")
+    if dataset.sizes:  # the buckets, too
+        digest.update(json.dumps(dataset.sizes).encode())
     for encoder in encoders:
         for name, tensor in encoder.state_dict().items():
             digest.update(name.encode())
@@ -78,36 +88,52 @@ def build_cache(
     device: torch.device,
     batch: int = 32,
 ) -> Path:
-    """Encode what is not cached yet; return the cache file."""
+    """Encode what is not cached yet; return the cache file. A bucketed dataset is encoded bucket
+    by bucket, each bucket's posteriors in a stack of their own."""
     encoders = [model.vae] + ([model.text_encoder] if cache_text else [])
     path = folder / f"latents-{fingerprint(dataset, encoders)}.safetensors"
     if path.exists():
         return path
-    means, stds, texts, captions, boxes, reasons = [], [], [], [], [], {}
-    for start in range(0, len(dataset), batch):
-        items = [dataset[(0, index)] for index in range(start, min(start + batch, len(dataset)))]
-        for offset, item in enumerate(items):
-            captions.append(item["caption"] if isinstance(item, dict) else None)
-            boxes.append(item.get("boxes") if isinstance(item, dict) else None)
-            if isinstance(item, Skipped):
-                reasons[start + offset] = [item.source, item.reason]
-        good = collate(items)
-        if not good["captions"]:
-            blank = torch.zeros(len(items))
-            means.append(blank), stds.append(blank), texts.append(blank)
-            continue
-        posterior = model.vae.encode(good["pixels"].to(device)).latent_dist
-        keep = [i for i, item in enumerate(items) if isinstance(item, dict)]
-        means.append(_scatter(posterior.mean.cpu(), keep, len(items)))
-        stds.append(_scatter(posterior.std.cpu(), keep, len(items)))
-        if cache_text:
-            text = encode_prompts(model.tokenizer, model.text_encoder, good["captions"]).cpu()
-            texts.append(_scatter(text, keep, len(items)))
-    tensors = {"latent_mean": _stack(means), "latent_std": _stack(stds)}
+    count = len(dataset)
+    groups: dict[str, list[int]] = {}  # bucket suffix ("" without buckets) -> its items, in order
+    for index in range(count):
+        size = dataset.sizes[index] if dataset.sizes else None
+        groups.setdefault(f"@{size[0]}x{size[1]}" if size else "", []).append(index)
+    tensors: dict[str, Tensor] = {}
+    captions, boxes, rows, texts = [None] * count, [None] * count, [("", 0)] * count, [None] * count
+    reasons: dict[int, list[str]] = {}
+    for bucket, indices in groups.items():
+        means, stds = [], []
+        for start in range(0, len(indices), batch):
+            chunk = indices[start : start + batch]
+            items = [dataset[(0, index)] for index in chunk]
+            for row, (index, item) in enumerate(zip(chunk, items, strict=True), start=start):
+                rows[index] = (bucket, row)
+                if isinstance(item, Skipped):
+                    reasons[index] = [item.source, item.reason]
+                else:
+                    captions[index], boxes[index] = item["caption"], item.get("boxes")
+            good = collate(items)
+            if not good["captions"]:
+                blank = torch.zeros(len(items))
+                means.append(blank), stds.append(blank)
+                continue
+            posterior = model.vae.encode(good["pixels"].to(device)).latent_dist
+            keep = [i for i, item in enumerate(items) if isinstance(item, dict)]
+            means.append(_scatter(posterior.mean.cpu(), keep, len(items)))
+            stds.append(_scatter(posterior.std.cpu(), keep, len(items)))
+            if cache_text:
+                text = encode_prompts(model.tokenizer, model.text_encoder, good["captions"]).cpu()
+                for i, encoded in zip(keep, text, strict=True):
+                    texts[chunk[i]] = encoded
+        tensors |= {"latent_mean" + bucket: _stack(means), "latent_std" + bucket: _stack(stds)}
     if cache_text:
-        tensors["text"] = _stack(texts)
+        shape = next(t.shape for t in texts if t is not None)
+        tensors["text"] = torch.stack([t if t is not None else torch.zeros(shape) for t in texts])
         tensors["empty_text"] = encode_prompts(model.tokenizer, model.text_encoder, [""]).cpu()[0]
     metadata = {"captions": json.dumps(captions), "reasons": json.dumps(reasons), "boxes": json.dumps(boxes)}
+    if dataset.sizes:
+        metadata |= {"rows": json.dumps(rows), "sizes": json.dumps(dataset.sizes)}
     folder.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, partial, metadata=metadata)
@@ -133,4 +159,7 @@ def load_cache(path: Path) -> CachedExamples:
         tensors = {name: file.get_tensor(name) for name in file.keys()}
         metadata = file.metadata()
     reasons = {int(k): v for k, v in json.loads(metadata["reasons"]).items()}
-    return CachedExamples(tensors, json.loads(metadata["captions"]), reasons, json.loads(metadata["boxes"]))
+    rows = [tuple(row) for row in json.loads(metadata["rows"])] if "rows" in metadata else None
+    sizes = [tuple(size) for size in json.loads(metadata["sizes"])] if "sizes" in metadata else None
+    captions, boxes = json.loads(metadata["captions"]), json.loads(metadata["boxes"])
+    return CachedExamples(tensors, captions, reasons, boxes, rows, sizes)

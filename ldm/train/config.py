@@ -197,8 +197,6 @@ class TrainConfig:
         if self.data.shuffle_tags and self.data.cache_latents and not self._text_trains():
             raise ConfigError("data.shuffle_tags=true: the captions change every step, so their embeddings cannot be "
                               "cached; set data.cache_latents=false or train the text encoder")  # fmt: skip
-        if self.data.buckets and self.data.cache_latents:
-            raise ConfigError("data.buckets=true: not with data.cache_latents yet (the cache holds one image size)")
         if self.data.buckets and not 8 <= self.data.bucket_step <= self.data.resolution:
             raise ConfigError(f"data.bucket_step={self.data.bucket_step}: between 8 and data.resolution")
         if self.data.keep_tokens < 0:

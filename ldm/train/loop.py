@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ldm.data.buckets import BucketBatchSampler, assign, bucket_sizes, image_size, table
+from ldm.data.buckets import BucketBatchSampler
 from ldm.data.datasets import (
     CaptionedImages,
     EpochSampler,
@@ -75,8 +75,6 @@ class Trainer:
         self.model = build_model(config)
         self.stage = STAGES[config.stage](config, self.model, accelerator, self.draw)
         self.dataset = self.stage.data(dataset)
-        if config.data.buckets:
-            self.dataset = self._buckets(self.dataset)
         modules = self.stage.trained()
         optimizer = self._optimizer(modules)
         lr_scheduler = get_scheduler(
@@ -157,19 +155,6 @@ class Trainer:
 
         return bitsandbytes.optim.AdamW8bit(parameters, **options)
 
-    def _buckets(self, dataset: CaptionedImages) -> CaptionedImages:
-        """Each image's aspect-ratio bucket, from its header; the table goes in the log."""
-        data = self.config.data
-        buckets = bucket_sizes(data.resolution, data.bucket_step)
-        square = (data.resolution, data.resolution)
-        sizes = [
-            assign(size, buckets, data.bucket_step, data.upscale) if (size := image_size(image)) else square
-            for image, _ in dataset.entries
-        ]  # an unreadable image keeps the square: it is skipped, with its reason, when read
-        if self.accelerator.is_main_process:
-            logger.info("aspect-ratio buckets (width x height: images): %s", table(sizes))
-        return CaptionedImages(dataset.entries, dataset.options, sizes)
-
     def _loader(self) -> DataLoader:
         """Resumes at the exact item the interrupted run would have read next."""
         steps, accelerator = self.config.steps, self.accelerator
@@ -178,7 +163,7 @@ class Trainer:
         options["generator"] = torch.Generator().manual_seed(
             self.config.seed
         )  # not the global RNG: resuming must not shift it
-        if isinstance(self.dataset, CaptionedImages) and self.dataset.sizes:
+        if getattr(self.dataset, "sizes", None):  # aspect-ratio buckets (cached or not)
             batches = BucketBatchSampler(
                 self.dataset.sizes, steps.batch_size, self.config.seed, accelerator.process_index,
                 accelerator.num_processes, self.progress.step * steps.gradient_accumulation,

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import images_to_latents
+from ldm.data.buckets import bucketed, table
 from ldm.data.captions import shuffle_tags
 from ldm.data.datasets import CaptionedImages, boxes_file
 from ldm.errors import ConfigError
@@ -61,6 +62,16 @@ class Stage:
 
     def data(self, dataset: Dataset) -> Dataset:
         """The dataset to train on, once checked against what this stage needs."""
+        return self._bucketed(dataset)
+
+    def _bucketed(self, dataset: Dataset) -> Dataset:
+        """With data.buckets, each image's aspect-ratio bucket; the table goes in the log."""
+        data = self.config.data
+        if not data.buckets:
+            return dataset
+        dataset = bucketed(dataset, data.resolution, data.bucket_step, data.upscale)
+        if self.accelerator.is_main_process:
+            logger.info("aspect-ratio buckets (width x height: images): %s", table(dataset.sizes))
         return dataset
 
     def trained(self) -> list[nn.Module]:
@@ -91,7 +102,7 @@ class AutoencoderStage(Stage):
             return dataset
         count = min(self.config.autoencoder.holdout, len(dataset) - 1)
         self.holdout = CaptionedImages(dataset.entries[:count], dataset.options)
-        return CaptionedImages(dataset.entries[count:], dataset.options)
+        return self._bucketed(CaptionedImages(dataset.entries[count:], dataset.options))
 
     def trained(self) -> list[nn.Module]:
         autoencoder = self.config.autoencoder
@@ -155,7 +166,7 @@ class DiffusionStage(Stage):
 
     def data(self, dataset: Dataset) -> Dataset:
         data = self.config.data
-        dataset = self._dreambooth(dataset)
+        dataset = self._bucketed(self._dreambooth(dataset))
         if not data.cache_latents:
             return dataset
         cache_text, folder = not self.text_trains, Path(data.cache_dir).expanduser()

@@ -68,3 +68,18 @@ def test_a_bucketed_run_trains_and_resumes_exactly(mixed_shapes, tmp_path, monke
     expected = whole.model.unet.state_dict()
     for key, value in second.model.unet.state_dict().items():
         torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0)
+
+
+def test_latents_are_cached_per_bucket(mixed_shapes, tmp_path):
+    options = ["data.resolution=32", "data.buckets=true", "data.bucket_step=16", "steps.batch_size=2",
+               "data.cache_latents=true", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    trainer = Trainer(load_config(recipe(tmp_path, mixed_shapes, steps={"max": 4}), options))
+    trainer.run()
+    cached = trainer.dataset
+    assert {name for name in cached.tensors if name.startswith("latent_mean")} == {
+        "latent_mean@16x48", "latent_mean@32x32", "latent_mean@48x16",
+    }  # fmt: skip
+    factor = 2 ** (len(trainer.model.vae.config.block_out_channels) - 1)
+    for index, (width, height) in enumerate(cached.sizes):
+        assert cached[(0, index)]["latent_mean"].shape[-2:] == (height // factor, width // factor)
+    assert cached[(0, 0)]["text"].shape == (77, 8)

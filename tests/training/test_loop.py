@@ -130,7 +130,6 @@ def test_mixed_precision_reads_as_written_in_yaml_and_on_the_command_line(four_i
         (["steps.max"], "'steps.max': overrides are dotted.key=value"),
         (["stage=autoencoder", "data.cache_latents=true"], "data.cache_latents=true: for the diffusion stage"),
         (["optim.use_8bit_adam=true"], "optim.use_8bit_adam=true: pip install bitsandbytes"),  # not installed here
-        (["data.buckets=true", "data.cache_latents=true"], "data.buckets=true: not with data.cache_latents yet"),
         (["data.buckets=true", "data.bucket_step=4"], "data.bucket_step=4: between 8 and data.resolution"),
     ],
 )
