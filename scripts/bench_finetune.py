@@ -1,0 +1,139 @@
+"""Fine-tuning speed and memory: full and LoRA training steps of the SD 1.5 UNet architecture with
+random weights, ours beside diffusers' own (UNet2DConditionModel, `add_adapter` as its LoRA
+training script does), same weights, batch, precision and step, interleaved in one run.
+
+    python scripts/bench_finetune.py                       # CUDA: SD 1.5 at 512², bf16
+    python scripts/bench_finetune.py --reduced --size 256  # CPU: SD 1.5's shape at a quarter of the width
+
+Prints images per second per mode; peak memory is measured per mode in a fresh process (CUDA:
+max_memory_allocated; CPU: the process's peak resident set, imports included). Not a test:
+figures go to BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from peft import LoraConfig, inject_adapter_in_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ldm.model import read_preset  # noqa: E402
+from ldm.unet import UNet, UNetConfig  # noqa: E402
+
+MODES = ["ours full", "diffusers full", "ours lora", "diffusers lora"]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def unet_config(reduced: bool) -> UNetConfig:
+    spec = read_preset("sd15")["unet"]
+    if reduced:  # the same blocks, a quarter of the channels: what a 2-core CPU can step through
+        spec["block_out_channels"] = [c // 4 for c in spec["block_out_channels"]]
+        spec["norm_num_groups"] = 16  # 80 channels: groups of 5
+    return UNetConfig.from_diffusers(spec)
+
+
+def build(mode: str, config: UNetConfig, checkpointing: bool, device: str):
+    torch.manual_seed(0)
+    ours = UNet(config)
+    if mode.startswith("ours"):
+        unet = ours
+        unet.gradient_checkpointing = checkpointing
+    else:
+        unet = UNet2DConditionModel(**config.to_diffusers())
+        unet.load_state_dict(ours.state_dict())
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+    if mode.endswith("lora"):
+        unet.requires_grad_(False)
+        adapter = LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian")
+        if mode.startswith("ours"):
+            inject_adapter_in_model(adapter, unet)
+        else:
+            unet.add_adapter(adapter)  # diffusers' PeftAdapterMixin, as train_text_to_image_lora.py
+    unet.to(device).train()
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    return unet, torch.optim.AdamW(trainable, lr=1e-4)
+
+
+def step(unet, optimizer, schedule, batch: int, size: int, device: str, dtype: torch.dtype) -> None:
+    latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
+    text = torch.randn(batch, 77, 768, device=device)
+    noise = torch.randn_like(latents)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
+        out = unet(schedule.add_noise(latents, noise, timesteps), timesteps, text)
+        prediction = out.sample if hasattr(out, "sample") else out
+        loss = F.mse_loss(prediction.float(), noise)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def high_water_mark() -> int:
+    """This process's peak resident set, in bytes: VmHWM, which (unlike getrusage's ru_maxrss)
+    does not carry the parent's peak across exec."""
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_memory(args, mode: str) -> float:
+    """GB at the peak of a few steps of `mode`, in a fresh process."""
+    command = [sys.executable, __file__, "--only", mode, *sys.argv[1:]]
+    return json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)["peak_gb"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reduced", action="store_true", help="a quarter of SD 1.5's channels")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents: size/8)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--only", help=argparse.SUPPRESS)  # one mode's peak memory, for the parent
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config, schedule = unet_config(args.reduced), DDPMScheduler()
+    if args.only:
+        unet, optimizer = build(args.only, config, not args.no_checkpointing, device)
+        for _ in range(3):
+            step(unet, optimizer, schedule, args.batch, args.size, device, dtype)
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else high_water_mark()
+        print(json.dumps({"peak_gb": peak / 2**30}))
+        return
+    built = {mode: build(mode, config, not args.no_checkpointing, device) for mode in MODES}
+    for unet, optimizer in built.values():
+        step(unet, optimizer, schedule, args.batch, args.size, device, dtype)  # warm-up
+    times = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):  # interleaved, so a slow minute on the machine hits every mode
+        for mode, (unet, optimizer) in built.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(unet, optimizer, schedule, args.batch, args.size, device, dtype)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[mode].append((time.perf_counter() - start) / args.steps)
+    del built
+    name = "SD 1.5, a quarter of the channels" if args.reduced else "SD 1.5"
+    print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, UNet {name}, "
+          f"{args.size}², batch {args.batch}, checkpointing {not args.no_checkpointing}")  # fmt: skip
+    for mode in MODES:
+        best = min(times[mode])
+        print(f"{mode:15s} {best:7.3f} s/step  {args.batch / best:6.2f} images/s  "
+              f"peak {peak_memory(args, mode):5.2f} GB")  # fmt: skip
+    for kind in ("full", "lora"):
+        ratio = min(times[f"ours {kind}"]) / min(times[f"diffusers {kind}"])
+        print(f"{kind}: ours / diffusers step time {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
