@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ldm.model import LatentDiffusion, ModelLoadError
@@ -115,17 +114,12 @@ def lora_file(
                 tensors[f"{part}.{key}"] = value
                 continue
             name = prefix + module.replace(".", "_")
-            tensors[f"{name}.lora_{'down' if factor == 'A.weight' else 'up'}.weight"] = value
-            tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=value.dtype)
+            down = factor == "A.weight"
+            tensors[f"{name}.lora_{'down' if down else 'up'}.weight"] = value
+            if down:
+                tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=value.dtype)
         rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
         options |= {f"{part}.r": rank, f"{part}.lora_alpha": alpha, f"{part}.target_modules": targets[part]}
     if kind == "diffusers":
         metadata["lora_adapter_metadata"] = json.dumps(options, sort_keys=True)
-    return {key: value.contiguous() for key, value in tensors.items()}, metadata
-
-
-def save_lora(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Written beside its name, then moved into place: never a half-written file."""
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, partial, metadata=metadata)
-    partial.replace(path)
+    return tensors, metadata

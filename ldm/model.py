@@ -163,6 +163,13 @@ class LatentDiffusion:
         return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
 
 
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One .safetensors file, written beside its name and moved into place: never half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    save_file({key: value.contiguous() for key, value in tensors.items()}, partial, metadata=metadata)
+    partial.replace(path)
+
+
 def read_preset(preset: str | Path) -> dict[str, Any]:
     """A preset's sections: a name in ldm/presets/ or a YAML path."""
     path = Path(preset)

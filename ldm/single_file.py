@@ -20,10 +20,10 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
 )
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ldm.model import LatentDiffusion, ModelLoadError, load_exactly, read_preset
+from ldm.model import LatentDiffusion, ModelLoadError, load_exactly, read_preset, save_safetensors
 from ldm.text import text_state_for_files, text_state_from_files
 from ldm.unet import UNetConfig
 from ldm.unet.config import FIXED_FIELDS
@@ -111,9 +111,7 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
     # and "zero terminal SNR"; SD 2.x's v-prediction it also guesses from the weights.
     state |= {"v_pred": torch.zeros(0)} if v_prediction else {}
     state |= {"ztsnr": torch.zeros(0)} if zero_snr else {}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({k: v.contiguous() for k, v in state.items()}, partial, metadata=model_spec(model, v_prediction))
-    partial.rename(path)
+    save_safetensors(path, state, model_spec(model, v_prediction))
 
 
 def model_spec(model: LatentDiffusion, v_prediction: bool) -> dict[str, str]:

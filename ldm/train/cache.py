@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ldm.data.datasets import CaptionedImages, Skipped, boxes_file, collate
-from ldm.model import LatentDiffusion
+from ldm.model import LatentDiffusion, save_safetensors
 from ldm.text import encode_prompts
 
 
@@ -135,9 +134,7 @@ def build_cache(
     if dataset.sizes:
         metadata |= {"rows": json.dumps(rows), "sizes": json.dumps(dataset.sizes)}
     folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, partial, metadata=metadata)
-    partial.rename(path)
+    save_safetensors(path, tensors, metadata)
     return path
 
 

@@ -194,7 +194,7 @@ class TrainConfig:
         self._check_dreambooth()
         if self.data.cache_latents and self.stage == "autoencoder":
             raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
-        if self.data.shuffle_tags and self.data.cache_latents and not self._text_trains():
+        if self.data.shuffle_tags and self.data.cache_latents and not self.text_trains:
             raise ConfigError("data.shuffle_tags=true: the captions change every step, so their embeddings cannot be "
                               "cached; set data.cache_latents=false or train the text encoder")  # fmt: skip
         if self.data.buckets and not 8 <= self.data.bucket_step <= self.data.resolution:
@@ -225,7 +225,9 @@ class TrainConfig:
             raise ConfigError("dreambooth.class_prompt: needs data.shuffle_tags=false (the class images are known "
                               "by their caption)")  # fmt: skip
 
-    def _text_trains(self) -> bool:
+    @property
+    def text_trains(self) -> bool:
+        """Whether the text encoder changes in training (jointly, or through its LoRA adapters)."""
         return self.lora.text_encoder if self.stage == "lora" else self.diffusion.train_text_encoder
 
     def _check_lora(self) -> None:

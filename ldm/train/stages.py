@@ -29,8 +29,8 @@ from ldm.data.buckets import bucketed, table
 from ldm.data.captions import shuffle_tags
 from ldm.data.datasets import CaptionedImages, boxes_file
 from ldm.errors import ConfigError
-from ldm.lora import lora_file, merge_lora, save_lora
-from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults
+from ldm.lora import lora_file, merge_lora
+from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults, save_safetensors
 from ldm.single_file import save_single_file
 from ldm.text import encode_prompts
 from ldm.train.cache import CachedExamples, build_cache, load_cache
@@ -147,7 +147,6 @@ class DiffusionStage(Stage):
         model.vae.to(accelerator.device)
         model.text_encoder.to(accelerator.device)
         self.cache: CachedExamples | None = None
-        self.text_trains = config.diffusion.train_text_encoder  # else its embeddings may be cached
 
     @classmethod
     def check(cls, config: TrainConfig, dataset: Dataset) -> None:
@@ -169,7 +168,7 @@ class DiffusionStage(Stage):
         dataset = self._bucketed(self._dreambooth(dataset))
         if not data.cache_latents:
             return dataset
-        cache_text, folder = not self.text_trains, Path(data.cache_dir).expanduser()
+        cache_text, folder = not self.config.text_trains, Path(data.cache_dir).expanduser()
         with self.accelerator.main_process_first():  # the main process writes, the others then read
             path = build_cache(dataset, self.model, cache_text, folder, self.accelerator.device)
         self.cache = load_cache(path)
@@ -209,13 +208,17 @@ class DiffusionStage(Stage):
     def trained(self) -> list[nn.Module]:
         model, diffusion = self.model, self.config.diffusion
         trained = [model.unet] + ([model.text_encoder] if diffusion.train_text_encoder else [])
-        if self.config.steps.gradient_checkpointing:
-            model.unet.gradient_checkpointing = True
-            if diffusion.train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable()
+        self._checkpointing()
         for module in trained:
             module.requires_grad_(True).train()
         return trained
+
+    def _checkpointing(self) -> None:
+        """Gradient checkpointing, when asked for, in the UNet and a text encoder that trains."""
+        if self.config.steps.gradient_checkpointing:
+            self.model.unet.gradient_checkpointing = True
+            if self.config.text_trains:
+                self.model.text_encoder.gradient_checkpointing_enable()
 
     def loss(self, batch: dict, modules: list[nn.Module]) -> Tensor:
         diffusion = self.config.diffusion
@@ -235,7 +238,7 @@ class DiffusionStage(Stage):
             text = torch.where(dropped[:, None, None], self.cache.empty_text, batch["text"])
             text = text.to(self.accelerator.device)
         else:
-            with torch.set_grad_enabled(self.text_trains):
+            with torch.set_grad_enabled(self.config.text_trains):
                 text = encode_prompts(self.model.tokenizer, text_encoder, captions)
         weighting = dict(
             snr_gamma=diffusion.snr_gamma,
@@ -273,7 +276,6 @@ class LoraStage(DiffusionStage):
 
     def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator, draw: Draw | None = None):
         super().__init__(config, model, accelerator, draw)
-        self.text_trains = config.lora.text_encoder
         self.targets = {"unet": list(config.lora.targets)}
         if config.lora.text_encoder:
             self.targets["text_encoder"] = list(config.lora.text_targets)
@@ -287,10 +289,7 @@ class LoraStage(DiffusionStage):
                                      target_modules=targets)  # fmt: skip
             inject_adapter_in_model(adapter, parts[part])
         trained = [parts[part] for part in self.targets]
-        if self.config.steps.gradient_checkpointing:
-            self.model.unet.gradient_checkpointing = True
-            if lora.text_encoder:
-                self.model.text_encoder.gradient_checkpointing_enable()
+        self._checkpointing()
         for module in trained:
             module.train()
         return trained
@@ -306,7 +305,7 @@ class LoraStage(DiffusionStage):
             for part in self.targets
         }
         tensors, metadata = lora_file(adapters, self.targets, self.config.lora.alpha, self.config.lora.format)
-        save_lora(output / self.RESULT, tensors, metadata | self._training_metadata())
+        save_safetensors(output / self.RESULT, tensors, metadata | self._training_metadata())
         if self.config.save_single_file:  # the base model with the file just written merged in
             merged = LatentDiffusion.load(self.config.model.pretrained)
             merge_lora(merged, output / self.RESULT)
