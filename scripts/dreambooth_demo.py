@@ -1,6 +1,7 @@
-"""The DreamBooth demonstration on the demo model (docs/fine-tuning.md): bind "sks" to rose-coloured
-shapes, with and without prior preservation, and measure both sides: how often "a sks shape"
-comes out rose, and how much "a shape" (the class prompt) moved from the base model's pictures.
+"""The DreamBooth demonstration on the demo model (docs/fine-tuning.md): bind "sks" to hollow shapes
+(outlines, a style the model never saw), with and without prior preservation, and measure both
+sides: how often "a sks shape" comes out hollow, and how much "a shape" (the class prompt) moved
+from the base model's pictures (hollow ones, and the change per pixel).
 
     python scripts/dreambooth_demo.py --out runs/dreambooth-demo      # about 10 minutes on 2 cores
 """
@@ -15,11 +16,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 from commands.make_shapes import main as make_shapes  # noqa: E402
-from ldm.data.shapes import COLORS  # noqa: E402
 from ldm.eval.detector import detect  # noqa: E402
 from pipelines.text_to_image import TextToImagePipeline  # noqa: E402
 
-PALETTE = {**COLORS, "rose": (255, 0, 128)}
 INSTANCE, CLASS = "a sks shape", "a shape"
 
 
@@ -31,8 +30,8 @@ def draw(lora: Path | None, prompt: str, count: int) -> list[np.ndarray]:
     return [np.asarray(image.convert("RGB")) for image in images]
 
 
-def rose_share(images: list[np.ndarray]) -> float:
-    return 100 * float(np.mean([any(d.color == "rose" for d in detect(image, PALETTE)) for image in images]))
+def hollow_share(images: list[np.ndarray]) -> float:
+    return 100 * float(np.mean([any(d.hollow for d in detect(image)) for image in images]))
 
 
 def main() -> None:
@@ -41,8 +40,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="pictures per prompt measured")
     args = parser.parse_args()
     data = args.out / "instance"
-    make_shapes(["--out", str(data), "--n", "30", "--seed", "5", "--colors", "rose=255,0,128",
-                 "--only-colors", "rose", "--two-objects", "0"])  # fmt: skip
+    make_shapes(["--out", str(data), "--n", "30", "--seed", "5", "--outline", "2", "--two-objects", "0"])
     common = ["--config", "configs/shapes-lora.yaml", f"data.path={data}", f"dreambooth.instance_prompt={INSTANCE}",
               "validation.prompts=[]", "data.cache_latents=false", "steps.max=300"]  # fmt: skip
     runs = {
@@ -55,14 +53,14 @@ def main() -> None:
         assert train.main([*common, *options]) == 0
         print(f"{name}: trained in {time.perf_counter() - start:.0f} s")
     base_class = draw(None, CLASS, args.images)
-    print(f"base model: '{INSTANCE}' rose {rose_share(draw(None, INSTANCE, args.images)):.1f}%, "
-          f"'{CLASS}' rose {rose_share(base_class):.1f}%")  # fmt: skip
+    print(f"base model: '{INSTANCE}' hollow {hollow_share(draw(None, INSTANCE, args.images)):.1f}%, "
+          f"'{CLASS}' hollow {hollow_share(base_class):.1f}%")  # fmt: skip
     for name, folder in (("prior", "prior"), ("no prior", "no-prior")):
         lora = args.out / folder / "lora.safetensors"
         after = draw(lora, CLASS, args.images)
         moved = np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(after, base_class, strict=True)])
-        instance = rose_share(draw(lora, INSTANCE, args.images))
-        print(f"{name}: '{INSTANCE}' rose {instance:.1f}%, '{CLASS}' rose {rose_share(after):.1f}%, "
+        instance = hollow_share(draw(lora, INSTANCE, args.images))
+        print(f"{name}: '{INSTANCE}' hollow {instance:.1f}%, '{CLASS}' hollow {hollow_share(after):.1f}%, "
               f"'{CLASS}' moved {moved:.1f}/255 per pixel from the base")  # fmt: skip
 
 

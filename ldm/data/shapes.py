@@ -62,9 +62,10 @@ class Shape:
 
 
 def draw(
-    shapes: list[Shape], side: int, rng: np.random.Generator, palette: Palette = COLORS
+    shapes: list[Shape], side: int, rng: np.random.Generator, palette: Palette = COLORS, outline: int = 0
 ) -> tuple[Image.Image, dict[str, list]]:
-    """The picture, and the box (x0, y0, x1, y1 in pixels) of each shape under its colour and shape words."""
+    """The picture, and the box (x0, y0, x1, y1 in pixels) of each shape under its colour and shape
+    words. With `outline`, shapes are drawn hollow, their edges that many pixels wide."""
     image = Image.new("RGB", (side, side))
     canvas = ImageDraw.Draw(image)
     boxes: dict[str, list] = {}
@@ -73,12 +74,13 @@ def draw(
         r = SIZES[item.size] * side / 2
         for word in (item.color, item.shape):
             boxes.setdefault(word, []).append([round(v, 2) for v in (x - r, y - r, x + r, y + r)])
+        paint = {"outline": palette[item.color], "width": outline} if outline else {"fill": palette[item.color]}
         if item.shape == "circle":
-            canvas.ellipse([x - r, y - r, x + r, y + r], fill=palette[item.color])
+            canvas.ellipse([x - r, y - r, x + r, y + r], **paint)
         elif item.shape == "square":
-            canvas.rectangle([x - r, y - r, x + r, y + r], fill=palette[item.color])
+            canvas.rectangle([x - r, y - r, x + r, y + r], **paint)
         else:  # pointing up, its box the same as the square's
-            canvas.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=palette[item.color])
+            canvas.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], **paint)
     return image, boxes
 
 
@@ -161,13 +163,15 @@ def generate(
     two_objects: float,
     palette: Palette = COLORS,
     colors: tuple[str, ...] = tuple(COLORS),
+    outline: int = 0,
 ) -> None:
-    """n images of the `colors` (names in `palette`), written as the folder format train.py reads."""
+    """n images of the `colors` (names in `palette`), written as the folder format train.py reads;
+    hollow shapes with `outline` (see `draw`)."""
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         shapes = sample_scene(rng, left_out, two_objects, colors)
-        image, boxes = draw(shapes, size, rng, palette)
+        image, boxes = draw(shapes, size, rng, palette, outline)
         image.save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption(shapes) + "\n")
         (out / f"{i:05d}.boxes.json").write_text(json.dumps(boxes) + "\n")

@@ -87,3 +87,17 @@ def test_bad_colours_are_one_line_and_exit_2(tmp_path, capsys):
         assert main(["--out", str(tmp_path / "d"), "--n", "3", *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_outline_draws_hollow_shapes_with_the_same_captions_and_boxes(tmp_path, capsys):
+    main(["--out", str(tmp_path / "filled"), "--n", "4", "--seed", "3", "--two-objects", "0"])
+    main(["--out", str(tmp_path / "hollow"), "--n", "4", "--seed", "3", "--two-objects", "0", "--outline", "2"])
+    for i in range(4):
+        for suffix in (".txt", ".boxes.json"):
+            name = f"{i:05d}{suffix}"
+            assert (tmp_path / "filled" / name).read_text() == (tmp_path / "hollow" / name).read_text()
+        filled = np.asarray(Image.open(tmp_path / "filled" / f"{i:05d}.png")).max(axis=2) > 0
+        hollow = np.asarray(Image.open(tmp_path / "hollow" / f"{i:05d}.png")).max(axis=2) > 0
+        assert (hollow <= filled).all() and hollow.sum() < 0.8 * filled.sum()
+    assert main(["--out", str(tmp_path / "bad"), "--n", "3", "--outline", "-1"]) == 2
+    assert "--outline 0 or more" in capsys.readouterr().err
