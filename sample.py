@@ -22,11 +22,11 @@ from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.prompts import EMPHASIS_MODES
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import GenerationConfig, TextToImagePipeline
+from pipelines.text_to_image import SIZE_CONDITIONING, GenerationConfig, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
-            "height", "width", "strength", "lora")  # fmt: skip
+            "height", "width", "strength", "lora", *SIZE_CONDITIONING)  # fmt: skip
 
 
 def make_parser() -> Parser:
@@ -66,6 +66,9 @@ def make_parser() -> Parser:
     parser.add_argument(
         "--truncate-prompts", dest="truncate", action="store_true", help="cut prompts at 75 tokens instead of chunking"
     )
+    sdxl = parser.add_argument_group("SDXL size conditioning (default: the output size, crop 0 0)")
+    for name, metavar in zip(SIZE_CONDITIONING, [("H", "W"), ("TOP", "LEFT"), ("H", "W")] * 2, strict=True):
+        sdxl.add_argument("--" + name.replace("_", "-"), type=int, nargs=2, metavar=metavar)
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")

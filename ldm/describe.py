@@ -12,16 +12,21 @@ def count(module: nn.Module) -> int:
 
 def describe(model: LatentDiffusion) -> str:
     """A table a person reads: one line per part, and the UNet block by block."""
-    text, unet, vae, scheduler = model.text_encoder.config, model.unet.config, model.vae.config, model.scheduler.config
+    unet, vae, scheduler = model.unet.config, model.vae.config, model.scheduler.config
     lines = [
-        f"{'text_encoder':14}{count(model.text_encoder):>14,}  CLIPTextModel: {text.num_hidden_layers} layers, "
+        f"{name:14}{count(encoder):>14,}  {type(encoder).__name__}: {text.num_hidden_layers} layers, "
         f"width {text.hidden_size}, {text.num_attention_heads} heads, {text.max_position_embeddings} tokens, "
-        f"vocab {model.tokenizer.vocab_size:,} (pad {model.tokenizer.pad_token!r})",
+        f"vocab {tokenizer.vocab_size:,} (pad {tokenizer.pad_token!r})"
+        for name, (tokenizer, encoder) in zip(("text_encoder", "text_encoder_2"), model.text_encoders(), strict=False)
+        for text in [encoder.config]
+    ]
+    lines.append(
         f"{'unet':14}{count(model.unet):>14,}  UNet: {unet.in_channels} -> {unet.out_channels} channels, "
         f"cross-attention to {unet.cross_attention_dim}-wide text, "
         f"{'linear' if unet.use_linear_projection else 'conv'} projections"
-        f"{', fp32 attention' if unet.upcast_attention else ''}",
-    ]
+        f"{', fp32 attention' if unet.upcast_attention else ''}"
+        + (", pooled text and size/crop added to the timestep" if unet.addition_embed_type else "")
+    )
     stages = [(f"down {i}", block, i) for i, block in enumerate(model.unet.down_blocks)]
     stages.append(("mid", model.unet.mid_block, len(model.unet.down_blocks) - 1))
     depth = len(model.unet.down_blocks) - 1
@@ -29,6 +34,7 @@ def describe(model: LatentDiffusion) -> str:
     for name, block, level in stages:
         attention = (
             f"cross-attention {unet.heads(level)} heads x {unet.block_out_channels[level] // unet.heads(level)}"
+            + (f", {unet.depth(level)} transformer blocks deep" if unet.depth(level) > 1 else "")
             if len(block.attentions)
             else "no attention"
         )

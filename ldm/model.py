@@ -4,8 +4,9 @@ loaded in the diffusers `StableDiffusionPipeline` folder layout:
     model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/   (safetensors weights)
     sampling.json     (ours, optional; diffusers ignores it): the steps and guidance it draws best at
 
-What we save loads in `diffusers.StableDiffusionPipeline.from_pretrained`, and we load what
-diffusers saves, from a folder or a hub id.
+SDXL adds a second tokenizer and text encoder (`tokenizer_2/`, `text_encoder_2/`, OpenCLIP bigG
+with its projection), in the `StableDiffusionXLPipeline` layout. What we save loads in diffusers'
+`from_pretrained` of those pipelines, and we load what diffusers saves, from a folder or a hub id.
 """
 
 import inspect
@@ -22,7 +23,7 @@ import yaml
 from diffusers import AutoencoderKL, SchedulerMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.errors import ConfigError, UserError
 from ldm.text import clip_tokenizer, save_tokenizer, text_state_for_files
@@ -35,6 +36,10 @@ PARTS = {  # part -> (library, class) as model_index.json names them
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "scheduler": ("diffusers", None),  # any diffusers scheduler
+}
+SDXL_PARTS = {  # the second text encoder and its tokenizer, beside PARTS
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+    "tokenizer_2": ("transformers", "CLIPTokenizer"),
 }
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 SAMPLING_FILE = "sampling.json"
@@ -64,7 +69,8 @@ class SamplingDefaults:
 
 @dataclass
 class LatentDiffusion:
-    """Everything text-to-image needs. The UNet is ours; the other parts are transformers' and diffusers'."""
+    """Everything text-to-image needs. The UNet is ours; the other parts are transformers' and
+    diffusers'. An SDXL model has the second tokenizer and text encoder; the others have None there."""
 
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
@@ -72,6 +78,20 @@ class LatentDiffusion:
     vae: AutoencoderKL
     scheduler: SchedulerMixin
     sampling: SamplingDefaults | None = None  # None: the pipeline's defaults
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    # SDXL: with no negative prompt given, guide away from zeros rather than the empty prompt's
+    # embedding (diffusers' StableDiffusionXLPipeline option of that name, true for SDXL base).
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> list[tuple[CLIPTokenizer, CLIPTextModel]]:
+        """(tokenizer, text encoder) pairs, whose token embeddings are concatenated: one, or SDXL's two."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        return pairs + ([(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
 
     @classmethod
     def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
@@ -92,13 +112,23 @@ class LatentDiffusion:
                 f"tokenizer config: model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
                 f"max_position_embeddings={text_config.max_position_embeddings}"
             )
-        return cls(
+        model = cls(
             tokenizer=tokenizer,
             text_encoder=CLIPTextModel(text_config),
             unet=UNet(UNetConfig.from_diffusers(spec["unet"])),
             vae=AutoencoderKL(**_checked("vae", spec["vae"], vae_fields)),
             scheduler=_scheduler_from_config(spec["scheduler"]),
         )
+        if "text_encoder_2" in spec:
+            second = CLIPTextConfig(**_checked("text_encoder_2", spec["text_encoder_2"], CLIPTextConfig().to_dict()))
+            tokenizer_2 = spec.get("tokenizer_2", {})
+            model.tokenizer_2 = clip_tokenizer(
+                **_checked("tokenizer_2", tokenizer_2, {"pad_token", "model_max_length"})
+            )
+            model.text_encoder_2 = CLIPTextModelWithProjection(second)
+            model.force_zeros_for_empty_prompt = True
+        check_text_widths(model)
+        return model
 
     @classmethod
     def load(cls, source: str | Path) -> "LatentDiffusion":
@@ -109,13 +139,14 @@ class LatentDiffusion:
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"{folder}: not a model folder (no model_index.json)")
         index = json.loads((folder / "model_index.json").read_text())
-        for part, (_, class_name) in PARTS.items():
+        sdxl = index.get("_class_name", "").startswith("StableDiffusionXL")
+        for part, (_, class_name) in (PARTS | (SDXL_PARTS if sdxl else {})).items():
             if not (folder / part).is_dir():
                 raise ModelLoadError(f"{folder}: the {part}/ part is missing")
             declared = index.get(part, [None, None])[1]
             if class_name is not None and declared != class_name:
                 raise ModelLoadError(f"{folder}: {part} is {declared!r}; only {class_name} is supported")
-        return cls(
+        model = cls(
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
             text_encoder=_load_pretrained(CLIPTextModel, folder / "text_encoder"),
             unet=_load_unet(folder / "unet"),
@@ -123,6 +154,12 @@ class LatentDiffusion:
             scheduler=_scheduler_from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),
             sampling=SamplingDefaults.read(folder / SAMPLING_FILE) if (folder / SAMPLING_FILE).is_file() else None,
         )
+        if sdxl:
+            model.tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+            model.text_encoder_2 = _load_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
+            model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
+        check_text_widths(model)
+        return model
 
     def save(self, directory: str | Path) -> None:
         """Write the diffusers layout to a new folder. It is written beside the target and renamed
@@ -149,18 +186,46 @@ class LatentDiffusion:
         save_file(text_state, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
         save_tokenizer(self.tokenizer, folder / "tokenizer")
         self.scheduler.save_pretrained(folder / "scheduler")
-        index: dict[str, Any] = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}
+        pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+        index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
         index |= {part: [library, class_name] for part, (library, class_name) in PARTS.items()}
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
-        index |= {name: [None, None] for name in ("safety_checker", "feature_extractor", "image_encoder")}
-        index["requires_safety_checker"] = False
+        index |= {name: [None, None] for name in ("feature_extractor", "image_encoder")}
+        if self.is_sdxl:  # its projection's keys already carry the "text_model." prefix the files use
+            self.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
+            save_tokenizer(self.tokenizer_2, folder / "tokenizer_2")
+            index |= {part: [library, class_name] for part, (library, class_name) in SDXL_PARTS.items()}
+            index["force_zeros_for_empty_prompt"] = self.force_zeros_for_empty_prompt
+        else:
+            index |= {"safety_checker": [None, None], "requires_safety_checker": False}
         json.dump(index, (folder / "model_index.json").open("w"), indent=2)
         if self.sampling is not None:
             json.dump(asdict(self.sampling), (folder / SAMPLING_FILE).open("w"), indent=2)
 
     def parts(self) -> dict[str, nn.Module]:
         """The parts with weights, by their folder names."""
-        return {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        parts = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        return parts | ({"text_encoder_2": self.text_encoder_2} if self.is_sdxl else {})
+
+
+def check_text_widths(model: LatentDiffusion) -> None:
+    """The UNet's cross-attention reads the (concatenated) token embeddings, and SDXL's added
+    conditioning the second encoder's pooled projection and the time ids: their widths must agree."""
+    unet = model.unet.config
+    encoders = [encoder for _, encoder in model.text_encoders()]
+    width = sum(encoder.config.hidden_size for encoder in encoders)
+    if model.is_sdxl != (unet.addition_embed_type == "text_time"):
+        raise ConfigError("an SDXL model (two text encoders) needs a UNet with addition_embed_type 'text_time', "
+                          "and only it")  # fmt: skip
+    if unet.cross_attention_dim != width:
+        raise ConfigError(f"unet cross_attention_dim={unet.cross_attention_dim}, but the text is {width} wide")
+    if model.is_sdxl:
+        pooled = model.text_encoder_2.config.projection_dim
+        ids, left = divmod(unet.projection_class_embeddings_input_dim - pooled, unet.addition_time_embed_dim)
+        if left or ids not in (5, 6):
+            raise ConfigError(f"unet projection_class_embeddings_input_dim={unet.projection_class_embeddings_input_dim}"
+                              f": not the {pooled}-wide pooled text plus 6 (or the refiner's 5) time ids of "
+                              f"{unet.addition_time_embed_dim}")  # fmt: skip
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -194,7 +259,8 @@ def _scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
     scheduler_class = getattr(diffusers, str(name), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
         raise ConfigError(f"scheduler config: _class_name={name!r} is not a diffusers scheduler")
-    return scheduler_class.from_config(config)
+    with torch.device("cpu"):  # its tables, even while the parts are built on another default device
+        return scheduler_class.from_config(config)
 
 
 def _download(repo_id: str) -> Path:

@@ -80,6 +80,15 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def hidden_states(text_encoder: CLIPTextModel, ids: Tensor, penultimate: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(token embeddings, pooled) of (batch, context) ids. The embeddings: the last hidden state, or
+    with `penultimate` the one before it, which skips the final LayerNorm too (SDXL conditions on that
+    of both its encoders). pooled: a CLIPTextModelWithProjection's projected end-token embedding
+    (SDXL's second encoder), else None."""
+    out = text_encoder(ids, output_hidden_states=penultimate)
+    return (out.hidden_states[-2] if penultimate else out.last_hidden_state), getattr(out, "text_embeds", None)
+
+
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> Tensor:
     """(batch,) prompts -> (batch, 77, width) token embeddings: the last hidden state of the
     text encoder, as SD conditions on it (for SD 2.x the saved encoder already stops one layer early).

@@ -18,6 +18,7 @@ from PIL import Image
 from ldm.errors import UserError
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.samplers import SCHEDULERS
+from pipelines.text_to_image import SIZE_CONDITIONING
 
 
 class InfotextError(UserError):
@@ -97,8 +98,9 @@ def _ours(chunks: dict[str, str]) -> dict[str, Any]:
         "width": int(chunks["width"]),
         "strength": float(chunks["strength"]) if "strength" in chunks else None,
     }
+    sizes = {name: [int(v) for v in chunks[name].split(",")] for name in SIZE_CONDITIONING if name in chunks}
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
-    return settings | {"lora": [(path, float(scale)) for path, _, scale in loras]}
+    return settings | sizes | {"lora": [(path, float(scale)) for path, _, scale in loras]}
 
 
 def _webui(fields: dict[str, str]) -> dict[str, Any]:

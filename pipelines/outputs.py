@@ -21,7 +21,7 @@ from torch import Tensor
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import Generated, GenerationConfig
+from pipelines.text_to_image import SIZE_CONDITIONING, Generated, GenerationConfig
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -68,6 +68,9 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
         fields["model_hash"] = settings.model_hash
     if config.strength is not None:
         fields["strength"] = str(config.strength)
+    for name in SIZE_CONDITIONING:  # SDXL's, resolved; None for other models
+        if getattr(config, name) is not None:
+            fields[name] = ",".join(map(str, getattr(config, name)))
     if settings.loras:
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
     sampler = SCHEDULERS[config.scheduler].webui_name if config.scheduler in SCHEDULERS else config.scheduler

@@ -18,18 +18,24 @@ Emphasis modes (how a weight changes a token's embedding), per chunk:
   its position, `empty + weight * (token - empty)` (comfy/sd1_clip.py, `encode_token_weights`,
   at commit b55c2247).
 - `none`: A1111's "None": brackets are plain text.
+
+SDXL: each of the two encoders reads the prompt so (the same chunks; the second pads with "!"), its
+penultimate hidden states are weighted, and the two are put side by side (768 + 1280 wide), as
+A1111's and ComfyUI's SDXL conditioners do; the pooled embedding is the second encoder's, of the
+first chunk, unweighted (A1111: modules/sd_hijack_clip.py keeps the first chunk's `pooled`).
 """
 
 import re
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.errors import UserError
-from ldm.text import clean_text
+from ldm.text import clean_text, hidden_states
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 EMPHASIS_MODES = ("original", "no-norm", "comfy", "none")
@@ -153,33 +159,58 @@ def _cut(pieces: list[tuple[list[int], float] | None], size: int, comma: int) ->
     return chunks
 
 
+class Encoded(NamedTuple):
+    """A prompt's conditioning from the text encoder(s)."""
+
+    text: Tensor  # (1, context * chunks, width): the token embeddings, the encoders' side by side
+    pooled: Tensor | None  # (1, width): SDXL's pooled text (second encoder, first chunk); else None
+
+
 def encode_weighted(
-    tokenizer: CLIPTokenizer,
-    text_encoder: CLIPTextModel,
+    encoders: list[tuple[CLIPTokenizer, CLIPTextModel]],
     prompt: str,
     emphasis: str = "original",
     truncate: bool = False,
-) -> Tensor:
-    """A prompt -> (1, context * chunks, width) token embeddings, emphasis applied. With `truncate`,
-    the first chunk only, and a warning names what was cut."""
+) -> Encoded:
+    """A prompt -> its token embeddings, emphasis applied, by each (tokenizer, encoder) pair: one,
+    or SDXL's two. With `truncate`, the first chunk only, and a warning names what was cut."""
     if emphasis not in EMPHASIS_MODES:
         raise PromptError(f"emphasis={emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
-    chunks = split_into_chunks(tokenizer, prompt, emphasis)
-    ids, weights = chunks.ids, chunks.weights
-    if truncate and len(ids) > 1:
-        dropped = [t for chunk in ids[1:] for t in chunk if t not in tokenizer.all_special_ids]
-        warnings.warn(f"prompt cut to one chunk; dropped: {tokenizer.decode(dropped)!r}", stacklevel=2)
-        ids, weights = ids[:1], weights[:1]
+    penultimate = len(encoders) > 1  # SDXL reads the layer before the last
+    texts, pooled = [], None
+    for k, (tokenizer, text_encoder) in enumerate(encoders):
+        chunks = split_into_chunks(tokenizer, prompt, emphasis)
+        ids, weights = chunks.ids, chunks.weights
+        if truncate and len(ids) > 1:
+            if k == 0:
+                dropped = [t for chunk in ids[1:] for t in chunk if t not in tokenizer.all_special_ids]
+                warnings.warn(f"prompt cut to one chunk; dropped: {tokenizer.decode(dropped)!r}", stacklevel=2)
+            ids, weights = ids[:1], weights[:1]
+        embeddings, pooled = _weighted(tokenizer, text_encoder, ids, weights, emphasis, penultimate)
+        texts.append(embeddings.reshape(1, -1, embeddings.shape[-1]))
+    return Encoded(torch.cat(texts, dim=-1), None if pooled is None else pooled[:1])
+
+
+def _weighted(
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    ids: list[list[int]],
+    weights: list[list[float]],
+    emphasis: str,
+    penultimate: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One encoder's (chunks, context, width) embeddings of the chunks, weighted; and its pooled, per chunk."""
     device = text_encoder.device
-    embeddings = text_encoder(torch.tensor(ids, device=device)).last_hidden_state  # (chunks, context, width)
+    embeddings, pooled = hidden_states(text_encoder, torch.tensor(ids, device=device), penultimate)
     weights = torch.tensor(weights, device=device, dtype=embeddings.dtype)[..., None]  # (chunks, context, 1)
     if emphasis != "none" and (weights != 1).any():
         if emphasis == "comfy":
-            empty = text_encoder(torch.tensor(split_into_chunks(tokenizer, "").ids, device=device)).last_hidden_state
+            empty_ids = torch.tensor(split_into_chunks(tokenizer, "").ids, device=device)
+            empty = hidden_states(text_encoder, empty_ids, penultimate)[0]
             embeddings = empty + (embeddings - empty) * weights
         else:
             embeddings = _scale(embeddings, weights, restore_mean=emphasis == "original")
-    return embeddings.reshape(1, -1, embeddings.shape[-1])
+    return embeddings, pooled
 
 
 def _scale(chunks: Tensor, weights: Tensor, restore_mean: bool) -> Tensor:

@@ -4,7 +4,12 @@ inpainting are the same loop started from a noised image instead of pure noise.
 Reproducibility: image k of a run uses seed S+k, and its initial noise is drawn as diffusers
 draws it (`torch.randn` of the latent shape from a CPU generator seeded with S+k, times the
 scheduler's `init_noise_sigma`), so the same model, prompt, seed, scheduler and guidance give
-the same picture here, in `diffusers.StableDiffusionPipeline`, and in any batch size.
+the same picture here, in `diffusers.StableDiffusionPipeline` (`StableDiffusionXLPipeline` for
+SDXL), and in any batch size.
+
+SDXL's UNet also takes the pooled text and six numbers, its "time ids": the original size, the
+crop's top-left corner and the target size, each (height, width), which it was trained to
+reproduce; by default (H, W), (0, 0), (H, W), as in diffusers.
 """
 
 import contextlib
@@ -32,21 +37,44 @@ from ldm.single_file import load_single_file
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.devices import pick_device, pick_dtype
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
-from pipelines.prompts import EMPHASIS_MODES, encode_weighted, split_into_chunks
+from pipelines.prompts import EMPHASIS_MODES, Encoded, encode_weighted, split_into_chunks
 from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
+SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), in GenerationConfig
+    "original_size",
+    "crop_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crop_top_left",
+    "negative_target_size",
+)
 
 
 class GenerationError(UserError):
     """A request the pipeline cannot carry out (bad size, strength, missing image); one line."""
 
 
-class Text(NamedTuple):
-    """A batch's text embeddings: the prompts', and the negative prompt's (None without guidance)."""
+class Conditioning(NamedTuple):
+    """What the UNet reads besides the latents and the timestep, one row per image: its arguments."""
 
-    conditional: Tensor  # (batch, tokens, width)
-    unconditional: Tensor | None  # (batch, its own tokens, width)
+    text: Tensor  # (batch, tokens, width) token embeddings
+    pooled: Tensor | None = None  # SDXL: (batch, width) pooled text
+    time_ids: Tensor | None = None  # SDXL: (batch, 6) original size, crop top-left, target size
+
+    def repeat(self, batch: int) -> "Conditioning":
+        return Conditioning(*(None if t is None else t.expand(batch, *t.shape[1:]) for t in self))
+
+    @staticmethod
+    def cat(first: "Conditioning", second: "Conditioning") -> "Conditioning":
+        return Conditioning(*(None if a is None else torch.cat([a, b]) for a, b in zip(first, second, strict=True)))
+
+
+class Text(NamedTuple):
+    """A batch's conditioning: the prompts', and the negative prompt's (None without guidance)."""
+
+    conditional: Conditioning
+    unconditional: Conditioning | None  # its text may have another number of tokens
 
 
 @dataclass(frozen=True)
@@ -68,6 +96,15 @@ class GenerationConfig:
     attention_maps: bool = False
     truncate: bool = False  # one chunk per prompt, with a warning, instead of chunking
     emphasis: str = "original"  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
+    # SDXL's size conditioning, each (height, width); None: the output size, (0, 0), the output size.
+    # The negative ones condition the unguided prediction; as in diffusers, the two negative sizes come
+    # together (the crop then defaults to (0, 0)), and without them the negative ones are the positive ones.
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crop_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
     progress: bool = True
 
 
@@ -156,7 +193,7 @@ class TextToImagePipeline:
     def _generate_all(self, prompts: list[str], config: GenerationConfig, images: Images) -> Iterator[Generated]:
         jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
         guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
-        negative = self._encode([config.negative_prompt], config) if guided else None  # once for the run
+        negative = self._negative(config) if guided else None  # once for the run
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
             yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], negative, config, images)
@@ -191,6 +228,7 @@ class TextToImagePipeline:
             raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
         scheduler = config.scheduler or self.default_scheduler
         check_scheduler(scheduler, self.model.scheduler)
+        sizes = self._size_conditioning(config, height, width)
         resolved = replace(
             config,
             steps=steps,
@@ -200,11 +238,40 @@ class TextToImagePipeline:
             width=width,
             scheduler=scheduler,
             seed=random.randrange(2**32) if config.seed is None else config.seed,
+            **sizes,
         )
         return resolved, Images(
             None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
             None if mask is None else mask_to_tensor(mask, width, height),
         )
+
+    def _size_conditioning(self, config: GenerationConfig, height: int, width: int) -> dict:
+        """SDXL's six size settings, resolved (diffusers' defaults); the settings of other models must stay unset."""
+        names = SIZE_CONDITIONING[:3]
+        given = [name for name in SIZE_CONDITIONING if getattr(config, name) is not None]
+        if not self.model.is_sdxl:
+            if given:
+                raise GenerationError(f"{', '.join(given)}: only SDXL models take size conditioning")
+            return {}
+        for name in given:
+            value = getattr(config, name)
+            if len(value) != 2 or min(value) < 0 or name.endswith("size") and min(value) < 1:
+                raise GenerationError(f"{name}={value}: give (height, width), positive sizes or a crop of 0 or more")
+        positive = {
+            "original_size": tuple(config.original_size or (height, width)),
+            "crop_top_left": tuple(config.crop_top_left or (0, 0)),
+            "target_size": tuple(config.target_size or (height, width)),
+        }
+        if (config.negative_original_size is None) != (config.negative_target_size is None):
+            raise GenerationError("negative_original_size and negative_target_size go together, as in diffusers")
+        if config.negative_original_size is None:  # diffusers: then the negative ids are the positive ones
+            return positive | {f"negative_{n}": positive[n] for n in names}
+        negative_crop = tuple(config.negative_crop_top_left or (0, 0))
+        return positive | {
+            "negative_original_size": tuple(config.negative_original_size),
+            "negative_crop_top_left": negative_crop,
+            "negative_target_size": tuple(config.negative_target_size),
+        }
 
     def _size(self, config: GenerationConfig, init_image: Image.Image | None) -> tuple[int, int]:
         """(height, width): as asked, else the init image's, else the model's own."""
@@ -228,9 +295,8 @@ class TextToImagePipeline:
         config: GenerationConfig,
         images: Images,
     ) -> list[Generated]:
-        """`negative`: the negative prompt's (1, tokens, width) embedding, None without guidance."""
-        negatives = None if negative is None else negative.expand(len(prompts), -1, -1)
-        text = Text(self._encode(prompts, config), negatives)
+        """`negative`: the negative prompt's conditioning for one image, None without guidance."""
+        text = Text(self._encode(prompts, config), None if negative is None else negative.repeat(len(prompts)))
         factor = downsampling_factor(self.model.vae)
         latent_size = (config.height // factor, config.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
@@ -239,7 +305,7 @@ class TextToImagePipeline:
         else:
             with capture_attention_probs(self.model.unet, maps):
                 latents = self._denoise(text, seeds, config, images, latent_size, maps)
-        pixels = latents_to_images(self.model.vae, latents).float()
+        pixels = self._decode(latents).float()
         if images.mask is not None:  # outside the mask, the original pixels exactly
             mask, original = images.mask.to(pixels.device), images.init.to(pixels.device)
             pixels = mask * pixels + (1 - mask) * original
@@ -251,23 +317,51 @@ class TextToImagePipeline:
                 results[-1].attention_maps = self._token_maps(prompt, config.emphasis, heatmaps[i])
         return results
 
-    def _encode(self, prompts: list[str], config: GenerationConfig) -> Tensor:
-        """(batch, tokens, width) text embeddings, each prompt encoded at its own length; in a batch of
-        prompts of different lengths, the shorter ones are padded with the empty prompt's chunk."""
+    def _encode(self, prompts: list[str], config: GenerationConfig) -> Conditioning:
+        """The prompts' conditioning, each prompt encoded at its own length; in a batch of prompts of
+        different lengths, the shorter ones are padded with the empty prompt's chunk."""
         encode = functools.partial(
-            encode_weighted,
-            self.model.tokenizer,
-            self.model.text_encoder,
-            emphasis=config.emphasis,
-            truncate=config.truncate,
+            encode_weighted, self.model.text_encoders(), emphasis=config.emphasis, truncate=config.truncate
         )
         encoded = {prompt: encode(prompt) for prompt in prompts}
-        longest = max(text.shape[1] for text in encoded.values())
-        if any(text.shape[1] < longest for text in encoded.values()):
-            empty = encode("")
-            for prompt, text in encoded.items():
-                encoded[prompt] = torch.cat([text, *[empty] * ((longest - text.shape[1]) // empty.shape[1])], dim=1)
-        return torch.cat([encoded[p] for p in prompts])
+        longest = max(e.text.shape[1] for e in encoded.values())
+        if any(e.text.shape[1] < longest for e in encoded.values()):
+            empty = encode("").text
+            for prompt, (text, pooled) in encoded.items():
+                padding = [empty] * ((longest - text.shape[1]) // empty.shape[1])
+                encoded[prompt] = Encoded(torch.cat([text, *padding], dim=1), pooled)
+        text = torch.cat([encoded[p].text for p in prompts])
+        if not self.model.is_sdxl:
+            return Conditioning(text)
+        pooled = torch.cat([encoded[p].pooled for p in prompts])
+        return Conditioning(text, pooled, self._time_ids(config, "").expand(len(prompts), -1))
+
+    def _negative(self, config: GenerationConfig) -> Conditioning:
+        """The negative prompt's conditioning; zeros for an empty one where the model asks for that
+        (SDXL's force_zeros_for_empty_prompt, as diffusers does when no negative prompt is given)."""
+        if not (self.model.is_sdxl and self.model.force_zeros_for_empty_prompt and not config.negative_prompt):
+            return self._encode([config.negative_prompt], config)._replace(time_ids=self._time_ids(config, "negative_"))
+        width = self.model.unet.config.cross_attention_dim
+        context = self.model.tokenizer.model_max_length
+        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
+        pooled = zeros(1, self.model.text_encoder_2.config.projection_dim)
+        return Conditioning(zeros(1, context, width), pooled, self._time_ids(config, "negative_"))
+
+    def _time_ids(self, config: GenerationConfig, prefix: str) -> Tensor | None:
+        """SDXL's (1, 6) time ids from the resolved config, the negative ones with prefix 'negative_'."""
+        if not self.model.is_sdxl:
+            return None
+        ids = [value for name in SIZE_CONDITIONING[:3] for value in getattr(config, prefix + name)]
+        return torch.tensor([ids], device=self.device, dtype=self.dtype)
+
+    def _decode(self, latents: Tensor) -> Tensor:
+        """Latents -> pixels, in the VAE's own precision (fp32 for SDXL's when the run is fp16)."""
+        vae = self.model.vae
+        return latents_to_images(vae, latents.to(vae.dtype)).to(latents.dtype)
+
+    def _encode_image(self, image: Tensor) -> Tensor:
+        vae = self.model.vae
+        return images_to_latents(vae, image.to(self.device, vae.dtype), mean=True).to(self.dtype)
 
     def _predict(
         self, x: Tensor, t: Tensor, text: Text, guidance_scale: float, maps: AttentionMapAccumulator | None
@@ -275,14 +369,14 @@ class TextToImagePipeline:
         """The UNet's prediction, guided: uncond + scale * (cond - uncond). The two share one batch when
         their texts have the same length; a negative prompt of another length runs at its own, as in A1111."""
         if text.unconditional is None:
-            return self.unet(x, t, text.conditional)
-        if text.unconditional.shape[1] == text.conditional.shape[1]:
-            both = self.unet(torch.cat([x, x]), t, torch.cat([text.unconditional, text.conditional]))
+            return self.unet(x, t, *text.conditional)
+        if text.unconditional.text.shape[1] == text.conditional.text.shape[1]:
+            both = self.unet(torch.cat([x, x]), t, *Conditioning.cat(text.unconditional, text.conditional))
             unconditional, conditional = both.chunk(2)
         else:
             with maps.paused() if maps is not None else contextlib.nullcontext():
-                unconditional = self.unet(x, t, text.unconditional)
-            conditional = self.unet(x, t, text.conditional)
+                unconditional = self.unet(x, t, *text.unconditional)
+            conditional = self.unet(x, t, *text.conditional)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     def _denoise(
@@ -324,8 +418,7 @@ class TextToImagePipeline:
         timesteps = scheduler.timesteps
         if images.init is None:
             return noise * scheduler.init_noise_sigma, timesteps, None
-        image = images.init.to(self.device, self.dtype)
-        original = images_to_latents(self.model.vae, image, mean=True).expand(len(noise), -1, -1, -1)
+        original = self._encode_image(images.init).expand(len(noise), -1, -1, -1)
         skip = config.steps - min(int(config.steps * config.strength), config.steps)
         timesteps = timesteps[skip * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
@@ -346,8 +439,7 @@ class TextToImagePipeline:
         latent_mask = F.interpolate(pixel_mask, size=latent_size).expand(batch, -1, -1, -1)
         if self.model.unet.config.in_channels != 9:
             return latent_mask, None
-        image = images.init.to(self.device, self.dtype)
-        kept = images_to_latents(self.model.vae, image * (pixel_mask < 0.5), mean=True)
+        kept = self._encode_image(images.init.to(self.device, self.dtype) * (pixel_mask < 0.5))
         return latent_mask, torch.cat([latent_mask, kept.expand(batch, -1, -1, -1)], dim=1)
 
     def _token_maps(self, prompt: str, emphasis: str, maps: Tensor) -> list[tuple[str, Tensor]]:
@@ -363,16 +455,19 @@ def _on(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, copy: 
     parts = {}
     for name, part in model.parts().items():
         weight = next(part.parameters())
+        # SDXL's VAE overflows in fp16: it decodes in fp32 unless its config says it need not (an fp16-fixed VAE)
+        upcast = name == "vae" and model.is_sdxl and dtype == torch.float16 and part.config.force_upcast
+        part_dtype = torch.float32 if upcast else dtype
         channels_last = (  # faster convolutions on tensor cores; a UNet already so needs no copy
             name == "unet"
             and device.type == "cuda"
             and not part.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         )
-        if weight.dtype == dtype and weight.device == device and not channels_last:
+        if weight.dtype == part_dtype and weight.device == device and not channels_last:
             continue
         part = deepcopy(part) if copy else part
-        if weight.dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
-            part.to(dtype=dtype)
+        if weight.dtype != part_dtype:  # diffusers warns on any dtype cast, even a no-op
+            part.to(dtype=part_dtype)
         part.to(device)
         parts[name] = part.to(memory_format=torch.channels_last) if channels_last else part
     return replace(model, **parts)

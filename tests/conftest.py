@@ -37,7 +37,29 @@ SD21_SHAPED_UNET = dict(  # SD 2.1's: constant 16-wide heads, linear projections
     upcast_attention=True,
     sample_size=16,
 )
-UNET_SHAPES = {"tiny": TINY_UNET, "sd15-shaped": SD15_SHAPED_UNET, "sd21-shaped": SD21_SHAPED_UNET}
+SDXL_SHAPED_UNET = dict(  # SDXL's: no attention at the highest resolution, deeper transformers lower down,
+    # the pooled text (16 wide here) and six size/crop numbers added to the timestep embedding
+    block_out_channels=[32, 64, 64],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    layers_per_block=2,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=[2, 4, 4],
+    transformer_layers_per_block=[1, 2, 3],
+    use_linear_projection=True,
+    upcast_attention=None,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8,
+    sample_size=16,
+)
+UNET_SHAPES = {
+    "tiny": TINY_UNET,
+    "sd15-shaped": SD15_SHAPED_UNET,
+    "sd21-shaped": SD21_SHAPED_UNET,
+    "sdxl-shaped": SDXL_SHAPED_UNET,
+}
 
 
 def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -67,4 +89,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """The perturbed tiny model saved once, in the diffusers layout, for tests that only read it."""
     directory = tmp_path_factory.mktemp("models") / "tiny"
     perturbed_tiny_model().save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A perturbed model of the sdxl-tiny preset, saved once in the diffusers SDXL layout."""
+    torch.manual_seed(0)
+    model = LatentDiffusion.from_preset("sdxl-tiny")
+    for part in model.parts().values():
+        perturb(part.eval())
+    directory = tmp_path_factory.mktemp("models") / "sdxl-tiny"
+    model.save(directory)
     return directory

@@ -172,6 +172,7 @@ def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch
         (["--prompt", "x", "--emphasis", "loud"], "argument --emphasis: invalid choice: 'loud' (choose from "
                                                   "'original', 'no-norm', 'comfy', 'none')"),
         (["--from-png", "{tmp}/style.safetensors"], "--from-png {tmp}/style.safetensors: not a readable image"),
+        (["--prompt", "x", "--crop-top-left", "0", "8"], "crop_top_left: only SDXL models take size conditioning"),
     ],
 )  # fmt: skip
 def test_more_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argv, message):
@@ -278,3 +279,21 @@ def test_emphasis_other_than_original_is_recorded_as_a1111_names_it(tiny_model_d
     options[1] = "a red circle"  # no brackets: A1111 leaves the field out
     assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)[0] == 0
     assert "Emphasis" not in Image.open(tmp_path / "00001-0.png").text["parameters"]
+
+
+def test_sdxl_size_conditioning_from_the_command_line_is_recorded_and_drawn_again(tiny_sdxl_dir, tmp_path, capsys):
+    options = ["--prompt", "a red circle", "--seed", "5", "--steps", "3", "--original-size", "48", "32",
+               "--crop-top-left", "0", "8", "--negative-original-size", "8", "8",
+               "--negative-target-size", "16", "16"]  # fmt: skip
+    assert run(capsys, "--model", tiny_sdxl_dir, *options, "--outdir", tmp_path / "first")[0] == 0
+    first = tmp_path / "first" / "00000-5.png"
+    text = Image.open(first).text
+    assert (text["original_size"], text["crop_top_left"], text["target_size"]) == ("48,32", "0,8", "16,16")
+    assert (text["negative_original_size"], text["negative_crop_top_left"]) == ("8,8", "0,0")
+    assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    again = tmp_path / "again" / "00000-5.png"
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert Image.open(again).text == text
+    assert run(capsys, "--model", tiny_sdxl_dir, *options[:6], "--outdir", tmp_path / "plain")[0] == 0
+    plain = np.asarray(Image.open(tmp_path / "plain" / "00000-5.png")).astype(int)
+    assert np.abs(plain - np.asarray(Image.open(first)).astype(int)).max() > 2

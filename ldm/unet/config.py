@@ -1,6 +1,6 @@
-"""UNetConfig: the fields of diffusers' `UNet2DConditionModel` that the SD 1.x/2.x family uses.
+"""UNetConfig: the fields of diffusers' `UNet2DConditionModel` that the SD 1.x/2.x and SDXL families use.
 
-Field names and defaults are diffusers', so a `unet/config.json` from any SD 1.x/2.x model
+Field names and defaults are diffusers', so a `unet/config.json` from any of these models
 reads in as it is and the config we write reads back in diffusers. A diffusers field that
 changes the architecture in a way we do not build is refused by name, never ignored.
 """
@@ -13,7 +13,7 @@ from ldm.errors import ConfigError
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# Diffusers fields we accept only at the value every SD 1.x/2.x UNet has.
+# Diffusers fields we accept only at the value every SD 1.x/2.x and SDXL UNet has.
 FIXED_FIELDS: dict[str, Any] = {
     "center_input_sample": False,
     "flip_sin_to_cos": True,
@@ -24,15 +24,12 @@ FIXED_FIELDS: dict[str, Any] = {
     "mid_block_scale_factor": 1,
     "dropout": 0.0,
     "act_fn": "silu",
-    "transformer_layers_per_block": 1,
     "reverse_transformer_layers_per_block": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -44,7 +41,6 @@ FIXED_FIELDS: dict[str, Any] = {
     "time_cond_proj_dim": None,
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
@@ -70,10 +66,18 @@ class UNetConfig:
     cross_attention_dim: int = 1280
     attention_head_dim: int | tuple[int, ...] = 8
     use_linear_projection: bool = False
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # SDXL's config says null: no upcast
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # transformer blocks per spatial transformer
+    # SDXL's added conditioning: the pooled text embedding and the size/crop numbers ("time ids"),
+    # each number embedded sinusoidally in `addition_time_embed_dim`, concatenated, mapped to the
+    # timestep embedding's width by an MLP and added to it.
+    addition_embed_type: str | None = None  # None, or "text_time"
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + time ids x addition_time_embed_dim
 
     def __post_init__(self) -> None:
-        for name in ("down_block_types", "up_block_types", "block_out_channels", "attention_head_dim"):
+        per_block = ("down_block_types", "up_block_types", "block_out_channels", "attention_head_dim")
+        for name in (*per_block, "transformer_layers_per_block"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         n = len(self.block_out_channels)
@@ -91,8 +95,17 @@ class UNetConfig:
             "up_block_types",
             "must mirror down_block_types (cross-attention at the same resolutions)",
         )
-        if isinstance(self.attention_head_dim, tuple):
-            self._check(len(self.attention_head_dim) == n, "attention_head_dim", f"needs 1 or {n} entries")
+        for name in ("attention_head_dim", "transformer_layers_per_block"):
+            if isinstance(getattr(self, name), tuple):
+                self._check(len(getattr(self, name)) == n, name, f"needs 1 or {n} entries")
+        self._check(all(self.depth(i) >= 1 for i in range(n)), "transformer_layers_per_block", "must be at least 1")
+        self._check(self.addition_embed_type in (None, "text_time"), "addition_embed_type", "only 'text_time' (SDXL)")
+        added = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        self._check(
+            all(isinstance(v, int) and v > 0 for v in added) if self.addition_embed_type else added == (None, None),
+            "projection_class_embeddings_input_dim",
+            "goes with addition_time_embed_dim, both set exactly when addition_embed_type is 'text_time'",
+        )
         for i, channels in enumerate(self.block_out_channels):
             self._check(
                 channels % self.norm_num_groups == 0,
@@ -115,6 +128,12 @@ class UNetConfig:
         if isinstance(self.attention_head_dim, int):
             return self.attention_head_dim
         return self.attention_head_dim[block]
+
+    def depth(self, block: int) -> int:
+        """Transformer blocks in each spatial transformer of down block `block` (as for `heads`)."""
+        if isinstance(self.transformer_layers_per_block, int):
+            return self.transformer_layers_per_block
+        return self.transformer_layers_per_block[block]
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> "UNetConfig":

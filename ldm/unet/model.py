@@ -1,4 +1,5 @@
-"""The denoising UNet: predicts the noise (or v) in noisy latents, given the timestep and the text.
+"""The denoising UNet: predicts the noise (or v) in noisy latents, given the timestep and the text
+(and for SDXL, the pooled text embedding and the image's size and crop, added to the timestep's).
 
 Going down, every layer's output is pushed on a skip stack; going up, every layer pops one and
 concatenates it to its input. Cross-attention to the text sits after the ResNet blocks of the
@@ -29,8 +30,7 @@ class DownBlock(nn.Module):
             for i in range(cfg.layers_per_block)
         )
         self.attentions = nn.ModuleList(
-            _spatial_transformer(cfg, out_channels, cfg.heads(index))
-            for _ in range(cfg.layers_per_block if attention else 0)
+            _spatial_transformer(cfg, out_channels, index) for _ in range(cfg.layers_per_block if attention else 0)
         )
         last = index == len(cfg.block_out_channels) - 1
         self.downsamplers = nn.ModuleList([] if last else [Downsample(out_channels)])
@@ -60,7 +60,6 @@ class UpBlock(nn.Module):
         skip_in = channels[min(index + 1, len(channels) - 1)]
         layers = cfg.layers_per_block + 1
         attention = cfg.up_block_types[index] == "CrossAttnUpBlock2D"
-        heads = cfg.heads(len(channels) - 1 - index)
         self.resnets = nn.ModuleList(
             ResnetBlock(
                 (prev_channels if i == 0 else out_channels) + (skip_in if i == layers - 1 else out_channels),
@@ -72,7 +71,8 @@ class UpBlock(nn.Module):
             for i in range(layers)
         )
         self.attentions = nn.ModuleList(
-            _spatial_transformer(cfg, out_channels, heads) for _ in range(layers if attention else 0)
+            _spatial_transformer(cfg, out_channels, len(channels) - 1 - index)
+            for _ in range(layers if attention else 0)
         )
         last = index == len(channels) - 1
         self.upsamplers = nn.ModuleList([] if last else [Upsample(out_channels)])
@@ -104,9 +104,7 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList(
             ResnetBlock(channels, channels, temb_channels, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2)
         )
-        self.attentions = nn.ModuleList(
-            [_spatial_transformer(cfg, channels, cfg.heads(len(cfg.block_out_channels) - 1))]
-        )
+        self.attentions = nn.ModuleList([_spatial_transformer(cfg, channels, len(cfg.block_out_channels) - 1)])
 
     def forward(self, x: Tensor, temb: Tensor, text: Tensor) -> Tensor:
         x = self.resnets[0](x, temb)
@@ -114,15 +112,22 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, temb)
 
 
-def _spatial_transformer(cfg: UNetConfig, channels: int, heads: int) -> SpatialTransformer:
+def _spatial_transformer(cfg: UNetConfig, channels: int, level: int) -> SpatialTransformer:
+    """The spatial transformer of the blocks at down level `level` (up blocks mirror it)."""
     return SpatialTransformer(
-        channels, heads, cfg.cross_attention_dim, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention
+        channels,
+        cfg.heads(level),
+        cfg.cross_attention_dim,
+        cfg.norm_num_groups,
+        cfg.use_linear_projection,
+        bool(cfg.upcast_attention),
+        cfg.depth(level),
     )
 
 
 class UNet(nn.Module):
-    """noise_pred = unet(noisy_latents, timesteps, text_embeddings). State-dict compatible with
-    diffusers' UNet2DConditionModel for the SD 1.x/2.x family."""
+    """noise_pred = unet(noisy_latents, timesteps, text_embeddings[, pooled, time_ids]). State-dict
+    compatible with diffusers' UNet2DConditionModel for the SD 1.x/2.x and SDXL families."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -131,6 +136,8 @@ class UNet(nn.Module):
         base = cfg.block_out_channels[0]
         temb_channels = base * 4
         self.time_embedding = TimestepEmbedding(base, temb_channels)
+        if cfg.addition_embed_type == "text_time":  # SDXL
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
         in_channels = [base, *cfg.block_out_channels[:-1]]
         self.down_blocks = nn.ModuleList(
@@ -144,11 +151,22 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, base, eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(base, cfg.out_channels, 3, padding=1)
 
-    def forward(self, latents: Tensor, timesteps: Tensor | float, text: Tensor) -> Tensor:
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor | float,
+        text: Tensor,
+        pooled: Tensor | None = None,
+        time_ids: Tensor | None = None,
+    ) -> Tensor:
         """latents: (batch, in_channels, h, w); timesteps: a number or (batch,); text: (batch, tokens,
-        cross_attention_dim) token embeddings."""
+        cross_attention_dim) token embeddings. SDXL also takes the pooled text embedding, (batch,
+        width), and the time ids, (batch, n): original height and width, crop top and left, target
+        height and width (the refiner: an aesthetic score in place of the target size)."""
         timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
         temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(latents.dtype))
+        if self.config.addition_embed_type == "text_time":
+            temb = temb + self.add_embedding(self._added(pooled, time_ids).to(temb.dtype))
 
         x = self.conv_in(latents)
         skips = [x]
@@ -161,6 +179,13 @@ class UNet(nn.Module):
             out_size = tuple(skips[-1].shape[-2:]) if skips else None  # the next block's skips set the size
             x = self._run(block, x, block_skips, temb, text, out_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def _added(self, pooled: Tensor | None, time_ids: Tensor | None) -> Tensor:
+        """SDXL's added conditioning: [pooled, emb(id_1), ..., emb(id_n)], each id embedded like a timestep."""
+        if pooled is None or time_ids is None:
+            raise ValueError("this UNet (addition_embed_type 'text_time') needs pooled and time_ids")
+        ids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim)
+        return torch.cat([pooled, ids.reshape(pooled.shape[0], -1)], dim=-1)  # promoted, as diffusers does
 
     def _run(self, block: nn.Module, *inputs):
         """Run a block; when training with gradient checkpointing, keep only its inputs and

@@ -29,14 +29,19 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Runs a TransformerBlock over a feature map: normalise, project in, treat each pixel as a
     token, project out, add to the input. SD 1.x projects with 1x1 convs, SD 2.x with Linear
-    layers (`linear`); the two are the same map on differently shaped weights."""
+    layers (`linear`); the two are the same map on differently shaped weights. SDXL stacks
+    `depth` transformer blocks (up to 10) inside one spatial transformer."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, groups: int, linear: bool, upcast: bool):
+    def __init__(
+        self, channels: int, heads: int, context_dim: int, groups: int, linear: bool, upcast: bool, depth: int = 1
+    ):
         super().__init__()
         self.linear = linear
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, upcast)])
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, heads, context_dim, upcast) for _ in range(depth)
+        )
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         # Start as the identity map, so a fresh UNet trains like one without attention at first.
         nn.init.zeros_(self.proj_out.weight)

@@ -87,7 +87,7 @@ def biased_text_model(text_model):
 
 def encode(model, prompt, **options):
     with torch.no_grad():
-        return encode_weighted(*model, prompt, **options)[0]
+        return encode_weighted([model], prompt, **options).text[0]
 
 
 def test_a_prompt_without_brackets_is_exactly_the_plain_embedding(text_model):

@@ -180,7 +180,9 @@ def test_a_negative_prompt_runs_at_its_own_length(pipe, monkeypatch):
     chunks; the unconditional pass runs apart, on the negative prompt's 77 tokens alone."""
     lengths = []
     unet = pipe.unet
-    monkeypatch.setattr(pipe, "unet", lambda x, t, text: lengths.append((len(x), text.shape[1])) or unet(x, t, text))
+    monkeypatch.setattr(
+        pipe, "unet", lambda x, t, text, *sdxl: lengths.append((len(x), text.shape[1])) or unet(x, t, text, *sdxl)
+    )
     long_prompt = "a red circle, " * 30  # 120 tokens: two chunks
     pipe(long_prompt, negative_prompt="a blue square", steps=2, seed=0, progress=False)
     assert lengths == [(1, 77), (1, 154)] * 2  # per step: unconditional, then conditional
