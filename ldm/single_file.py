@@ -64,6 +64,8 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     state = read_state_dict(path)
     if not any(key.startswith(UNET) for key in state):
         raise ModelLoadError(f"{path}: no {UNET}* weights: not a Stable Diffusion checkpoint")
+    if any(key.startswith("conditioner.embedders.") for key in state):  # SGM's names: SDXL
+        raise ModelLoadError(f"{path}: an SDXL single file, not read yet; load its diffusers folder instead")
     open_clip = any(key.startswith(OPEN_CLIP) for key in state)
     spec = read_preset(preset or ("sd21" if open_clip else "sd15"))
     spec["unet"]["in_channels"] = state[f"{UNET}input_blocks.0.0.weight"].shape[1]

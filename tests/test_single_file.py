@@ -93,6 +93,10 @@ def test_a_file_that_is_not_a_sd_checkpoint_is_refused(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelLoadError, match="no model.diffusion_model.\\* weights"):
         load_single_file(tmp_path / "other.safetensors")
+    sdxl = {"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2), "conditioner.embedders.0.x": torch.zeros(2)}
+    save_file(sdxl, tmp_path / "sdxl.safetensors")
+    with pytest.raises(ModelLoadError, match="an SDXL single file, not read yet; load its diffusers folder instead"):
+        load_single_file(tmp_path / "sdxl.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="not a readable checkpoint"):
         load_single_file(tmp_path / "broken.safetensors")

@@ -265,6 +265,10 @@ def build_model(config: TrainConfig) -> LatentDiffusion:
         model = LatentDiffusion.load(config.model.pretrained)
     else:
         model = LatentDiffusion.from_preset(config.model.preset)
+    if model.is_sdxl:
+        raise ConfigError(
+            f"model: {config.model.pretrained or config.model.preset} is SDXL; training SDXL is not built yet"
+        )
     if config.model.vae:
         model.vae = LatentDiffusion.load(config.model.vae).vae
     return model
