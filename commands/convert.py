@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", type=lora_argument, action="append", metavar="F[:SCALE]",
                         help="merge a LoRA (kohya or diffusers keys) at SCALE (default 1); repeatable")  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the weights' precision on disk")
-    parser.add_argument("--preset", help="a single-file source's architecture (default: sd15, or sd21 for OpenCLIP)")
+    parser.add_argument(
+        "--preset", help="a single-file source's architecture (default: sd15, sd21 for OpenCLIP, sdxl for SDXL)"
+    )
     quiet_libraries()
     try:
         args = parser.parse_args(argv)

@@ -1,10 +1,13 @@
 """Original Stable Diffusion single-file checkpoints (`.safetensors`, `.ckpt`), as A1111 and ComfyUI
 use them: one state dict with the CompVis names, `model.diffusion_model.*` (UNet),
-`first_stage_model.*` (VAE) and `cond_stage_model.*` (text encoder).
+`first_stage_model.*` (VAE) and `cond_stage_model.*` (text encoder). SDXL's (Stability's
+generative-models names) keep the UNet and VAE names and hold its two text encoders as
+`conditioner.embedders.0.transformer.*` (CLIP ViT-L, transformers' names) and
+`conditioner.embedders.1.model.*` (OpenCLIP bigG, OpenCLIP's names, with its projection).
 
 Reading converts with diffusers' own single-file helpers and builds the architecture from the
-presets that ship here (sd15, or sd21 for an OpenCLIP text encoder), so no network is needed.
-Writing is the inverse map, written out below.
+presets that ship here (sd15, sd21 for an OpenCLIP text encoder, sdxl for SDXL's embedders), so
+no network is needed. Writing is the inverse map, written out below.
 """
 
 import pickle
@@ -30,6 +33,7 @@ from ldm.unet.config import FIXED_FIELDS
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -64,10 +68,11 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     state = read_state_dict(path)
     if not any(key.startswith(UNET) for key in state):
         raise ModelLoadError(f"{path}: no {UNET}* weights: not a Stable Diffusion checkpoint")
-    if any(key.startswith("conditioner.embedders.") for key in state):  # SGM's names: SDXL
-        raise ModelLoadError(f"{path}: an SDXL single file, not read yet; load its diffusers folder instead")
+    sdxl = any(key.startswith(SDXL_OPEN_CLIP) for key in state)
+    if not sdxl and any(key.startswith("conditioner.embedders.") for key in state):
+        raise ModelLoadError(f"{path}: an SDXL refiner single file, not read yet; load its diffusers folder instead")
     open_clip = any(key.startswith(OPEN_CLIP) for key in state)
-    spec = read_preset(preset or ("sd21" if open_clip else "sd15"))
+    spec = read_preset(preset or ("sdxl" if sdxl else "sd21" if open_clip else "sd15"))
     spec["unet"]["in_channels"] = state[f"{UNET}input_blocks.0.0.weight"].shape[1]
     model = LatentDiffusion.from_spec(spec)
 
@@ -77,10 +82,11 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     if open_clip:
         text = convert_open_clip_checkpoint(model.text_encoder, state)
     else:
-        text = convert_ldm_clip_checkpoint(state)
-    text = text_state_from_files(model.text_encoder, text)
-    expected = model.text_encoder.state_dict()  # SD 2.x files hold a 24th layer and a projection SD does not use
-    load_exactly(model.text_encoder, {k: v for k, v in text.items() if k in expected}, "text_encoder")
+        text = convert_ldm_clip_checkpoint(state, remove_prefix=SDXL_CLIP if sdxl else None)
+    _load_text(model.text_encoder, text, "text_encoder")
+    if sdxl:
+        text = convert_open_clip_checkpoint(model.text_encoder_2, state, prefix=SDXL_OPEN_CLIP)
+        _load_text(model.text_encoder_2, text, "text_encoder_2")
     if "v_pred" in state or "ztsnr" in state:  # the markers save_single_file writes (and ComfyUI reads)
         changes = {"prediction_type": "v_prediction"} if "v_pred" in state else {}
         scheduler = type(model.scheduler)
@@ -89,6 +95,14 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
             scheduler = DDIMScheduler
         model.scheduler = scheduler.from_config(model.scheduler.config, **changes)
     return model
+
+
+def _load_text(encoder: torch.nn.Module, text: dict[str, Tensor], part: str) -> None:
+    """A text encoder's converted weights, less what the file holds and the model does not use
+    (SD 2.x files: a 24th layer and a projection; most files: position ids)."""
+    text = text_state_from_files(encoder, text)
+    expected = encoder.state_dict()
+    load_exactly(encoder, {k: v for k, v in text.items() if k in expected}, part)
 
 
 def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
@@ -102,7 +116,10 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
         for k, v in model.vae.state_dict().items()
     }
     text = text_state_for_files(model.text_encoder)
-    if model.text_encoder.config.hidden_act == "gelu":  # OpenCLIP, as in SD 2.x
+    if model.is_sdxl:
+        state |= {SDXL_CLIP + k: v for k, v in text.items()}
+        state |= {SDXL_OPEN_CLIP + k: v for k, v in open_clip_state(model.text_encoder_2.state_dict()).items()}
+    elif model.text_encoder.config.hidden_act == "gelu":  # OpenCLIP, as in SD 2.x
         state |= {OPEN_CLIP + k: v for k, v in open_clip_state(text).items()}
     else:
         state |= {CLIP + k: v for k, v in text.items()}
@@ -119,7 +136,9 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
 def model_spec(model: LatentDiffusion, v_prediction: bool) -> dict[str, str]:
     """Stability's ModelSpec header fields, as kohya's library/sai_model_spec.py writes them."""
     v2 = model.unet.config.cross_attention_dim == 1024
-    if v2:
+    if model.is_sdxl:
+        architecture = "stable-diffusion-xl-v1-base"
+    elif v2:
         architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
     else:
         architecture = "stable-diffusion-v1"
@@ -157,6 +176,8 @@ def unet_prefixes(config: UNetConfig) -> dict[str, str]:
         "mid_block.attentions.0.": "middle_block.1.",
         "mid_block.resnets.1.": "middle_block.2.",
     }
+    if config.addition_embed_type == "text_time":  # SDXL's added conditioning: `label_emb` there
+        prefixes |= {"add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2."}
     for i, kind in enumerate(config.up_block_types):
         for j in range(config.layers_per_block):
             prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{1 + i * per_block + j}.0."
@@ -192,7 +213,8 @@ def conv_1x1(key: str, value: Tensor) -> Tensor:
 
 
 def open_clip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """transformers CLIPTextModel state -> OpenCLIP text tower names, q/k/v fused into in_proj."""
+    """transformers CLIPTextModel(WithProjection) state -> OpenCLIP text tower names, q/k/v fused
+    into in_proj; OpenCLIP's projection is the transpose of transformers' (x @ text_projection)."""
     out = {
         "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
         "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
@@ -208,4 +230,6 @@ def open_clip_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[f"{theirs}attn.out_proj.{kind}"] = state[f"{ours}self_attn.out_proj.{kind}"]
             for name, original in OPEN_CLIP_LAYER.items():
                 out[f"{theirs}{original}.{kind}"] = state[f"{ours}{name}.{kind}"]
+    if "text_projection.weight" in state:
+        out["text_projection"] = state["text_projection.weight"].T
     return out

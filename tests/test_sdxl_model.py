@@ -101,8 +101,8 @@ def test_a_missing_second_text_encoder_is_named(tiny_sdxl, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"unet": {"cross_attention_dim": 8}}, "cross_attention_dim=8, but the text is 16 wide"),
-        ({"unet": {"projection_class_embeddings_input_dim": 33}}, "not the 8-wide pooled text plus 6"),
+        ({"unet": {"cross_attention_dim": 8}}, "cross_attention_dim=8, but the text is 20 wide"),
+        ({"unet": {"projection_class_embeddings_input_dim": 37}}, "not the 12-wide pooled text plus 6"),
         (
             {"text_encoder_2": None, "unet": {"cross_attention_dim": 8}},
             "needs a UNet with addition_embed_type 'text_time', and only it",

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
 from ldm.model import LatentDiffusion, ModelLoadError, read_preset
@@ -71,6 +71,29 @@ def test_diffusers_single_file_loader_reads_our_export(tiny_model, tmp_path):
     assert_same_parts(tiny_model, pipe)
 
 
+def test_sdxl_export_uses_generative_models_names_and_reads_back_here_and_in_diffusers(tiny_sdxl_dir, tmp_path):
+    """SDXL's original layout: the UNet's added conditioning as label_emb, the two text encoders as
+    conditioner.embedders.0 (transformers' names) and .1 (OpenCLIP's, fused q/k/v, the projection
+    transposed). diffusers' from_single_file (0.42.1, single_file_utils.py) reads it as we do."""
+    model = LatentDiffusion.load(tiny_sdxl_dir)
+    save_single_file(model, tmp_path / "sdxl.safetensors")
+    keys = set(load_file(tmp_path / "sdxl.safetensors"))
+    for key in [
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn2.to_k.weight",  # the second of two
+        "model.diffusion_model.output_blocks.1.2.conv.weight",  # the upsampler after a transformer
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+    ]:
+        assert key in keys, key
+    assert_same_parts(model, load_single_file(tmp_path / "sdxl.safetensors", preset="sdxl-tiny"))
+    pipe = StableDiffusionXLPipeline.from_single_file(
+        tmp_path / "sdxl.safetensors", config=str(tiny_sdxl_dir), local_files_only=True
+    )
+    assert_same_parts(model, pipe)
+
+
 def test_ckpt_files_load_weights_only(tiny_model, tmp_path):
     save_single_file(tiny_model, tmp_path / "model.safetensors")
     torch.save({"state_dict": load_file(tmp_path / "model.safetensors"), "global_step": 10}, tmp_path / "model.ckpt")
@@ -93,10 +116,13 @@ def test_a_file_that_is_not_a_sd_checkpoint_is_refused(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelLoadError, match="no model.diffusion_model.\\* weights"):
         load_single_file(tmp_path / "other.safetensors")
-    sdxl = {"model.diffusion_model.label_emb.0.0.weight": torch.zeros(2), "conditioner.embedders.0.x": torch.zeros(2)}
-    save_file(sdxl, tmp_path / "sdxl.safetensors")
-    with pytest.raises(ModelLoadError, match="an SDXL single file, not read yet; load its diffusers folder instead"):
-        load_single_file(tmp_path / "sdxl.safetensors")
+    refiner = {
+        "model.diffusion_model.x": torch.zeros(2),
+        "conditioner.embedders.0.model.text_projection": torch.zeros(2),
+    }
+    save_file(refiner, tmp_path / "refiner.safetensors")
+    with pytest.raises(ModelLoadError, match="an SDXL refiner single file, not read yet"):
+        load_single_file(tmp_path / "refiner.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="not a readable checkpoint"):
         load_single_file(tmp_path / "broken.safetensors")
