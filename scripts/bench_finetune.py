@@ -2,7 +2,7 @@
 random weights, ours beside diffusers' own (UNet2DConditionModel, `add_adapter` as its LoRA
 training script does), same weights, batch, precision and step, interleaved in one run.
 
-    python scripts/bench_finetune.py                       # CUDA: SD 1.5 at 512², bf16
+    python scripts/bench_finetune.py                       # CUDA: SD 1.5 at 512², bf16, 8-bit AdamW
     python scripts/bench_finetune.py --reduced --size 256  # CPU: SD 1.5's shape at a quarter of the width
 
 Prints images per second per mode; peak memory is measured per mode in a fresh process (CUDA:
@@ -11,6 +11,7 @@ figures go to BENCHMARKS.md.
 """
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -58,7 +59,16 @@ def build(mode: str, config: UNetConfig, checkpointing: bool, device: str):
             unet.add_adapter(adapter)  # diffusers' PeftAdapterMixin, as train_text_to_image_lora.py
     unet.to(device).train()
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    return unet, torch.optim.AdamW(trainable, lr=1e-4)
+    return unet, make_optimizer(trainable, device)
+
+
+def make_optimizer(parameters: list[torch.nn.Parameter], device: str) -> torch.optim.Optimizer:
+    """8-bit AdamW on CUDA where bitsandbytes is installed (as `optim.use_8bit_adam`), else AdamW."""
+    if device == "cuda" and importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(parameters, lr=1e-4)
+    return torch.optim.AdamW(parameters, lr=1e-4)
 
 
 def step(unet, optimizer, schedule, batch: int, size: int, device: str, dtype: torch.dtype) -> None:
@@ -122,10 +132,11 @@ def main() -> None:
             if device == "cuda":
                 torch.cuda.synchronize()
             times[mode].append((time.perf_counter() - start) / args.steps)
+    optimizer_name = type(built[MODES[0]][1]).__name__
     del built
     name = "SD 1.5, a quarter of the channels" if args.reduced else "SD 1.5"
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, UNet {name}, "
-          f"{args.size}², batch {args.batch}, checkpointing {not args.no_checkpointing}")  # fmt: skip
+          f"{args.size}², batch {args.batch}, checkpointing {not args.no_checkpointing}, {optimizer_name}")  # fmt: skip
     for mode in MODES:
         best = min(times[mode])
         print(f"{mode:15s} {best:7.3f} s/step  {args.batch / best:6.2f} images/s  "
