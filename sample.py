@@ -18,11 +18,12 @@ from PIL import Image, UnidentifiedImageError
 
 from commands.cli import Parser, UsageError, check_writable, lora_argument, one_line_warnings, quiet_libraries
 from ldm.errors import UserError
+from pipelines.conditioning import SIZE_CONDITIONING
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.prompts import EMPHASIS_MODES
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import SIZE_CONDITIONING, GenerationConfig, TextToImagePipeline
+from pipelines.text_to_image import GenerationConfig, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",

@@ -16,9 +16,9 @@ from typing import Any
 from PIL import Image
 
 from ldm.errors import UserError
+from pipelines.conditioning import SIZE_CONDITIONING
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import SIZE_CONDITIONING
 
 
 class InfotextError(UserError):

@@ -18,10 +18,11 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
+from pipelines.conditioning import SIZE_CONDITIONING
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import SIZE_CONDITIONING, Generated, GenerationConfig
+from pipelines.text_to_image import Generated, GenerationConfig
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 

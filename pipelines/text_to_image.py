@@ -7,13 +7,11 @@ scheduler's `init_noise_sigma`), so the same model, prompt, seed, scheduler and 
 the same picture here, in `diffusers.StableDiffusionPipeline` (`StableDiffusionXLPipeline` for
 SDXL), and in any batch size.
 
-SDXL's UNet also takes the pooled text and six numbers, its "time ids": the original size, the
-crop's top-left corner and the target size, each (height, width), which it was trained to
-reproduce; by default (H, W), (0, 0), (H, W), as in diffusers.
+SDXL's UNet also takes the pooled text and its size conditioning (pipelines/conditioning.py):
+by default the output size, crop (0, 0) and the output size, as in diffusers.
 """
 
 import contextlib
-import functools
 import inspect
 import random
 from collections.abc import Iterator
@@ -35,39 +33,17 @@ from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_single_file
 from pipelines.attention_maps import AttentionMapAccumulator
+from pipelines.conditioning import SIZE_CONDITIONING, Conditioning, encode_batch, time_ids, zero_negative
 from pipelines.devices import pick_device, pick_dtype
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
-from pipelines.prompts import EMPHASIS_MODES, Encoded, encode_weighted, split_into_chunks
+from pipelines.prompts import EMPHASIS_MODES, split_into_chunks
 from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
-SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), in GenerationConfig
-    "original_size",
-    "crop_top_left",
-    "target_size",
-    "negative_original_size",
-    "negative_crop_top_left",
-    "negative_target_size",
-)
 
 
 class GenerationError(UserError):
     """A request the pipeline cannot carry out (bad size, strength, missing image); one line."""
-
-
-class Conditioning(NamedTuple):
-    """What the UNet reads besides the latents and the timestep, one row per image: its arguments."""
-
-    text: Tensor  # (batch, tokens, width) token embeddings
-    pooled: Tensor | None = None  # SDXL: (batch, width) pooled text
-    time_ids: Tensor | None = None  # SDXL: (batch, 6) original size, crop top-left, target size
-
-    def repeat(self, batch: int) -> "Conditioning":
-        return Conditioning(*(None if t is None else t.expand(batch, *t.shape[1:]) for t in self))
-
-    @staticmethod
-    def cat(first: "Conditioning", second: "Conditioning") -> "Conditioning":
-        return Conditioning(*(None if a is None else torch.cat([a, b]) for a, b in zip(first, second, strict=True)))
 
 
 class Text(NamedTuple):
@@ -318,41 +294,18 @@ class TextToImagePipeline:
         return results
 
     def _encode(self, prompts: list[str], config: GenerationConfig) -> Conditioning:
-        """The prompts' conditioning, each prompt encoded at its own length; in a batch of prompts of
-        different lengths, the shorter ones are padded with the empty prompt's chunk."""
-        encode = functools.partial(
-            encode_weighted, self.model.text_encoders(), emphasis=config.emphasis, truncate=config.truncate
-        )
-        encoded = {prompt: encode(prompt) for prompt in prompts}
-        longest = max(e.text.shape[1] for e in encoded.values())
-        if any(e.text.shape[1] < longest for e in encoded.values()):
-            empty = encode("").text
-            for prompt, (text, pooled) in encoded.items():
-                padding = [empty] * ((longest - text.shape[1]) // empty.shape[1])
-                encoded[prompt] = Encoded(torch.cat([text, *padding], dim=1), pooled)
-        text = torch.cat([encoded[p].text for p in prompts])
-        if not self.model.is_sdxl:
-            return Conditioning(text)
-        pooled = torch.cat([encoded[p].pooled for p in prompts])
-        return Conditioning(text, pooled, self._time_ids(config, "").expand(len(prompts), -1))
+        return encode_batch(self.model, prompts, config.emphasis, config.truncate, self._time_ids(config, ""))
 
     def _negative(self, config: GenerationConfig) -> Conditioning:
-        """The negative prompt's conditioning; zeros for an empty one where the model asks for that
-        (SDXL's force_zeros_for_empty_prompt, as diffusers does when no negative prompt is given)."""
-        if not (self.model.is_sdxl and self.model.force_zeros_for_empty_prompt and not config.negative_prompt):
-            return self._encode([config.negative_prompt], config)._replace(time_ids=self._time_ids(config, "negative_"))
-        width = self.model.unet.config.cross_attention_dim
-        context = self.model.tokenizer.model_max_length
-        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
-        pooled = zeros(1, self.model.text_encoder_2.config.projection_dim)
-        return Conditioning(zeros(1, context, width), pooled, self._time_ids(config, "negative_"))
+        """The negative prompt's conditioning; zeros for an empty one where the model asks for that."""
+        ids = self._time_ids(config, "negative_")
+        if self.model.is_sdxl and self.model.force_zeros_for_empty_prompt and not config.negative_prompt:
+            return zero_negative(self.model, ids)
+        return encode_batch(self.model, [config.negative_prompt], config.emphasis, config.truncate, ids)
 
     def _time_ids(self, config: GenerationConfig, prefix: str) -> Tensor | None:
-        """SDXL's (1, 6) time ids from the resolved config, the negative ones with prefix 'negative_'."""
-        if not self.model.is_sdxl:
-            return None
-        ids = [value for name in SIZE_CONDITIONING[:3] for value in getattr(config, prefix + name)]
-        return torch.tensor([ids], device=self.device, dtype=self.dtype)
+        sizes = {name: getattr(config, name) for name in SIZE_CONDITIONING}
+        return time_ids(sizes, prefix, self.device, self.dtype) if self.model.is_sdxl else None
 
     def _decode(self, latents: Tensor) -> Tensor:
         """Latents -> pixels, in the VAE's own precision (fp32 for SDXL's when the run is fp16)."""

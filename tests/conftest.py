@@ -71,9 +71,10 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def perturbed_tiny_model() -> LatentDiffusion:
+def perturbed_tiny_model(preset: str = "tiny") -> LatentDiffusion:
+    """A preset's model (tiny, sdxl-tiny) with every weight perturbed, the same each call."""
     torch.manual_seed(0)
-    model = LatentDiffusion.from_preset("tiny")
+    model = LatentDiffusion.from_preset(preset)
     for part in model.parts().values():
         perturb(part.eval())
     return model
@@ -95,10 +96,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A perturbed model of the sdxl-tiny preset, saved once in the diffusers SDXL layout."""
-    torch.manual_seed(0)
-    model = LatentDiffusion.from_preset("sdxl-tiny")
-    for part in model.parts().values():
-        perturb(part.eval())
     directory = tmp_path_factory.mktemp("models") / "sdxl-tiny"
-    model.save(directory)
+    perturbed_tiny_model("sdxl-tiny").save(directory)
     return directory

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from conftest import perturb
+from conftest import perturbed_tiny_model
 from ldm.errors import ConfigError
 from ldm.model import LatentDiffusion, ModelLoadError, read_preset
 from ldm.unet import UNet
@@ -15,11 +15,7 @@ from ldm.unet import UNet
 
 @pytest.fixture
 def tiny_sdxl() -> LatentDiffusion:
-    torch.manual_seed(0)
-    model = LatentDiffusion.from_preset("sdxl-tiny")
-    for part in model.parts().values():
-        perturb(part.eval())
-    return model
+    return perturbed_tiny_model("sdxl-tiny")
 
 
 def unet_output(unet, model: LatentDiffusion) -> torch.Tensor:

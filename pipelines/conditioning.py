@@ -1,0 +1,70 @@
+"""What the UNet reads besides the latents and the timestep: the prompts' token embeddings, and for
+SDXL the pooled text and the six size numbers ("time ids"): the original size, the crop's top-left
+corner and the target size, each (height, width), as the model was trained to reproduce them.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ldm.model import LatentDiffusion
+from pipelines.prompts import Encoded, encode_weighted
+
+SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), by GenerationConfig's names
+    "original_size",
+    "crop_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crop_top_left",
+    "negative_target_size",
+)
+
+
+class Conditioning(NamedTuple):
+    """The UNet's arguments after the latents and the timestep, one row per image."""
+
+    text: Tensor  # (batch, tokens, width) token embeddings
+    pooled: Tensor | None = None  # SDXL: (batch, width) pooled text
+    time_ids: Tensor | None = None  # SDXL: (batch, 6) original size, crop top-left, target size
+
+    def repeat(self, batch: int) -> "Conditioning":
+        return Conditioning(*(None if t is None else t.expand(batch, *t.shape[1:]) for t in self))
+
+    @staticmethod
+    def cat(first: "Conditioning", second: "Conditioning") -> "Conditioning":
+        return Conditioning(*(None if a is None else torch.cat([a, b]) for a, b in zip(first, second, strict=True)))
+
+
+def time_ids(sizes: dict[str, tuple[int, int]], prefix: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """(1, 6) time ids from the resolved sizes; the negative ones with prefix 'negative_'."""
+    ids = [value for name in SIZE_CONDITIONING[:3] for value in sizes[prefix + name]]
+    return torch.tensor([ids], device=device, dtype=dtype)
+
+
+def encode_batch(
+    model: LatentDiffusion, prompts: list[str], emphasis: str, truncate: bool, ids: Tensor | None
+) -> Conditioning:
+    """The prompts' conditioning (`ids`: SDXL's time ids, one row), each prompt encoded at its own
+    length; in a batch of prompts of different lengths, the shorter ones are padded with the empty
+    prompt's chunk."""
+    encoded = {prompt: encode_weighted(model.text_encoders(), prompt, emphasis, truncate) for prompt in prompts}
+    longest = max(e.text.shape[1] for e in encoded.values())
+    if any(e.text.shape[1] < longest for e in encoded.values()):
+        empty = encode_weighted(model.text_encoders(), "", emphasis, truncate).text
+        for prompt, (text, pooled) in encoded.items():
+            padding = [empty] * ((longest - text.shape[1]) // empty.shape[1])
+            encoded[prompt] = Encoded(torch.cat([text, *padding], dim=1), pooled)
+    text = torch.cat([encoded[p].text for p in prompts])
+    if not model.is_sdxl:
+        return Conditioning(text)
+    pooled = torch.cat([encoded[p].pooled for p in prompts])
+    return Conditioning(text, pooled, ids.expand(len(prompts), -1))
+
+
+def zero_negative(model: LatentDiffusion, ids: Tensor) -> Conditioning:
+    """SDXL's force_zeros_for_empty_prompt: the unguided prediction reads zeros, not the empty
+    prompt's embedding (diffusers' encode_prompt, when no negative prompt is given)."""
+    zeros = torch.zeros(1, model.tokenizer.model_max_length, model.unet.config.cross_attention_dim)
+    pooled = torch.zeros(1, model.text_encoder_2.config.projection_dim)
+    return Conditioning(zeros.to(ids), pooled.to(ids), ids)
