@@ -27,7 +27,7 @@ from pipelines.text_to_image import GenerationConfig, TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
-            "height", "width", "strength", "lora", *SIZE_CONDITIONING)  # fmt: skip
+            "height", "width", "strength", "lora", "prompt_2", "negative_prompt_2", *SIZE_CONDITIONING)  # fmt: skip
 
 
 def make_parser() -> Parser:
@@ -67,7 +67,9 @@ def make_parser() -> Parser:
     parser.add_argument(
         "--truncate-prompts", dest="truncate", action="store_true", help="cut prompts at 75 tokens instead of chunking"
     )
-    sdxl = parser.add_argument_group("SDXL size conditioning (default: the output size, crop 0 0)")
+    sdxl = parser.add_argument_group("SDXL: second prompts, size conditioning (default: the output size, crop 0 0)")
+    sdxl.add_argument("--prompt-2", help="what the second text encoder reads (default: the prompt)")
+    sdxl.add_argument("--negative-prompt-2", help="the same for the negative prompt")
     for name, metavar in zip(SIZE_CONDITIONING, [("H", "W"), ("TOP", "LEFT"), ("H", "W")] * 2, strict=True):
         sdxl.add_argument("--" + name.replace("_", "-"), type=int, nargs=2, metavar=metavar)
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")

@@ -43,15 +43,21 @@ def time_ids(sizes: dict[str, tuple[int, int]], prefix: str, device: torch.devic
 
 
 def encode_batch(
-    model: LatentDiffusion, prompts: list[str], emphasis: str, truncate: bool, ids: Tensor | None
+    model: LatentDiffusion,
+    prompts: list[str],
+    emphasis: str,
+    truncate: bool,
+    ids: Tensor | None,
+    prompt_2: str | None = None,
 ) -> Conditioning:
-    """The prompts' conditioning (`ids`: SDXL's time ids, one row), each prompt encoded at its own
-    length; in a batch of prompts of different lengths, the shorter ones are padded with the empty
-    prompt's chunk."""
-    encoded = {prompt: encode_weighted(model.text_encoders(), prompt, emphasis, truncate) for prompt in prompts}
+    """The prompts' conditioning (`ids`: SDXL's time ids, one row; `prompt_2`: what its second
+    encoder reads instead of each prompt), each prompt encoded at its own length; in a batch of
+    prompts of different lengths, the shorter ones are padded with the empty prompt's chunk."""
+    encoders = model.text_encoders()
+    encoded = {prompt: encode_weighted(encoders, prompt, emphasis, truncate, prompt_2) for prompt in prompts}
     longest = max(e.text.shape[1] for e in encoded.values())
     if any(e.text.shape[1] < longest for e in encoded.values()):
-        empty = encode_weighted(model.text_encoders(), "", emphasis, truncate).text
+        empty = encode_weighted(encoders, "", emphasis, truncate).text
         for prompt, (text, pooled) in encoded.items():
             padding = [empty] * ((longest - text.shape[1]) // empty.shape[1])
             encoded[prompt] = Encoded(torch.cat([text, *padding], dim=1), pooled)

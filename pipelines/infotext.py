@@ -98,9 +98,10 @@ def _ours(chunks: dict[str, str]) -> dict[str, Any]:
         "width": int(chunks["width"]),
         "strength": float(chunks["strength"]) if "strength" in chunks else None,
     }
-    sizes = {name: [int(v) for v in chunks[name].split(",")] for name in SIZE_CONDITIONING if name in chunks}
+    sdxl = {name: [int(v) for v in chunks[name].split(",")] for name in SIZE_CONDITIONING if name in chunks}
+    sdxl |= {name: chunks[name] for name in ("prompt_2", "negative_prompt_2") if name in chunks}
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
-    return settings | sizes | {"lora": [(path, float(scale)) for path, _, scale in loras]}
+    return settings | sdxl | {"lora": [(path, float(scale)) for path, _, scale in loras]}
 
 
 def _webui(fields: dict[str, str]) -> dict[str, Any]:

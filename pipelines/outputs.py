@@ -69,6 +69,9 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
         fields["model_hash"] = settings.model_hash
     if config.strength is not None:
         fields["strength"] = str(config.strength)
+    for name in ("prompt_2", "negative_prompt_2"):
+        if getattr(config, name) is not None:
+            fields[name] = getattr(config, name)
     for name in SIZE_CONDITIONING:  # SDXL's, resolved; None for other models
         if getattr(config, name) is not None:
             fields[name] = ",".join(map(str, getattr(config, name)))

@@ -171,23 +171,34 @@ def encode_weighted(
     prompt: str,
     emphasis: str = "original",
     truncate: bool = False,
+    prompt_2: str | None = None,
 ) -> Encoded:
     """A prompt -> its token embeddings, emphasis applied, by each (tokenizer, encoder) pair: one,
-    or SDXL's two. With `truncate`, the first chunk only, and a warning names what was cut."""
+    or SDXL's two. SDXL's second encoder reads `prompt_2` where one is given (diffusers' name). When
+    the two prompts make different numbers of chunks, the shorter side is padded with its empty
+    prompt's chunk, as ComfyUI's CLIPTextEncodeSDXL does (comfy_extras/nodes_clip_sdxl.py). With
+    `truncate`, the first chunk only, and a warning names what was cut."""
     if emphasis not in EMPHASIS_MODES:
         raise PromptError(f"emphasis={emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
     penultimate = len(encoders) > 1  # SDXL reads the layer before the last
+    prompts = [prompt, prompt if prompt_2 is None else prompt_2]
     texts, pooled = [], None
     for k, (tokenizer, text_encoder) in enumerate(encoders):
-        chunks = split_into_chunks(tokenizer, prompt, emphasis)
+        chunks = split_into_chunks(tokenizer, prompts[k], emphasis)
         ids, weights = chunks.ids, chunks.weights
         if truncate and len(ids) > 1:
-            if k == 0:
+            if k == 0 or prompts[1] != prompts[0]:
                 dropped = [t for chunk in ids[1:] for t in chunk if t not in tokenizer.all_special_ids]
                 warnings.warn(f"prompt cut to one chunk; dropped: {tokenizer.decode(dropped)!r}", stacklevel=2)
             ids, weights = ids[:1], weights[:1]
         embeddings, pooled = _weighted(tokenizer, text_encoder, ids, weights, emphasis, penultimate)
         texts.append(embeddings.reshape(1, -1, embeddings.shape[-1]))
+    longest = max(text.shape[1] for text in texts)
+    for k, (tokenizer, text_encoder) in enumerate(encoders):
+        if texts[k].shape[1] < longest:
+            empty = split_into_chunks(tokenizer, "")
+            chunk = _weighted(tokenizer, text_encoder, empty.ids, empty.weights, "none", penultimate)[0]
+            texts[k] = torch.cat([texts[k], *[chunk] * ((longest - texts[k].shape[1]) // chunk.shape[1])], dim=1)
     return Encoded(torch.cat(texts, dim=-1), None if pooled is None else pooled[:1])
 
 

@@ -60,6 +60,10 @@ class GenerationConfig:
     and the PNG metadata reads it."""
 
     negative_prompt: str = ""
+    # SDXL: what its second text encoder reads instead of each prompt, and of the negative prompt
+    # (diffusers' names); None: the same text as the first encoder.
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
     num_images: int = 1  # per prompt
     batch_size: int = 1
     steps: int | None = None  # None: the model's sampling.json, else DEFAULT_STEPS
@@ -204,7 +208,7 @@ class TextToImagePipeline:
             raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
         scheduler = config.scheduler or self.default_scheduler
         check_scheduler(scheduler, self.model.scheduler)
-        sizes = self._size_conditioning(config, height, width)
+        sizes = self._sdxl_settings(config, height, width)
         resolved = replace(
             config,
             steps=steps,
@@ -221,13 +225,15 @@ class TextToImagePipeline:
             None if mask is None else mask_to_tensor(mask, width, height),
         )
 
-    def _size_conditioning(self, config: GenerationConfig, height: int, width: int) -> dict:
-        """SDXL's six size settings, resolved (diffusers' defaults); the settings of other models must stay unset."""
+    def _sdxl_settings(self, config: GenerationConfig, height: int, width: int) -> dict:
+        """SDXL's six sizes, resolved (diffusers' defaults); other models refuse them and a second prompt."""
         names = SIZE_CONDITIONING[:3]
         given = [name for name in SIZE_CONDITIONING if getattr(config, name) is not None]
         if not self.model.is_sdxl:
             if given:
                 raise GenerationError(f"{', '.join(given)}: only SDXL models take size conditioning")
+            if config.prompt_2 is not None or config.negative_prompt_2 is not None:
+                raise GenerationError("prompt_2, negative_prompt_2: only SDXL models have a second text encoder")
             return {}
         for name in given:
             value = getattr(config, name)
@@ -294,14 +300,18 @@ class TextToImagePipeline:
         return results
 
     def _encode(self, prompts: list[str], config: GenerationConfig) -> Conditioning:
-        return encode_batch(self.model, prompts, config.emphasis, config.truncate, self._time_ids(config, ""))
+        ids = self._time_ids(config, "")
+        return encode_batch(self.model, prompts, config.emphasis, config.truncate, ids, config.prompt_2)
 
     def _negative(self, config: GenerationConfig) -> Conditioning:
-        """The negative prompt's conditioning; zeros for an empty one where the model asks for that."""
+        """The negative prompt's conditioning; zeros for an empty one (both prompts empty) where the
+        model asks for that."""
         ids = self._time_ids(config, "negative_")
-        if self.model.is_sdxl and self.model.force_zeros_for_empty_prompt and not config.negative_prompt:
+        empty = not config.negative_prompt and not config.negative_prompt_2
+        if self.model.is_sdxl and self.model.force_zeros_for_empty_prompt and empty:
             return zero_negative(self.model, ids)
-        return encode_batch(self.model, [config.negative_prompt], config.emphasis, config.truncate, ids)
+        texts = [config.negative_prompt]
+        return encode_batch(self.model, texts, config.emphasis, config.truncate, ids, config.negative_prompt_2)
 
     def _time_ids(self, config: GenerationConfig, prefix: str) -> Tensor | None:
         sizes = {name: getattr(config, name) for name in SIZE_CONDITIONING}

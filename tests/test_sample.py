@@ -284,12 +284,13 @@ def test_emphasis_other_than_original_is_recorded_as_a1111_names_it(tiny_model_d
 def test_sdxl_size_conditioning_from_the_command_line_is_recorded_and_drawn_again(tiny_sdxl_dir, tmp_path, capsys):
     options = ["--prompt", "a red circle", "--seed", "5", "--steps", "3", "--original-size", "48", "32",
                "--crop-top-left", "0", "8", "--negative-original-size", "8", "8",
-               "--negative-target-size", "16", "16"]  # fmt: skip
+               "--negative-target-size", "16", "16", "--prompt-2", "a blue square"]  # fmt: skip
     assert run(capsys, "--model", tiny_sdxl_dir, *options, "--outdir", tmp_path / "first")[0] == 0
     first = tmp_path / "first" / "00000-5.png"
     text = Image.open(first).text
     assert (text["original_size"], text["crop_top_left"], text["target_size"]) == ("48,32", "0,8", "16,16")
     assert (text["negative_original_size"], text["negative_crop_top_left"]) == ("8,8", "0,0")
+    assert text["prompt_2"] == "a blue square" and "negative_prompt_2" not in text
     assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
     again = tmp_path / "again" / "00000-5.png"
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))

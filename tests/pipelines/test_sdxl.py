@@ -64,6 +64,20 @@ def test_size_conditioning_and_the_zeroed_empty_negative_prompt_as_in_diffusers(
     assert max_difference(plain[0], ours[0]) > 2  # the size conditioning reached the picture
 
 
+def test_second_prompts_as_in_diffusers_and_of_another_length_padded(pipe, tiny_sdxl_dir):
+    """prompt_2 and negative_prompt_2 go to the second encoder only; a second prompt of two chunks
+    beside a first of one is padded with the first encoder's empty chunk, as ComfyUI pads."""
+    prompts = dict(prompt_2="a blue square", negative_prompt="green", negative_prompt_2="a cyan triangle")
+    expected = theirs(tiny_sdxl_dir, "euler", [9], prompt="a red circle", num_inference_steps=6, guidance_scale=5.0,
+                      **prompts)  # fmt: skip
+    options = dict(steps=6, seed=9, scheduler="euler", guidance_scale=5.0, height=SIZE, width=SIZE, progress=False)
+    ours = pipe("a red circle", **options, **prompts)[0]
+    assert max_difference(ours, expected[0]) <= 2
+    assert max_difference(ours, pipe("a red circle", **options, negative_prompt="green")[0]) > 2
+    long_second = pipe.generate("a red circle", **options, prompt_2="a blue square, " * 30)[0]
+    assert long_second.image.size == (SIZE, SIZE) and long_second.config.prompt_2.startswith("a blue square")
+
+
 def test_size_conditioning_is_resolved_recorded_and_checked(pipe, tiny_model_dir):
     generated = pipe.generate("a red circle", steps=1, seed=0, height=SIZE, width=SIZE, progress=False,
                               crop_top_left=(0, 8))[0]  # fmt: skip
@@ -77,6 +91,8 @@ def test_size_conditioning_is_resolved_recorded_and_checked(pipe, tiny_model_dir
     sd = TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
     with pytest.raises(GenerationError, match="original_size: only SDXL models take size conditioning"):
         sd("a red circle", steps=1, original_size=(512, 512), progress=False)
+    with pytest.raises(GenerationError, match="prompt_2, negative_prompt_2: only SDXL models have a second"):
+        sd("a red circle", steps=1, prompt_2="a blue square", progress=False)
 
 
 def test_emphasis_and_long_prompts_reach_both_encoders(pipe):
