@@ -98,7 +98,11 @@ class UNetConfig:
         for name in ("attention_head_dim", "transformer_layers_per_block"):
             if isinstance(getattr(self, name), tuple):
                 self._check(len(getattr(self, name)) == n, name, f"needs 1 or {n} entries")
-        self._check(all(self.depth(i) >= 1 for i in range(n)), "transformer_layers_per_block", "must be at least 1")
+        self._check(
+            all(isinstance(self.depth(i), int) and self.depth(i) >= 1 for i in range(n)),
+            "transformer_layers_per_block",
+            "must be a whole number of at least 1, or one per block",
+        )
         self._check(self.addition_embed_type in (None, "text_time"), "addition_embed_type", "only 'text_time' (SDXL)")
         added = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
         self._check(

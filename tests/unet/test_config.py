@@ -58,6 +58,11 @@ def test_other_model_class_is_refused():
         ({"up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]}, "must mirror down_block_types"),
         ({"up_block_types": ["UpBlock2D"]}, "up_block_types=.*needs 2 entries"),
         ({"layers_per_block": 0}, "layers_per_block=0: must be at least 1"),
+        ({"transformer_layers_per_block": [1, 2, 3]}, "transformer_layers_per_block=.*needs 1 or 2 entries"),
+        ({"transformer_layers_per_block": [[1], [2]]}, "must be a whole number of at least 1, or one per block"),
+        ({"addition_embed_type": "text"}, "addition_embed_type='text': only 'text_time'"),
+        ({"addition_embed_type": "text_time"}, "both set exactly when addition_embed_type is 'text_time'"),
+        ({"addition_time_embed_dim": 8}, "both set exactly when addition_embed_type is 'text_time'"),
     ],
 )
 def test_inconsistent_configs_name_the_field(change, message):
