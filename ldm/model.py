@@ -95,7 +95,7 @@ class LatentDiffusion:
 
     @classmethod
     def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
-        """Random weights in a preset's architecture: a name in ldm/presets/ (tiny, small, sd15, sd21) or a .yaml."""
+        """Random weights in a preset's architecture: a name in ldm/presets/ (tiny, sd15, sdxl, ...) or a .yaml."""
         return cls.from_spec(read_preset(preset))
 
     @classmethod
