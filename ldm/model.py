@@ -104,28 +104,17 @@ class LatentDiffusion:
         missing = [part for part in PARTS if part not in spec]
         if missing:
             raise ModelLoadError(f"model spec: missing section(s) {missing}")
-        text_config = CLIPTextConfig(**_checked("text_encoder", spec["text_encoder"], CLIPTextConfig().to_dict()))
+        tokenizer, text_encoder = _text_part(spec, "", CLIPTextModel)
         vae_fields = inspect.signature(AutoencoderKL.__init__).parameters
-        tokenizer = clip_tokenizer(**_checked("tokenizer", spec["tokenizer"], {"pad_token", "model_max_length"}))
-        if tokenizer.model_max_length > text_config.max_position_embeddings:
-            raise ConfigError(
-                f"tokenizer config: model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
-                f"max_position_embeddings={text_config.max_position_embeddings}"
-            )
         model = cls(
             tokenizer=tokenizer,
-            text_encoder=CLIPTextModel(text_config),
+            text_encoder=text_encoder,
             unet=UNet(UNetConfig.from_diffusers(spec["unet"])),
             vae=AutoencoderKL(**_checked("vae", spec["vae"], vae_fields)),
             scheduler=_scheduler_from_config(spec["scheduler"]),
         )
         if "text_encoder_2" in spec:
-            second = CLIPTextConfig(**_checked("text_encoder_2", spec["text_encoder_2"], CLIPTextConfig().to_dict()))
-            tokenizer_2 = spec.get("tokenizer_2", {})
-            model.tokenizer_2 = clip_tokenizer(
-                **_checked("tokenizer_2", tokenizer_2, {"pad_token", "model_max_length"})
-            )
-            model.text_encoder_2 = CLIPTextModelWithProjection(second)
+            model.tokenizer_2, model.text_encoder_2 = _text_part(spec, "_2", CLIPTextModelWithProjection)
             model.force_zeros_for_empty_prompt = True
         check_text_widths(model)
         return model
@@ -244,6 +233,21 @@ def read_preset(preset: str | Path) -> dict[str, Any]:
         names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise ModelLoadError(f"no preset {str(preset)!r}: use one of {names} or a .yaml path")
     return yaml.safe_load(path.read_text())
+
+
+def _text_part(spec: dict[str, Any], suffix: str, encoder_class: type) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """A tokenizer and its text encoder, random, from their preset sections (`suffix`: SDXL's "_2")."""
+    config = CLIPTextConfig(
+        **_checked(f"text_encoder{suffix}", spec[f"text_encoder{suffix}"], CLIPTextConfig().to_dict())
+    )
+    fields = _checked(f"tokenizer{suffix}", spec.get(f"tokenizer{suffix}", {}), {"pad_token", "model_max_length"})
+    tokenizer = clip_tokenizer(**fields)
+    if tokenizer.model_max_length > config.max_position_embeddings:
+        raise ConfigError(
+            f"tokenizer{suffix} config: model_max_length={tokenizer.model_max_length} exceeds the text encoder's "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+    return tokenizer, encoder_class(config)
 
 
 def _checked(part: str, config: dict[str, Any], valid: Any) -> dict[str, Any]:

@@ -98,6 +98,7 @@ def test_a_missing_second_text_encoder_is_named(tiny_sdxl, tmp_path):
     "change, message",
     [
         ({"unet": {"cross_attention_dim": 8}}, "cross_attention_dim=8, but the text is 20 wide"),
+        ({"tokenizer_2": {"model_max_length": 100}}, "tokenizer_2 config: model_max_length=100 exceeds the text"),
         ({"unet": {"projection_class_embeddings_input_dim": 37}}, "not the 12-wide pooled text plus 6"),
         (
             {"text_encoder_2": None, "unet": {"cross_attention_dim": 8}},
