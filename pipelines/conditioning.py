@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ldm.model import LatentDiffusion
-from pipelines.prompts import Encoded, encode_weighted
+from pipelines.prompts import Encoded, encode_weighted, pad_with_chunk
 
 SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), by GenerationConfig's names
     "original_size",
@@ -59,8 +59,7 @@ def encode_batch(
     if any(e.text.shape[1] < longest for e in encoded.values()):
         empty = encode_weighted(encoders, "", emphasis, truncate).text
         for prompt, (text, pooled) in encoded.items():
-            padding = [empty] * ((longest - text.shape[1]) // empty.shape[1])
-            encoded[prompt] = Encoded(torch.cat([text, *padding], dim=1), pooled)
+            encoded[prompt] = Encoded(pad_with_chunk(text, empty, longest), pooled)
     text = torch.cat([encoded[p].text for p in prompts])
     if not model.is_sdxl:
         return Conditioning(text)

@@ -198,8 +198,13 @@ def encode_weighted(
         if texts[k].shape[1] < longest:
             empty = split_into_chunks(tokenizer, "")
             chunk = _weighted(tokenizer, text_encoder, empty.ids, empty.weights, "none", penultimate)[0]
-            texts[k] = torch.cat([texts[k], *[chunk] * ((longest - texts[k].shape[1]) // chunk.shape[1])], dim=1)
+            texts[k] = pad_with_chunk(texts[k], chunk, longest)
     return Encoded(torch.cat(texts, dim=-1), None if pooled is None else pooled[:1])
+
+
+def pad_with_chunk(text: Tensor, chunk: Tensor, tokens: int) -> Tensor:
+    """(1, n, width) embeddings made `tokens` long by appending copies of one (1, context, width) chunk."""
+    return torch.cat([text, *[chunk] * ((tokens - text.shape[1]) // chunk.shape[1])], dim=1)
 
 
 def _weighted(
