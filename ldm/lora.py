@@ -1,10 +1,13 @@
 """LoRA files: written from a trained adapter, and merged into a model's weights:
 W <- W + scale · (alpha / rank) · B A.
 
-Reads and writes the two formats in use for SD 1.x/2.x: diffusers/peft (`unet.<module>.lora_A.weight`,
+Reads and writes the two formats in use: diffusers/peft (`unet.<module>.lora_A.weight`,
 `lora_B`, alpha in the `lora_adapter_metadata` of the file, else alpha = rank, as diffusers
 assumes) and kohya/A1111 (`lora_unet_<module_with_underscores>.lora_down.weight`, `lora_up`,
-`.alpha`). Merging once costs nothing per step; a LoRA for another architecture is refused.
+`.alpha`). kohya names SD 1.x/2.x UNet layers as diffusers does and SDXL's by the CompVis blocks
+(`input_blocks_4_1_...`, its own UNet in library/sdxl_original_unet.py); SDXL's text encoders are
+`lora_te1_`/`lora_te2_` there and `text_encoder`/`text_encoder_2` in diffusers. Merging once costs
+nothing per step; a LoRA for another architecture is refused.
 """
 
 import json
@@ -15,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from ldm.model import LatentDiffusion, ModelLoadError
+from ldm.single_file import unet_key
 from ldm.text import TEXT_PREFIX
 
 SUFFIXES = {  # key ending -> which factor
@@ -41,12 +45,32 @@ def lora_targets(model: LatentDiffusion) -> dict[str, nn.Module]:
     targets = {}
     for name, module in model.unet.named_modules():
         if isinstance(module, nn.Linear | nn.Conv2d):
-            targets[f"unet.{name}"] = targets["lora_unet_" + name.replace(".", "_")] = module
-    for name, module in model.text_encoder.named_modules():
-        if isinstance(module, nn.Linear):
-            name = name if name.startswith(TEXT_PREFIX) else TEXT_PREFIX + name
-            targets[f"text_encoder.{name}"] = targets["lora_te_" + name.replace(".", "_")] = module
+            targets[f"unet.{name}"] = module
+            for spelling in (name, compvis_name(name, model)):
+                targets["lora_unet_" + spelling.replace(".", "_")] = module
+    for part, encoder in text_encoders(model).items():
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.Linear):  # files of transformers 4 and 5: with and without `text_model.`
+                short, full = name.removeprefix(TEXT_PREFIX), TEXT_PREFIX + name.removeprefix(TEXT_PREFIX)
+                targets[f"{part}.{short}"] = targets[f"{part}.{full}"] = module
+                targets[kohya_prefix(part, model) + full.replace(".", "_")] = module
     return targets
+
+
+def text_encoders(model: LatentDiffusion) -> dict[str, nn.Module]:
+    return {"text_encoder": model.text_encoder} | ({"text_encoder_2": model.text_encoder_2} if model.is_sdxl else {})
+
+
+def kohya_prefix(part: str, model: LatentDiffusion) -> str:
+    """kohya's networks/lora.py: lora_unet_, lora_te_ (SD 1.x/2.x), lora_te1_ and lora_te2_ (SDXL)."""
+    if part == "unet":
+        return "lora_unet_"
+    return {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[part] if model.is_sdxl else "lora_te_"
+
+
+def compvis_name(name: str, model: LatentDiffusion) -> str:
+    """A UNet layer's CompVis name (`input_blocks.4.1.proj_in` for `down_blocks.1.attentions.0.proj_in`)."""
+    return unet_key(f"{name}.weight", model.unet.config).removesuffix(".weight")
 
 
 def alpha_over_rank(metadata: dict[str, str], layer: str) -> float | None:
@@ -92,28 +116,34 @@ def merge_lora(model: LatentDiffusion, path: str | Path, scale: float = 1.0) -> 
 
 
 def lora_file(
-    adapters: dict[str, dict[str, Tensor]], targets: dict[str, list[str]], alpha: float, kind: str
+    model: LatentDiffusion,
+    adapters: dict[str, dict[str, Tensor]],
+    targets: dict[str, list[str]],
+    alpha: float,
+    kind: str,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The tensors and metadata of a LoRA file, from peft's adapter weights per model part
-    (`unet`, `text_encoder`; keys `<module>.lora_A.weight` and `.lora_B.weight`) and the module
-    names each part's adapter targets.
+    (`unet`, `text_encoder`, `text_encoder_2`; keys `<module>.lora_A.weight` and `.lora_B.weight`)
+    and the module names each part's adapter targets.
 
     kind "kohya": `lora_unet_<module_with_underscores>.lora_down.weight`, `.lora_up.weight` and an
-    `.alpha` per module, as kohya's networks/lora.py writes them and A1111's Lora extension
-    (extensions-builtin/Lora/networks.py, convert_diffusers_name_to_compvis) and ComfyUI read them.
-    kind "diffusers": peft's keys under `unet.`/`text_encoder.`, with rank and alpha per part in
-    `lora_adapter_metadata`, as diffusers' `save_lora_weights` writes them."""
+    `.alpha` per module, as kohya's networks/lora.py writes them (SDXL's UNet by its CompVis
+    names) and A1111's Lora extension (extensions-builtin/Lora/networks.py,
+    convert_diffusers_name_to_compvis) and ComfyUI read them.
+    kind "diffusers": peft's keys under `unet.`/`text_encoder.`/`text_encoder_2.`, with rank and
+    alpha per part in `lora_adapter_metadata`, as diffusers' `save_lora_weights` writes them."""
     tensors, metadata, options = {}, {}, {}
     for part, state in adapters.items():
-        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[part]
         for key, value in state.items():
-            if part == "text_encoder" and not key.startswith(TEXT_PREFIX):  # files spell CLIP's names in full
+            if part != "unet" and not key.startswith(TEXT_PREFIX):  # files spell CLIP's names in full
                 key = TEXT_PREFIX + key
             module, _, factor = key.rpartition(".lora_")  # factor: "A.weight" or "B.weight"
             if kind == "diffusers":
                 tensors[f"{part}.{key}"] = value
                 continue
-            name = prefix + module.replace(".", "_")
+            if part == "unet" and model.is_sdxl:
+                module = compvis_name(module, model)
+            name = kohya_prefix(part, model) + module.replace(".", "_")
             down = factor == "A.weight"
             tensors[f"{name}.lora_{'down' if down else 'up'}.weight"] = value
             if down:

@@ -304,7 +304,9 @@ class LoraStage(DiffusionStage):
             part: {key: value.to(dtype) for key, value in get_peft_model_state_dict(parts[part]).items()}
             for part in self.targets
         }
-        tensors, metadata = lora_file(adapters, self.targets, self.config.lora.alpha, self.config.lora.format)
+        tensors, metadata = lora_file(
+            self.model, adapters, self.targets, self.config.lora.alpha, self.config.lora.format
+        )
         save_safetensors(output / self.RESULT, tensors, metadata | self._training_metadata())
         if self.config.save_single_file:  # the base model with the file just written merged in
             merged = LatentDiffusion.load(self.config.model.pretrained)
