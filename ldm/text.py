@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import ftfy
+import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -93,7 +94,26 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
     """(batch,) prompts -> (batch, 77, width) token embeddings: the last hidden state of the
     text encoder, as SD conditions on it (for SD 2.x the saved encoder already stops one layer early).
     Training's captions go through here, cleaned as CLIP cleans them."""
-    cleaned = [clean_text(prompt) for prompt in prompts]
+    return text_encoder(caption_ids(tokenizer, text_encoder, prompts)).last_hidden_state
+
+
+def encode_captions(
+    encoders: list[tuple[CLIPTokenizer, CLIPTextModel]], captions: list[str]
+) -> tuple[Tensor, Tensor | None]:
+    """Training's captions -> (token embeddings, pooled). One encoder (SD 1.x/2.x): encode_prompts,
+    no pooled. Two (SDXL): both encoders' penultimate hidden states side by side and the second's
+    projected pooled output, as diffusers' train_text_to_image_sdxl.py (encode_prompt) conditions."""
+    if len(encoders) == 1:
+        return encode_prompts(*encoders[0], captions), None
+    outputs = [
+        hidden_states(encoder, caption_ids(tokenizer, encoder, captions), True) for tokenizer, encoder in encoders
+    ]
+    return torch.cat([text for text, _ in outputs], dim=-1), outputs[-1][1]
+
+
+def caption_ids(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]) -> Tensor:
+    """Cleaned as CLIP cleans text, padded and cut to the context, on the encoder's device."""
+    cleaned = [clean_text(caption) for caption in captions]
     length = tokenizer.model_max_length
     ids = tokenizer(cleaned, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(next(text_encoder.parameters()).device)).last_hidden_state
+    return ids.to(next(text_encoder.parameters()).device)

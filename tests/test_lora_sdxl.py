@@ -34,15 +34,16 @@ def kohya_sdxl_lora(model: LatentDiffusion) -> dict[str, torch.Tensor]:
     return state
 
 
-def fused_by_diffusers(model_dir, lora_path) -> StableDiffusionXLPipeline:
+def fused_by_diffusers(model_dir, lora_path, scale: float = SCALE) -> StableDiffusionXLPipeline:
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
     pipe.load_lora_weights(lora_path)
-    pipe.fuse_lora(lora_scale=SCALE, components=list(PARTS))
+    pipe.fuse_lora(lora_scale=scale, components=list(PARTS))
     pipe.unload_lora_weights()
     return pipe
 
 
 def assert_same_weights(model: LatentDiffusion, pipe: StableDiffusionXLPipeline, base: LatentDiffusion) -> None:
+    """Every weight of the three parts the same in both, and some changed in each."""
     for part in PARTS:
         ours, theirs = getattr(model, part).state_dict(), getattr(pipe, part).state_dict()
         unchanged = getattr(base, part).state_dict()

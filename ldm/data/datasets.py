@@ -82,8 +82,9 @@ def load_item(
     boxes: str | bytes | None = None,
     size: tuple[int, int] | None = None,
 ):
-    """One example as {"pixels", "caption"} (and "boxes" when given), or Skipped. `key` seeds
-    this item's crop and flip; `size` (width, height) is its bucket's, else the square resolution."""
+    """One example as {"pixels", "caption", "size_ids"} (and "boxes" when given), or Skipped. `key`
+    seeds this item's crop and flip; `size` (width, height) is its bucket's, else the square
+    resolution. "size_ids" are SDXL's six size and crop numbers (Placement.size_ids)."""
     try:
         if caption is None or not caption.strip():
             raise BadItem("no caption")
@@ -93,7 +94,7 @@ def load_item(
                 file, size or (options.resolution, options.resolution), options.center_crop, options.random_flip,
                 np.random.default_rng(key), options.upscale,
             )  # fmt: skip
-        item = {"pixels": pixels, "caption": caption.strip()}
+        item = {"pixels": pixels, "caption": caption.strip(), "size_ids": torch.tensor(placement.size_ids()).float()}
         if boxes is not None:
             item["boxes"] = read_boxes(boxes, placement)
         return item

@@ -32,7 +32,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the source image went: scaled by `scale`, cropped at (left, top), maybe mirrored."""
+    """Where the source image (`original`: width, height) went: scaled by `scale` to `scaled`,
+    cropped at (left, top) to width x height, maybe mirrored."""
 
     width: int
     height: int
@@ -40,6 +41,16 @@ class Placement:
     left: int
     top: int
     flip: bool
+    original: tuple[int, int]
+    scaled: tuple[int, int]
+
+    def size_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size conditioning for this image: (original height, width, crop top, left, target
+        height, width). The crop is counted in the scaled image, as the SDXL paper samples it and
+        diffusers' train_text_to_image_sdxl.py records it; a mirrored image's crop is counted from
+        its new left edge, as kohya's train_util.py does (diffusers takes `width - left` there)."""
+        left = self.scaled[0] - self.left - self.width if self.flip else self.left
+        return (self.original[1], self.original[0], self.top, left, self.height, self.width)
 
     def box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
         """A source-pixel box (x0, y0, x1, y1) as fractions of the training image; None if cropped away."""
@@ -80,4 +91,6 @@ def prepare_image(
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(array).permute(2, 0, 1), Placement(target_width, target_height, scale, left, top, flip)
+    return torch.from_numpy(array).permute(2, 0, 1), Placement(
+        target_width, target_height, scale, left, top, flip, (width, height), scaled
+    )

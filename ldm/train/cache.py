@@ -1,5 +1,7 @@
 """Latent caching: encode every training image with the frozen VAE once (and every caption with
-a frozen text encoder), store the results as safetensors, and train from those.
+the frozen text encoders: SDXL's two, with the pooled embedding), store the results as
+safetensors, and train from those. Each image's size ids (SDXL's original size, crop and target)
+are kept with its latents, as the crop they record is the one cached.
 
 The cache file is named by a fingerprint of the dataset (files, sizes, modification times,
 captions, grounding boxes, resolution, crop) and of the encoders' weights, so it is reused
@@ -19,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.datasets import CaptionedImages, Skipped, boxes_file, collate
 from ldm.model import LatentDiffusion, save_safetensors
-from ldm.text import encode_prompts
+from ldm.text import encode_captions
 
 
 class CachedExamples(Dataset):
@@ -37,6 +39,7 @@ class CachedExamples(Dataset):
         sizes: list[tuple[int, int]] | None = None,
     ):
         self.empty_text = tensors.pop("empty_text", None)  # the empty caption's embedding, when text is cached
+        self.empty_pooled = tensors.pop("empty_pooled", None)  # and its pooled one (SDXL)
         self.tensors, self.captions, self.reasons, self.boxes = tensors, captions, reasons, boxes
         self.rows, self.sizes = rows, sizes
 
@@ -49,14 +52,16 @@ class CachedExamples(Dataset):
             return Skipped(*self.reasons[index])
         bucket, row = self.rows[index] if self.rows else ("", index)
         item = {name: self.tensors[name + bucket][row] for name in ("latent_mean", "latent_std")}
-        if "text" in self.tensors:
-            item["text"] = self.tensors["text"][index]
+        item["size_ids"] = self.tensors["size_ids"][index]
+        for name in ("text", "pooled"):
+            if name in self.tensors:
+                item[name] = self.tensors[name][index]
         if self.boxes[index] is not None:
             item["boxes"] = self.boxes[index]
         return item | {"caption": self.captions[index]}
 
 
-CACHE_VERSION = 2  # 2: captions cleaned as CLIP cleans text before they are encoded
+CACHE_VERSION = 3  # 2: captions cleaned as CLIP cleans text before they are encoded; 3: size ids
 
 
 def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
@@ -89,7 +94,7 @@ def build_cache(
 ) -> Path:
     """Encode what is not cached yet; return the cache file. A bucketed dataset is encoded bucket
     by bucket, each bucket's posteriors in a stack of their own."""
-    encoders = [model.vae] + ([model.text_encoder] if cache_text else [])
+    encoders = [model.vae] + ([encoder for _, encoder in model.text_encoders()] if cache_text else [])
     path = folder / f"latents-{fingerprint(dataset, encoders)}.safetensors"
     if path.exists():
         return path
@@ -99,7 +104,8 @@ def build_cache(
         size = dataset.sizes[index] if dataset.sizes else None
         groups.setdefault(f"@{size[0]}x{size[1]}" if size else "", []).append(index)
     tensors: dict[str, Tensor] = {}
-    captions, boxes, rows, texts = [None] * count, [None] * count, [("", 0)] * count, [None] * count
+    captions, boxes, rows = [None] * count, [None] * count, [("", 0)] * count
+    texts, pooled, size_ids = [None] * count, [None] * count, torch.zeros(count, 6)
     reasons: dict[int, list[str]] = {}
     for bucket, indices in groups.items():
         means, stds = [], []
@@ -111,7 +117,11 @@ def build_cache(
                 if isinstance(item, Skipped):
                     reasons[index] = [item.source, item.reason]
                 else:
-                    captions[index], boxes[index] = item["caption"], item.get("boxes")
+                    captions[index], boxes[index], size_ids[index] = (
+                        item["caption"],
+                        item.get("boxes"),
+                        item["size_ids"],
+                    )
             good = collate(items)
             if not good["captions"]:
                 blank = torch.zeros(len(items))
@@ -122,20 +132,29 @@ def build_cache(
             means.append(_scatter(posterior.mean.cpu(), keep, len(items)))
             stds.append(_scatter(posterior.std.cpu(), keep, len(items)))
             if cache_text:
-                text = encode_prompts(model.tokenizer, model.text_encoder, good["captions"]).cpu()
-                for i, encoded in zip(keep, text, strict=True):
-                    texts[chunk[i]] = encoded
+                text, pool = encode_captions(model.text_encoders(), good["captions"])
+                for row, i in enumerate(keep):
+                    texts[chunk[i]] = text[row].cpu()
+                    pooled[chunk[i]] = None if pool is None else pool[row].cpu()
         tensors |= {"latent_mean" + bucket: _stack(means), "latent_std" + bucket: _stack(stds)}
+    tensors["size_ids"] = size_ids
     if cache_text:
-        shape = next(t.shape for t in texts if t is not None)
-        tensors["text"] = torch.stack([t if t is not None else torch.zeros(shape) for t in texts])
-        tensors["empty_text"] = encode_prompts(model.tokenizer, model.text_encoder, [""]).cpu()[0]
+        empty_text, empty_pooled = encode_captions(model.text_encoders(), [""])
+        tensors |= {"text": _rows(texts), "empty_text": empty_text[0].cpu()}
+        if empty_pooled is not None:
+            tensors |= {"pooled": _rows(pooled), "empty_pooled": empty_pooled[0].cpu()}
     metadata = {"captions": json.dumps(captions), "reasons": json.dumps(reasons), "boxes": json.dumps(boxes)}
     if dataset.sizes:
         metadata |= {"rows": json.dumps(rows), "sizes": json.dumps(dataset.sizes)}
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, tensors, metadata)
     return path
+
+
+def _rows(values: list[Tensor | None]) -> Tensor:
+    """One row per item, zeros for a skipped one."""
+    shape = next(value.shape for value in values if value is not None)
+    return torch.stack([value if value is not None else torch.zeros(shape) for value in values])
 
 
 def _scatter(values: Tensor, keep: list[int], size: int) -> Tensor:

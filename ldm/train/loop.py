@@ -143,9 +143,9 @@ class Trainer:
     def _optimizer(self, modules: list[torch.nn.Module]) -> torch.optim.Optimizer:
         optim = self.config.optim
         text_lr = optim.learning_rate if optim.text_encoder_lr is None else optim.text_encoder_lr
+        text_encoders = [encoder for _, encoder in self.model.text_encoders()]
         parameters = [  # only what trains: a LoRA's adapters, not the frozen weights around them
-            {"params": trainable(m), "lr": text_lr if m is self.model.text_encoder else optim.learning_rate}
-            for m in modules
+            {"params": trainable(m), "lr": text_lr if m in text_encoders else optim.learning_rate} for m in modules
         ]
         options = dict(lr=optim.learning_rate, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
         if not optim.use_8bit_adam:
@@ -265,10 +265,6 @@ def build_model(config: TrainConfig) -> LatentDiffusion:
         model = LatentDiffusion.load(config.model.pretrained)
     else:
         model = LatentDiffusion.from_preset(config.model.preset)
-    if model.is_sdxl:
-        raise ConfigError(
-            f"model: {config.model.pretrained or config.model.preset} is SDXL; training SDXL is not built yet"
-        )
     if config.model.vae:
         model.vae = LatentDiffusion.load(config.model.vae).vae
     return model

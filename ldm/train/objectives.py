@@ -17,6 +17,7 @@ def diffusion_loss(
     noise_offset: float = 0.0,
     high_noise_bias: float = 1.0,
     weights: Tensor | None = None,
+    added: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Noise the latents to a random timestep, x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε, and regress the UNet's
     output on its target: ε for `epsilon`, v = √ᾱ_t ε - √(1-ᾱ_t) x_0 for `v_prediction`.
@@ -25,7 +26,8 @@ def diffusion_loss(
     bright images; high_noise_bias draws the noisiest quarter of timesteps that many times as often
     as the rest (diffusers' "later" timestep bias), where the layout is decided; snr_gamma weights
     each timestep by min(SNR, γ)/SNR (Hang et al., 2023, "Min-SNR"); `weights` weights each sample
-    (DreamBooth's prior-preservation loss: the class images at prior_loss_weight)."""
+    (DreamBooth's prior-preservation loss: the class images at prior_loss_weight). `added` is SDXL's
+    added conditioning, passed to the UNet: the pooled text and the size ids."""
     batch = latents.shape[0]
     noise = torch.randn_like(latents)
     if noise_offset:
@@ -42,7 +44,7 @@ def diffusion_loss(
         target = noise_schedule.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    prediction = unet(noisy, timesteps, text)
+    prediction = unet(noisy, timesteps, text, **(added or {}))
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if weights is not None:
         per_sample = weights * per_sample

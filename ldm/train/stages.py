@@ -4,8 +4,11 @@ checkpoints, validation. A new way to train (LoRA, DreamBooth) is a new stage he
 
     Stage            trains                               loss
     AutoencoderStage the VAE                              reconstruction + KL (objectives.py)
-    DiffusionStage   the UNet (and maybe the text encoder) ε or v regression (+ grounding)
+    DiffusionStage   the UNet (and maybe the text encoders) ε or v regression (+ grounding)
     LoraStage        adapters on the UNet (and maybe text)  as DiffusionStage
+
+SDXL trains as SD does, with its added conditioning: both text encoders (the pooled embedding
+too) and each image's size ids (original size, crop, target; from its bucket and crop).
 """
 
 import hashlib
@@ -32,7 +35,7 @@ from ldm.errors import ConfigError
 from ldm.lora import lora_file, merge_lora
 from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults, save_safetensors
 from ldm.single_file import save_single_file
-from ldm.text import encode_prompts
+from ldm.text import encode_captions
 from ldm.train.cache import CachedExamples, build_cache, load_cache
 from ldm.train.config import TrainConfig
 from ldm.train.grounding import grounding_loss, grounding_targets
@@ -145,7 +148,8 @@ class DiffusionStage(Stage):
         model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction)
         self.noise_schedule = DDPMScheduler.from_config(model.scheduler.config)
         model.vae.to(accelerator.device)
-        model.text_encoder.to(accelerator.device)
+        for _, encoder in model.text_encoders():
+            encoder.to(accelerator.device)
         self.cache: CachedExamples | None = None
 
     @classmethod
@@ -207,23 +211,24 @@ class DiffusionStage(Stage):
 
     def trained(self) -> list[nn.Module]:
         model, diffusion = self.model, self.config.diffusion
-        trained = [model.unet] + ([model.text_encoder] if diffusion.train_text_encoder else [])
+        encoders = [encoder for _, encoder in model.text_encoders()]
+        trained = [model.unet] + (encoders if diffusion.train_text_encoder else [])
         self._checkpointing()
         for module in trained:
             module.requires_grad_(True).train()
         return trained
 
     def _checkpointing(self) -> None:
-        """Gradient checkpointing, when asked for, in the UNet and a text encoder that trains."""
+        """Gradient checkpointing, when asked for, in the UNet and the text encoders if they train."""
         if self.config.steps.gradient_checkpointing:
             self.model.unet.gradient_checkpointing = True
             if self.config.text_trains:
-                self.model.text_encoder.gradient_checkpointing_enable()
+                for _, encoder in self.model.text_encoders():
+                    encoder.gradient_checkpointing_enable()
 
     def loss(self, batch: dict, modules: list[nn.Module]) -> Tensor:
         diffusion = self.config.diffusion
-        unet, text_encoder = modules[0], modules[1] if len(modules) > 1 else self.model.text_encoder
-        latents = self._latents(batch)
+        unet, latents = modules[0], self._latents(batch)
         captions = batch["captions"]
         class_prompt = self.config.dreambooth.class_prompt
         weights = None
@@ -234,25 +239,38 @@ class DiffusionStage(Stage):
             captions = [shuffle_tags(caption, self.config.data.keep_tokens) for caption in captions]
         dropped = torch.rand(len(captions)) < diffusion.caption_dropout
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped, strict=True)]
-        if self.cache is not None and self.cache.empty_text is not None:  # text cached too
-            text = torch.where(dropped[:, None, None], self.cache.empty_text, batch["text"])
-            text = text.to(self.accelerator.device)
-        else:
-            with torch.set_grad_enabled(self.config.text_trains):
-                text = encode_prompts(self.model.tokenizer, text_encoder, captions)
-        weighting = dict(
+        text, pooled = self._text(batch, captions, dropped, modules)
+        options = dict(
             snr_gamma=diffusion.snr_gamma,
             noise_offset=diffusion.noise_offset,
             high_noise_bias=diffusion.high_noise_bias,
             weights=weights,
         )
+        if self.model.is_sdxl:  # the added conditioning: pooled text and the images' size ids
+            options["added"] = {"pooled": pooled, "time_ids": batch["size_ids"].to(latents.device)}
         if not (diffusion.grounding_loss and batch.get("boxes")):
-            return diffusion_loss(unet, self.noise_schedule, latents, text, **weighting)
+            return diffusion_loss(unet, self.noise_schedule, latents, text, **options)
         targets = grounding_targets(self.model.tokenizer, captions, batch["boxes"], tuple(latents.shape[-2:]))
         layers: list[Tensor] = []
         with capture_attention_probs(unet, lambda _, probs: layers.append(probs)):
-            loss = diffusion_loss(unet, self.noise_schedule, latents, text, **weighting)
+            loss = diffusion_loss(unet, self.noise_schedule, latents, text, **options)
         return loss + diffusion.grounding_loss * grounding_loss(layers, targets)
+
+    def _text(self, batch: dict, captions: list[str], dropped: Tensor, modules: list[nn.Module]) -> tuple:
+        """(token embeddings, pooled or None) of the captions: from the cache (a dropped caption
+        gets the empty caption's), or encoded now by the text encoders, as Accelerate wrapped them
+        when they train (modules[1:])."""
+        device, cache = self.accelerator.device, self.cache
+        if cache is not None and cache.empty_text is not None:
+            text = torch.where(dropped[:, None, None], cache.empty_text, batch["text"]).to(device)
+            if cache.empty_pooled is None:
+                return text, None
+            return text, torch.where(dropped[:, None], cache.empty_pooled, batch["pooled"]).to(device)
+        encoders = self.model.text_encoders()
+        if len(modules) > 1:
+            encoders = [(tokenizer, module) for (tokenizer, _), module in zip(encoders, modules[1:], strict=True)]
+        with torch.set_grad_enabled(self.config.text_trains):
+            return encode_captions(encoders, captions)
 
     def _latents(self, batch: dict) -> Tensor:
         """Scaled latents of the batch's images: drawn from the cached posterior, or encoded now."""
@@ -277,12 +295,12 @@ class LoraStage(DiffusionStage):
     def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator, draw: Draw | None = None):
         super().__init__(config, model, accelerator, draw)
         self.targets = {"unet": list(config.lora.targets)}
-        if config.lora.text_encoder:
-            self.targets["text_encoder"] = list(config.lora.text_targets)
+        if config.lora.text_encoder:  # both of SDXL's
+            self.targets |= {part: list(config.lora.text_targets) for part in self.model.parts() if "text" in part}
 
     def trained(self) -> list[nn.Module]:
         lora = self.config.lora
-        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        parts = self.model.parts()
         for part, targets in self.targets.items():
             check_targets(parts[part], targets, f"lora.{'targets' if part == 'unet' else 'text_targets'}")
             adapter = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -298,7 +316,7 @@ class LoraStage(DiffusionStage):
         pass  # the base model's sampling defaults stay as they were
 
     def save(self, output: Path) -> None:
-        parts = {"unet": self.model.unet, "text_encoder": self.model.text_encoder}
+        parts = self.model.parts()
         dtype = DTYPES[self.config.save_precision]
         adapters = {
             part: {key: value.to(dtype) for key, value in get_peft_model_state_dict(parts[part]).items()}
@@ -320,12 +338,13 @@ class LoraStage(DiffusionStage):
         config, unet = self.config, self.model.unet.config
         v2 = unet.cross_attention_dim == 1024
         v_prediction = self.noise_schedule.config.prediction_type == "v_prediction"
+        version = f"sd_v{2 if v2 else 1}{'_v' if v_prediction else ''}"
         values = {
             "ss_network_module": "networks.lora",
             "ss_network_dim": config.lora.rank,
             "ss_network_alpha": config.lora.alpha,
             "ss_network_dropout": config.lora.dropout,
-            "ss_base_model_version": f"sd_v{2 if v2 else 1}{'_v' if v_prediction else ''}",
+            "ss_base_model_version": "sdxl_base_v1-0" if self.model.is_sdxl else version,  # kohya's names
             "ss_v2": v2,
             "ss_sd_model_name": Path(str(config.model.pretrained)).name,
             "ss_resolution": f"({config.data.resolution}, {config.data.resolution})",

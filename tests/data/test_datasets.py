@@ -193,14 +193,26 @@ def test_random_crop_and_flip_depend_only_on_the_item_seed():
 
 
 def test_boxes_follow_the_resize_crop_and_flip():
-    placement = Placement(width=10, height=10, scale=0.5, left=5, top=0, flip=False)  # 40x20 -> 20x10, centre crop
+    placement = Placement(10, 10, 0.5, left=5, top=0, flip=False, original=(40, 20), scaled=(20, 10))  # centre crop
     assert placement.box((10, 0, 20, 10)) == (0.0, 0.0, 0.5, 0.5)
     assert placement.box((0, 0, 8, 20)) is None  # cropped away
     assert placement.box((26, 10, 60, 20)) == (0.8, 0.5, 1.0, 1.0)  # clipped to the square
-    mirrored = Placement(10, 10, 0.5, 5, 0, flip=True)
+    mirrored = Placement(10, 10, 0.5, 5, 0, True, (40, 20), (20, 10))
     assert mirrored.box((10, 0, 20, 10)) == (0.5, 0.0, 1.0, 0.5)
     image = Image.new("RGB", (40, 20))
     assert prepare_image(image, (10, 10), True, False, np.random.default_rng(0))[1] == placement
+
+
+def test_size_ids_record_the_original_size_the_crop_and_the_target_as_sdxl_trains():
+    """(original h, w, crop top, left, target h, w); a mirrored crop counts from its new left edge."""
+    image = Image.new("RGB", (90, 30))  # scaled to 30x10, a 10x10 crop
+    rng = np.random.default_rng(3)
+    _, placement = prepare_image(image, (10, 10), False, False, rng)
+    assert placement.size_ids() == (30, 90, 0, placement.left, 10, 10) and 0 <= placement.left <= 20
+    flipped = Placement(10, 10, 1 / 3, left=4, top=0, flip=True, original=(90, 30), scaled=(30, 10))
+    assert flipped.size_ids() == (30, 90, 0, 16, 10, 10)
+    _, wide = prepare_image(Image.new("RGB", (64, 48)), (32, 16), True, False, rng)  # a 2:1 bucket
+    assert wide.size_ids() == (48, 64, 4, 0, 16, 32)
 
 
 def test_boxes_beside_the_images_come_with_the_items_and_bad_ones_are_skipped(tmp_path):

@@ -22,11 +22,11 @@ def four_images(tmp_path_factory):
     return folder / "data"
 
 
-def recipe(tmp_path, data, **sections):
+def recipe(tmp_path, folder, **sections):
     spec = {
         "output_dir": str(tmp_path / "run"),
         "model": {"preset": "tiny"},
-        "data": {"path": str(data), "resolution": 16},
+        "data": {"path": str(folder), "resolution": 16},
         "optim": {"learning_rate": 3e-3},
         "steps": {"max": 30, "batch_size": 4},
         "checkpoint": {"every": 10, "keep": 5},

@@ -104,13 +104,6 @@ def test_a_finished_run_is_never_overwritten(four_images, tmp_path, capsys):
     assert "already holds a trained model; choose a new one" in capsys.readouterr().err
 
 
-def test_an_sdxl_model_is_refused_in_one_line(four_images, tmp_path, capsys):
-    path = recipe(tmp_path, four_images, steps={"max": 2})
-    assert train.main(["--config", str(path), "model.preset=sdxl-tiny"]) == 2
-    assert "model: sdxl-tiny is SDXL; training SDXL is not built yet" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "model").exists()
-
-
 @pytest.mark.parametrize("value", ["no", "bf16"])
 def test_mixed_precision_reads_as_written_in_yaml_and_on_the_command_line(four_images, tmp_path, value):
     path = recipe(tmp_path, four_images)
