@@ -23,11 +23,13 @@ from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.prompts import EMPHASIS_MODES
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import GenerationConfig, TextToImagePipeline
+from pipelines.settings import GenerationConfig
+from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
-            "height", "width", "strength", "lora", "prompt_2", "negative_prompt_2", *SIZE_CONDITIONING)  # fmt: skip
+            "height", "width", "strength", "lora", "prompt_2", "negative_prompt_2", "refiner", "refiner_switch",
+            *SIZE_CONDITIONING)  # fmt: skip
 
 
 def make_parser() -> Parser:
@@ -72,6 +74,8 @@ def make_parser() -> Parser:
     sdxl.add_argument("--negative-prompt-2", help="the same for the negative prompt")
     for name, metavar in zip(SIZE_CONDITIONING, [("H", "W"), ("TOP", "LEFT"), ("H", "W")] * 2, strict=True):
         sdxl.add_argument("--" + name.replace("_", "-"), type=int, nargs=2, metavar=metavar)
+    sdxl.add_argument("--refiner", help="an SDXL refiner (folder or hub id) that runs the last steps")
+    sdxl.add_argument("--refiner-switch", type=float, help="the noise schedule's fraction the base runs (0.8)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
@@ -90,6 +94,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--seed {args.seed}: use a seed of 0 or more, or -1 for a random one")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image: it says how far to move from that picture")
+    if args.refiner_switch is not None and args.refiner is None:
+        raise UsageError("--refiner-switch needs --refiner: it says when the refiner takes over")
+    if args.refiner is not None and (args.init_image or args.attention_maps):
+        raise UsageError("--refiner: text-to-image only, not with --init-image or --attention-maps")
     return args
 
 
@@ -137,10 +145,15 @@ def model_source(args: argparse.Namespace) -> str:
         if not DEFAULT_MODEL.is_dir():
             raise UsageError("no default model is installed yet; pass --model PATH_OR_HUB_ID")
         return str(DEFAULT_MODEL)
-    looks_local = args.model.startswith((".", "/", "~")) or args.model.endswith((".safetensors", ".ckpt"))
-    if looks_local and not Path(args.model).expanduser().exists():
-        raise UsageError(f"--model {args.model}: no such file or folder")
-    return str(Path(args.model).expanduser()) if looks_local else args.model
+    return checked_source(args.model, "--model")
+
+
+def checked_source(value: str, flag: str) -> str:
+    """A local path that must exist (it looks like one), or a hub id."""
+    looks_local = value.startswith((".", "/", "~")) or value.endswith((".safetensors", ".ckpt"))
+    if looks_local and not Path(value).expanduser().exists():
+        raise UsageError(f"{flag} {value}: no such file or folder")
+    return str(Path(value).expanduser()) if looks_local else value
 
 
 def new_outdir() -> Path:
@@ -175,6 +188,7 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, R
         if not Path(path).is_file():
             raise UsageError(f"--lora {path}: no such file")
     source = model_source(args)
+    refiner = None if args.refiner is None else checked_source(args.refiner, "--refiner")
     outdir = args.outdir or new_outdir()
     check_writable(outdir, f"--outdir {outdir}")
     pipe = TextToImagePipeline.from_pretrained(
@@ -182,8 +196,11 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, R
     )
     for path, scale in loras:
         pipe.load_lora(path, scale)
+    if refiner is not None:
+        pipe.load_refiner(refiner)
     run = Run(prompts, init_image, mask, generation_config(args))
-    return pipe, RunWriter(outdir, RunSettings(source, model_hash(source), loras)), run
+    settings = RunSettings(source, model_hash(source), loras, refiner, refiner and model_hash(refiner))
+    return pipe, RunWriter(outdir, settings), run
 
 
 def main(argv: list[str] | None = None) -> int:

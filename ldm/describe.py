@@ -13,19 +13,22 @@ def count(module: nn.Module) -> int:
 def describe(model: LatentDiffusion) -> str:
     """A table a person reads: one line per part, and the UNet block by block."""
     unet, vae, scheduler = model.unet.config, model.vae.config, model.scheduler.config
+    tokenizers = {"text_encoder": model.tokenizer, "text_encoder_2": model.tokenizer_2}
     lines = [
         f"{name:14}{count(encoder):>14,}  {type(encoder).__name__}: {text.num_hidden_layers} layers, "
         f"width {text.hidden_size}, {text.num_attention_heads} heads, {text.max_position_embeddings} tokens, "
-        f"vocab {tokenizer.vocab_size:,} (pad {tokenizer.pad_token!r})"
-        for name, (tokenizer, encoder) in zip(("text_encoder", "text_encoder_2"), model.text_encoders(), strict=False)
+        f"vocab {tokenizers[name].vocab_size:,} (pad {tokenizers[name].pad_token!r})"
+        for name, encoder in model.parts().items()
+        if name.startswith("text_encoder")
         for text in [encoder.config]
     ]
+    added = "size/crop/aesthetic score" if model.is_refiner else "size/crop"
     lines.append(
         f"{'unet':14}{count(model.unet):>14,}  UNet: {unet.in_channels} -> {unet.out_channels} channels, "
         f"cross-attention to {unet.cross_attention_dim}-wide text, "
         f"{'linear' if unet.use_linear_projection else 'conv'} projections"
         f"{', fp32 attention' if unet.upcast_attention else ''}"
-        + (", pooled text and size/crop added to the timestep" if unet.addition_embed_type else "")
+        + (f", pooled text and {added} added to the timestep" if unet.addition_embed_type else "")
     )
     stages = [(f"down {i}", block, i) for i, block in enumerate(model.unet.down_blocks)]
     stages.append(("mid", model.unet.mid_block, len(model.unet.down_blocks) - 1))

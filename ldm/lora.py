@@ -58,7 +58,7 @@ def lora_targets(model: LatentDiffusion) -> dict[str, nn.Module]:
 
 
 def text_encoders(model: LatentDiffusion) -> dict[str, nn.Module]:
-    return {"text_encoder": model.text_encoder} | ({"text_encoder_2": model.text_encoder_2} if model.is_sdxl else {})
+    return {part: module for part, module in model.parts().items() if part.startswith("text_encoder")}
 
 
 def kohya_prefix(part: str, model: LatentDiffusion) -> str:

@@ -5,7 +5,9 @@ loaded in the diffusers `StableDiffusionPipeline` folder layout:
     sampling.json     (ours, optional; diffusers ignores it): the steps and guidance it draws best at
 
 SDXL adds a second tokenizer and text encoder (`tokenizer_2/`, `text_encoder_2/`, OpenCLIP bigG
-with its projection), in the `StableDiffusionXLPipeline` layout. What we save loads in diffusers'
+with its projection), in the `StableDiffusionXLPipeline` layout. The SDXL refiner has only that
+second one (`text_encoder` and `tokenizer` null in its `StableDiffusionXLImg2ImgPipeline` index)
+and conditions on an aesthetic score instead of the target size. What we save loads in diffusers'
 `from_pretrained` of those pipelines, and we load what diffusers saves, from a folder or a hub id.
 """
 
@@ -37,6 +39,7 @@ PARTS = {  # part -> (library, class) as model_index.json names them
     "vae": ("diffusers", "AutoencoderKL"),
     "scheduler": ("diffusers", None),  # any diffusers scheduler
 }
+TEXT_PARTS = ("text_encoder", "tokenizer")  # what the SDXL refiner lacks
 SDXL_PARTS = {  # the second text encoder and its tokenizer, beside PARTS
     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
     "tokenizer_2": ("transformers", "CLIPTokenizer"),
@@ -70,10 +73,11 @@ class SamplingDefaults:
 @dataclass
 class LatentDiffusion:
     """Everything text-to-image needs. The UNet is ours; the other parts are transformers' and
-    diffusers'. An SDXL model has the second tokenizer and text encoder; the others have None there."""
+    diffusers'. An SDXL model has the second tokenizer and text encoder; the others have None there.
+    The SDXL refiner has None for the first pair."""
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer | None
+    text_encoder: CLIPTextModel | None
     unet: UNet
     vae: AutoencoderKL
     scheduler: SchedulerMixin
@@ -86,12 +90,19 @@ class LatentDiffusion:
 
     @property
     def is_sdxl(self) -> bool:
+        """SDXL's base or refiner: a second text encoder, pooled text and size ids."""
         return self.text_encoder_2 is not None
 
+    @property
+    def is_refiner(self) -> bool:
+        """SDXL's refiner: the second text encoder alone, and an aesthetic score among its time ids."""
+        return self.is_sdxl and self.text_encoder is None
+
     def text_encoders(self) -> list[tuple[CLIPTokenizer, CLIPTextModel]]:
-        """(tokenizer, text encoder) pairs, whose token embeddings are concatenated: one, or SDXL's two."""
-        pairs = [(self.tokenizer, self.text_encoder)]
-        return pairs + ([(self.tokenizer_2, self.text_encoder_2)] if self.is_sdxl else [])
+        """(tokenizer, text encoder) pairs, whose token embeddings are concatenated: one, or SDXL's two
+        (the refiner: its one)."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
 
     @classmethod
     def from_preset(cls, preset: str | Path) -> "LatentDiffusion":
@@ -100,11 +111,13 @@ class LatentDiffusion:
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "LatentDiffusion":
-        """Random weights from a preset's sections (unet, text_encoder, tokenizer, vae, scheduler)."""
-        missing = [part for part in PARTS if part not in spec]
+        """Random weights from a preset's sections (unet, text_encoder, tokenizer, vae, scheduler; a
+        refiner's: text_encoder_2 and tokenizer_2 in place of the first pair)."""
+        refiner = "text_encoder_2" in spec and "text_encoder" not in spec
+        missing = [part for part in PARTS if part not in spec and not (refiner and part in TEXT_PARTS)]
         if missing:
             raise ModelLoadError(f"model spec: missing section(s) {missing}")
-        tokenizer, text_encoder = _text_part(spec, "", CLIPTextModel)
+        tokenizer, text_encoder = (None, None) if refiner else _text_part(spec, "", CLIPTextModel)
         vae_fields = inspect.signature(AutoencoderKL.__init__).parameters
         model = cls(
             tokenizer=tokenizer,
@@ -115,7 +128,7 @@ class LatentDiffusion:
         )
         if "text_encoder_2" in spec:
             model.tokenizer_2, model.text_encoder_2 = _text_part(spec, "_2", CLIPTextModelWithProjection)
-            model.force_zeros_for_empty_prompt = True
+            model.force_zeros_for_empty_prompt = not refiner  # as the published base and refiner say
         check_text_widths(model)
         return model
 
@@ -129,15 +142,18 @@ class LatentDiffusion:
             raise ModelLoadError(f"{folder}: not a model folder (no model_index.json)")
         index = json.loads((folder / "model_index.json").read_text())
         sdxl = index.get("_class_name", "").startswith("StableDiffusionXL")
+        refiner = sdxl and index.get("text_encoder", [None, None])[0] is None
         for part, (_, class_name) in (PARTS | (SDXL_PARTS if sdxl else {})).items():
+            if refiner and part in TEXT_PARTS:
+                continue
             if not (folder / part).is_dir():
                 raise ModelLoadError(f"{folder}: the {part}/ part is missing")
             declared = index.get(part, [None, None])[1]
             if class_name is not None and declared != class_name:
                 raise ModelLoadError(f"{folder}: {part} is {declared!r}; only {class_name} is supported")
         model = cls(
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder=_load_pretrained(CLIPTextModel, folder / "text_encoder"),
+            tokenizer=None if refiner else CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            text_encoder=None if refiner else _load_pretrained(CLIPTextModel, folder / "text_encoder"),
             unet=_load_unet(folder / "unet"),
             vae=_load_pretrained(AutoencoderKL, folder / "vae", low_cpu_mem_usage=False),
             scheduler=_scheduler_from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),
@@ -146,7 +162,7 @@ class LatentDiffusion:
         if sdxl:
             model.tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
             model.text_encoder_2 = _load_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
-            model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
+            model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", not refiner))
         check_text_widths(model)
         return model
 
@@ -169,16 +185,20 @@ class LatentDiffusion:
         state = {k: v.contiguous() for k, v in self.unet.state_dict().items()}
         save_file(state, folder / "unet" / WEIGHTS_FILE, metadata={"format": "pt"})
         self.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        self.text_encoder.config.architectures = ["CLIPTextModel"]
-        self.text_encoder.config.save_pretrained(folder / "text_encoder")
-        text_state = text_state_for_files(self.text_encoder)
-        save_file(text_state, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
-        save_tokenizer(self.tokenizer, folder / "tokenizer")
+        if not self.is_refiner:
+            self.text_encoder.config.architectures = ["CLIPTextModel"]
+            self.text_encoder.config.save_pretrained(folder / "text_encoder")
+            text_state = text_state_for_files(self.text_encoder)
+            save_file(text_state, folder / "text_encoder" / "model.safetensors", metadata={"format": "pt"})
+            save_tokenizer(self.tokenizer, folder / "tokenizer")
         self.scheduler.save_pretrained(folder / "scheduler")
         pipeline = "StableDiffusionXLPipeline" if self.is_sdxl else "StableDiffusionPipeline"
+        pipeline = "StableDiffusionXLImg2ImgPipeline" if self.is_refiner else pipeline
         index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__}
         index |= {part: [library, class_name] for part, (library, class_name) in PARTS.items()}
         index["scheduler"] = ["diffusers", type(self.scheduler).__name__]
+        if self.is_refiner:
+            index |= {part: [None, None] for part in TEXT_PARTS} | {"requires_aesthetics_score": True}
         index |= {name: [None, None] for name in ("feature_extractor", "image_encoder")}
         if self.is_sdxl:  # its projection's keys already carry the "text_model." prefix the files use
             self.text_encoder_2.save_pretrained(folder / "text_encoder_2", safe_serialization=True)
@@ -193,8 +213,13 @@ class LatentDiffusion:
 
     def parts(self) -> dict[str, nn.Module]:
         """The parts with weights, by their folder names."""
-        parts = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
-        return parts | ({"text_encoder_2": self.text_encoder_2} if self.is_sdxl else {})
+        parts = {
+            "text_encoder": self.text_encoder,
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder_2": self.text_encoder_2,
+        }
+        return {name: part for name, part in parts.items() if part is not None}
 
 
 def check_text_widths(model: LatentDiffusion) -> None:
@@ -211,9 +236,10 @@ def check_text_widths(model: LatentDiffusion) -> None:
     if model.is_sdxl:
         pooled = model.text_encoder_2.config.projection_dim
         ids, left = divmod(unet.projection_class_embeddings_input_dim - pooled, unet.addition_time_embed_dim)
-        if left or ids != 6:  # the refiner's 5 (an aesthetic score for the target size) is not built yet
+        wanted = 5 if model.is_refiner else 6  # the refiner: an aesthetic score in place of the target size
+        if left or ids != wanted:
             raise ConfigError(f"unet projection_class_embeddings_input_dim={unet.projection_class_embeddings_input_dim}"
-                              f": not the {pooled}-wide pooled text plus 6 time ids of "
+                              f": not the {pooled}-wide pooled text plus {wanted} time ids of "
                               f"{unet.addition_time_embed_dim}")  # fmt: skip
 
 

@@ -110,6 +110,8 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new file name")
+    if model.is_refiner:
+        raise ModelLoadError("an SDXL refiner is written as a diffusers folder only, not as a single file yet")
     state = {UNET + unet_key(k, model.unet.config): v for k, v in model.unet.state_dict().items()}
     state |= {
         VAE + vae_key(k, len(model.vae.config.block_out_channels)): conv_1x1(k, v)

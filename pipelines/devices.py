@@ -1,9 +1,15 @@
-"""Where and in what precision a pipeline runs: CUDA in half precision when present, then MPS, then CPU."""
+"""Where and in what precision a pipeline runs: CUDA in half precision when present, then MPS, then
+CPU; a model's parts put there, and in eval mode while generating."""
+
+import contextlib
+from collections.abc import Iterator
+from copy import deepcopy
+from dataclasses import replace
 
 import torch
 
 from ldm.errors import UserError
-from ldm.model import DTYPES
+from ldm.model import DTYPES, LatentDiffusion
 
 
 class DeviceError(UserError):
@@ -32,3 +38,44 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise DeviceError(f"dtype={name!r}: use one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def on_device(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, copy: bool) -> LatentDiffusion:
+    """The model with every part on `device` in `dtype` (channels-last UNet on CUDA). Parts already
+    so are shared; others are copied first when `copy` (a model we were handed stays as it was)."""
+    parts = {}
+    for name, part in model.parts().items():
+        weight = next(part.parameters())
+        # SDXL's VAE overflows in fp16: it decodes in fp32 unless its config says it need not (an fp16-fixed VAE)
+        upcast = name == "vae" and model.is_sdxl and dtype == torch.float16 and part.config.force_upcast
+        part_dtype = torch.float32 if upcast else dtype
+        channels_last = (  # faster convolutions on tensor cores; a UNet already so needs no copy
+            name == "unet"
+            and device.type == "cuda"
+            and not part.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        )
+        if weight.dtype == part_dtype and weight.device == device and not channels_last:
+            continue
+        part = deepcopy(part) if copy else part
+        if weight.dtype != part_dtype:  # diffusers warns on any dtype cast, even a no-op
+            part.to(dtype=part_dtype)
+        part.to(device)
+        parts[name] = part.to(memory_format=torch.channels_last) if channels_last else part
+    return replace(model, **parts)
+
+
+@contextlib.contextmanager
+def evaluating(model: LatentDiffusion, vae_tiling: bool) -> Iterator[None]:
+    """Every part in eval mode (and the VAE tiled, if asked) while generating; as they were after."""
+    modes = {name: part.training for name, part in model.parts().items()}
+    tiling = model.vae.use_tiling
+    for part in model.parts().values():
+        part.eval()
+    if vae_tiling:
+        model.vae.enable_tiling()
+    try:
+        yield
+    finally:
+        for name, part in model.parts().items():
+            part.train(modes[name])
+        model.vae.use_tiling = tiling

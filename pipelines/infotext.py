@@ -99,7 +99,8 @@ def _ours(chunks: dict[str, str]) -> dict[str, Any]:
         "strength": float(chunks["strength"]) if "strength" in chunks else None,
     }
     sdxl = {name: [int(v) for v in chunks[name].split(",")] for name in SIZE_CONDITIONING if name in chunks}
-    sdxl |= {name: chunks[name] for name in ("prompt_2", "negative_prompt_2") if name in chunks}
+    sdxl |= {name: chunks[name] for name in ("prompt_2", "negative_prompt_2", "refiner") if name in chunks}
+    sdxl |= {"refiner_switch": float(chunks["refiner_switch"])} if "refiner_switch" in chunks else {}
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
     return settings | sdxl | {"lora": [(path, float(scale)) for path, _, scale in loras]}
 

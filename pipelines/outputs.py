@@ -22,7 +22,7 @@ from pipelines.conditioning import SIZE_CONDITIONING
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
 from pipelines.samplers import SCHEDULERS
-from pipelines.text_to_image import Generated, GenerationConfig
+from pipelines.settings import Generated, GenerationConfig
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 
@@ -34,6 +34,8 @@ class RunSettings:
     model: str
     model_hash: str | None = None  # A1111's short hash: the first 10 hex digits of the weights' SHA-256
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) merged into the model
+    refiner: str | None = None  # SDXL: the refiner's folder or hub id
+    refiner_hash: str | None = None
 
 
 def model_hash(source: str) -> str | None:
@@ -77,6 +79,9 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
             fields[name] = ",".join(map(str, getattr(config, name)))
     if settings.loras:
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
+    if settings.refiner:
+        fields |= {"refiner": settings.refiner, "refiner_switch": str(config.refiner_switch)}
+    refiner = settings.refiner and Path(settings.refiner).name
     sampler = SCHEDULERS[config.scheduler].webui_name if config.scheduler in SCHEDULERS else config.scheduler
     pairs = {
         "Steps": config.steps,
@@ -89,6 +94,10 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
         "Denoising strength": config.strength,
         "Emphasis": WEBUI_EMPHASIS[config.emphasis] if _emphasised(generated, config) else None,
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
+        # A1111's refiner fields (modules/processing_scripts/refiner.py); A1111 switches after that
+        # fraction of the steps, diffusers and we at that fraction of the noise schedule
+        "Refiner": f"{refiner} [{settings.refiner_hash}]" if settings.refiner_hash else refiner,
+        "Refiner switch at": config.refiner_switch,
     }
     fields["parameters"] = format_infotext(generated.prompt, config.negative_prompt, pairs)
     info = PngInfo()

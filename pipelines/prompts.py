@@ -172,15 +172,16 @@ def encode_weighted(
     emphasis: str = "original",
     truncate: bool = False,
     prompt_2: str | None = None,
+    penultimate: bool = False,
 ) -> Encoded:
     """A prompt -> its token embeddings, emphasis applied, by each (tokenizer, encoder) pair: one,
-    or SDXL's two. SDXL's second encoder reads `prompt_2` where one is given (diffusers' name). When
+    or SDXL's two, which read the layer before the last (`penultimate`; the SDXL refiner's one
+    encoder too). SDXL's second encoder reads `prompt_2` where one is given (diffusers' name). When
     the two prompts make different numbers of chunks, the shorter side is padded with its empty
     prompt's chunk, as ComfyUI's CLIPTextEncodeSDXL does (comfy_extras/nodes_clip_sdxl.py). With
     `truncate`, the first chunk only, and a warning names what was cut."""
     if emphasis not in EMPHASIS_MODES:
         raise PromptError(f"emphasis={emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
-    penultimate = len(encoders) > 1  # SDXL reads the layer before the last
     prompts = [prompt, prompt if prompt_2 is None else prompt_2]
     texts, pooled = [], None
     for k, (tokenizer, text_encoder) in enumerate(encoders):

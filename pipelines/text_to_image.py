@@ -8,15 +8,15 @@ the same picture here, in `diffusers.StableDiffusionPipeline` (`StableDiffusionX
 SDXL), and in any batch size.
 
 SDXL's UNet also takes the pooled text and its size conditioning (pipelines/conditioning.py):
-by default the output size, crop (0, 0) and the output size, as in diffusers.
+by default the output size, crop (0, 0) and the output size, as in diffusers. An SDXL refiner
+(`load_refiner`) runs the last steps of each image (pipelines/refiner.py).
 """
 
 import contextlib
 import inspect
 import random
 from collections.abc import Iterator
-from copy import deepcopy
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,22 +28,24 @@ from tqdm.auto import tqdm
 
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
-from ldm.errors import UserError
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_single_file
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.conditioning import SIZE_CONDITIONING, Conditioning, encode_batch, time_ids, zero_negative
-from pipelines.devices import pick_device, pick_dtype
+from pipelines.devices import evaluating, on_device, pick_device, pick_dtype
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
 from pipelines.prompts import EMPHASIS_MODES, split_into_chunks
+from pipelines.refiner import (
+    AESTHETIC_SCORE,
+    NEGATIVE_AESTHETIC_SCORE,
+    refiner_timesteps,
+    switch_timestep,
+)
 from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
+from pipelines.settings import Generated, GenerationConfig, GenerationError, refiner_switch, size_conditioning
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
-
-
-class GenerationError(UserError):
-    """A request the pipeline cannot carry out (bad size, strength, missing image); one line."""
 
 
 class Text(NamedTuple):
@@ -53,55 +55,11 @@ class Text(NamedTuple):
     unconditional: Conditioning | None  # its text may have another number of tokens
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
-    """One run's settings: as asked (None where the pipeline or the model decides), then resolved by
-    the pipeline into the same class with every value known. Each result carries the resolved one,
-    and the PNG metadata reads it."""
-
-    negative_prompt: str = ""
-    # SDXL: what its second text encoder reads instead of each prompt, and of the negative prompt
-    # (diffusers' names); None: the same text as the first encoder.
-    prompt_2: str | None = None
-    negative_prompt_2: str | None = None
-    num_images: int = 1  # per prompt
-    batch_size: int = 1
-    steps: int | None = None  # None: the model's sampling.json, else DEFAULT_STEPS
-    guidance_scale: float | None = None  # None: the model's sampling.json, else DEFAULT_GUIDANCE
-    scheduler: str | None = None  # None: the model's own
-    seed: int | None = None  # image k uses seed + k; None: a random one
-    height: int | None = None  # None: the init image's size, else the model's
-    width: int | None = None
-    strength: float | None = None  # image-to-image and inpainting only; None there: DEFAULT_STRENGTH
-    attention_maps: bool = False
-    truncate: bool = False  # one chunk per prompt, with a warning, instead of chunking
-    emphasis: str = "original"  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
-    # SDXL's size conditioning, each (height, width); None: the output size, (0, 0), the output size.
-    # The negative ones condition the unguided prediction; as in diffusers, the two negative sizes come
-    # together (the crop then defaults to (0, 0)), and without them the negative ones are the positive ones.
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] | None = None
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crop_top_left: tuple[int, int] | None = None
-    negative_target_size: tuple[int, int] | None = None
-    progress: bool = True
-
-
 class Images(NamedTuple):
     """The pictures a run starts from, as tensors at the output size."""
 
     init: Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
-
-
-@dataclass
-class Generated:
-    image: Image.Image
-    prompt: str
-    seed: int
-    config: GenerationConfig  # the run's settings, resolved: what the PNG metadata records
-    attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
 
 
 class TextToImagePipeline:
@@ -119,9 +77,12 @@ class TextToImagePipeline:
         compile: bool = False,
         vae_tiling: bool = False,
     ):
+        if model.is_refiner:
+            raise GenerationError("an SDXL refiner finishes a base model's images: load it as the base's refiner")
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
-        self.model = _on(model, self.device, self.dtype, copy=True)
+        self.model = on_device(model, self.device, self.dtype, copy=True)
+        self.refiner: LatentDiffusion | None = None
         self.unet = torch.compile(self.model.unet) if compile else self.model.unet
         self.vae_tiling = vae_tiling  # decode large images tile by tile, in bounded memory
 
@@ -134,11 +95,26 @@ class TextToImagePipeline:
             else LatentDiffusion.load(source)
         )
         device, dtype = pick_device(options.get("device", "auto")), options.get("dtype", "auto")
-        return cls(_on(model, device, pick_dtype(dtype, device), copy=False), **options)  # ours: no copy needed
+        return cls(on_device(model, device, pick_dtype(dtype, device), copy=False), **options)  # ours: no copy needed
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a LoRA file (diffusers/peft or kohya format) into the weights, `scale` times its strength."""
         merge_lora(self.model, path, scale)
+
+    def load_refiner(self, source: str | Path) -> None:
+        """An SDXL refiner (a diffusers folder or hub id; an SDXL base works too) that runs the last
+        steps of every image, from GenerationConfig.refiner_switch on."""
+        if not self.model.is_sdxl:
+            raise GenerationError("a refiner finishes an SDXL model's images; this model is not SDXL")
+        refiner = LatentDiffusion.load(source)
+        if not refiner.is_sdxl:
+            raise GenerationError(f"{source}: not an SDXL model, so it cannot refine SDXL latents")
+        self.refiner = on_device(refiner, self.device, self.dtype, copy=False)
+
+    @property
+    def models(self) -> list[LatentDiffusion]:
+        """The model, and the refiner that finishes its images if one is loaded."""
+        return [self.model] + ([self.refiner] if self.refiner else [])
 
     @property
     def default_scheduler(self) -> str:
@@ -167,16 +143,17 @@ class TextToImagePipeline:
         if unknown:
             raise GenerationError(f"unknown option(s) {unknown}: use {[f.name for f in fields(GenerationConfig)]}")
         config, images = self._resolve(GenerationConfig(**options), init_image, mask)
-        with _inference(self.model, self.vae_tiling):
+        refining = evaluating(self.refiner, False) if self.refiner else contextlib.nullcontext()
+        with evaluating(self.model, self.vae_tiling), refining:
             yield from self._generate_all(prompts, config, images)
 
     def _generate_all(self, prompts: list[str], config: GenerationConfig, images: Images) -> Iterator[Generated]:
         jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
         guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
-        negative = self._negative(config) if guided else None  # once for the run
+        negatives = [self._negative(model, config) if guided else None for model in self.models]  # once per run
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
-            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], negative, config, images)
+            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], negatives, config, images)
 
     def _resolve(
         self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
@@ -208,7 +185,10 @@ class TextToImagePipeline:
             raise GenerationError("this is an inpainting model (9-channel UNet): give it an init image and a mask")
         scheduler = config.scheduler or self.default_scheduler
         check_scheduler(scheduler, self.model.scheduler)
-        sizes = self._sdxl_settings(config, height, width)
+        sizes = size_conditioning(config, self.model.is_sdxl, height, width)
+        switch = refiner_switch(config, self.refiner is not None, init_image is not None)
+        if self.refiner:
+            check_scheduler(scheduler, self.refiner.scheduler)
         resolved = replace(
             config,
             steps=steps,
@@ -218,42 +198,13 @@ class TextToImagePipeline:
             width=width,
             scheduler=scheduler,
             seed=random.randrange(2**32) if config.seed is None else config.seed,
+            refiner_switch=switch,
             **sizes,
         )
         return resolved, Images(
             None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
             None if mask is None else mask_to_tensor(mask, width, height),
         )
-
-    def _sdxl_settings(self, config: GenerationConfig, height: int, width: int) -> dict:
-        """SDXL's six sizes, resolved (diffusers' defaults); other models refuse them and a second prompt."""
-        names = SIZE_CONDITIONING[:3]
-        given = [name for name in SIZE_CONDITIONING if getattr(config, name) is not None]
-        if not self.model.is_sdxl:
-            if given:
-                raise GenerationError(f"{', '.join(given)}: only SDXL models take size conditioning")
-            if config.prompt_2 is not None or config.negative_prompt_2 is not None:
-                raise GenerationError("prompt_2, negative_prompt_2: only SDXL models have a second text encoder")
-            return {}
-        for name in given:
-            value = getattr(config, name)
-            if len(value) != 2 or min(value) < 0 or name.endswith("size") and min(value) < 1:
-                raise GenerationError(f"{name}={value}: give (height, width), positive sizes or a crop of 0 or more")
-        positive = {
-            "original_size": tuple(config.original_size or (height, width)),
-            "crop_top_left": tuple(config.crop_top_left or (0, 0)),
-            "target_size": tuple(config.target_size or (height, width)),
-        }
-        if (config.negative_original_size is None) != (config.negative_target_size is None):
-            raise GenerationError("negative_original_size and negative_target_size go together, as in diffusers")
-        if config.negative_original_size is None:  # diffusers: then the negative ids are the positive ones
-            return positive | {f"negative_{n}": positive[n] for n in names}
-        negative_crop = tuple(config.negative_crop_top_left or (0, 0))
-        return positive | {
-            "negative_original_size": tuple(config.negative_original_size),
-            "negative_crop_top_left": negative_crop,
-            "negative_target_size": tuple(config.negative_target_size),
-        }
 
     def _size(self, config: GenerationConfig, init_image: Image.Image | None) -> tuple[int, int]:
         """(height, width): as asked, else the init image's, else the model's own."""
@@ -273,20 +224,21 @@ class TextToImagePipeline:
         self,
         prompts: list[str],
         seeds: list[int],
-        negative: Tensor | None,
+        negatives: list[Conditioning | None],
         config: GenerationConfig,
         images: Images,
     ) -> list[Generated]:
-        """`negative`: the negative prompt's conditioning for one image, None without guidance."""
-        text = Text(self._encode(prompts, config), None if negative is None else negative.repeat(len(prompts)))
+        """`negatives`: the negative prompt's conditioning for one image, for the model (and the
+        refiner); None without guidance."""
+        texts = [self._text(m, prompts, config, negative) for m, negative in zip(self.models, negatives, strict=True)]
         factor = downsampling_factor(self.model.vae)
         latent_size = (config.height // factor, config.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
         if maps is None:
-            latents = self._denoise(text, seeds, config, images, latent_size, maps)
+            latents = self._denoise(texts, seeds, config, images, latent_size, maps)
         else:
             with capture_attention_probs(self.model.unet, maps):
-                latents = self._denoise(text, seeds, config, images, latent_size, maps)
+                latents = self._denoise(texts, seeds, config, images, latent_size, maps)
         pixels = self._decode(latents).float()
         if images.mask is not None:  # outside the mask, the original pixels exactly
             mask, original = images.mask.to(pixels.device), images.init.to(pixels.device)
@@ -299,23 +251,32 @@ class TextToImagePipeline:
                 results[-1].attention_maps = self._token_maps(prompt, config.emphasis, heatmaps[i])
         return results
 
-    def _encode(self, prompts: list[str], config: GenerationConfig) -> Conditioning:
-        ids = self._time_ids(config, "")
-        return encode_batch(self.model, prompts, config.emphasis, config.truncate, ids, config.prompt_2)
+    def _text(
+        self, model: LatentDiffusion, prompts: list[str], config: GenerationConfig, negative: Conditioning | None
+    ) -> Text:
+        """The batch's conditioning for `model` (the base or the refiner). The refiner's one encoder
+        reads the prompt, not prompt_2, as in diffusers' refiner pipeline."""
+        prompt_2 = config.prompt_2 if model is self.model else None
+        ids = self._time_ids(model, config, "")
+        conditional = encode_batch(model, prompts, config.emphasis, config.truncate, ids, prompt_2)
+        return Text(conditional, None if negative is None else negative.repeat(len(prompts)))
 
-    def _negative(self, config: GenerationConfig) -> Conditioning:
+    def _negative(self, model: LatentDiffusion, config: GenerationConfig) -> Conditioning:
         """The negative prompt's conditioning; zeros for an empty one (both prompts empty) where the
         model asks for that."""
-        ids = self._time_ids(config, "negative_")
+        ids = self._time_ids(model, config, "negative_")
         empty = not config.negative_prompt and not config.negative_prompt_2
-        if self.model.is_sdxl and self.model.force_zeros_for_empty_prompt and empty:
-            return zero_negative(self.model, ids)
-        texts = [config.negative_prompt]
-        return encode_batch(self.model, texts, config.emphasis, config.truncate, ids, config.negative_prompt_2)
+        if model.is_sdxl and model.force_zeros_for_empty_prompt and empty:
+            return zero_negative(model, ids)
+        prompt_2 = config.negative_prompt_2 if model is self.model else None
+        return encode_batch(model, [config.negative_prompt], config.emphasis, config.truncate, ids, prompt_2)
 
-    def _time_ids(self, config: GenerationConfig, prefix: str) -> Tensor | None:
+    def _time_ids(self, model: LatentDiffusion, config: GenerationConfig, prefix: str) -> Tensor | None:
+        if not model.is_sdxl:
+            return None
         sizes = {name: getattr(config, name) for name in SIZE_CONDITIONING}
-        return time_ids(sizes, prefix, self.device, self.dtype) if self.model.is_sdxl else None
+        score = (NEGATIVE_AESTHETIC_SCORE if prefix else AESTHETIC_SCORE) if model.is_refiner else None
+        return time_ids(sizes, prefix, self.device, self.dtype, score)
 
     def _decode(self, latents: Tensor) -> Tensor:
         """Latents -> pixels, in the VAE's own precision (fp32 for SDXL's when the run is fp16)."""
@@ -327,31 +288,33 @@ class TextToImagePipeline:
         return images_to_latents(vae, image.to(self.device, vae.dtype), mean=True).to(self.dtype)
 
     def _predict(
-        self, x: Tensor, t: Tensor, text: Text, guidance_scale: float, maps: AttentionMapAccumulator | None
+        self, unet, x: Tensor, t: Tensor, text: Text, guidance_scale: float, maps: AttentionMapAccumulator | None
     ) -> Tensor:
         """The UNet's prediction, guided: uncond + scale * (cond - uncond). The two share one batch when
         their texts have the same length; a negative prompt of another length runs at its own, as in A1111."""
         if text.unconditional is None:
-            return self.unet(x, t, *text.conditional)
+            return unet(x, t, *text.conditional)
         if text.unconditional.text.shape[1] == text.conditional.text.shape[1]:
-            both = self.unet(torch.cat([x, x]), t, *Conditioning.cat(text.unconditional, text.conditional))
+            both = unet(torch.cat([x, x]), t, *Conditioning.cat(text.unconditional, text.conditional))
             unconditional, conditional = both.chunk(2)
         else:
             with maps.paused() if maps is not None else contextlib.nullcontext():
-                unconditional = self.unet(x, t, *text.unconditional)
-            conditional = self.unet(x, t, *text.conditional)
+                unconditional = unet(x, t, *text.unconditional)
+            conditional = unet(x, t, *text.conditional)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     def _denoise(
         self,
-        text: Text,
+        texts: list[Text],
         seeds: list[int],
         config: GenerationConfig,
         images: Images,
         latent_size: tuple[int, int],
         maps: AttentionMapAccumulator | None,
     ) -> Tensor:
-        """The sampling loop: start latents, then one guided UNet prediction and scheduler step per timestep."""
+        """The sampling loop: start latents, then one guided UNet prediction and scheduler step per
+        timestep; with a refiner, the base's steps down to the switch, then the refiner's (`texts`:
+        the conditioning of each)."""
         scheduler = make_scheduler(config.scheduler, self.model.scheduler)
         scheduler.set_timesteps(config.steps, device=self.device)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -359,18 +322,34 @@ class TextToImagePipeline:
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(self.device, self.dtype)
         latents, timesteps, original = self._prepare_latents(scheduler, config, images, noise)
         latent_mask, inpaint_input = self._prepare_inpainting(images, latent_size, len(seeds))
+        if self.refiner:
+            cutoff = switch_timestep(scheduler, config.refiner_switch)
+            timesteps = timesteps[timesteps >= cutoff]
 
         step_options = _step_options(scheduler, generators)
         for i, t in enumerate(tqdm(timesteps, disable=not config.progress, desc="denoising", leave=False)):
             x = scheduler.scale_model_input(latents, t)
             if inpaint_input is not None:
                 x = torch.cat([x, inpaint_input], dim=1)
-            prediction = self._predict(x, t, text, config.guidance_scale, maps)
+            prediction = self._predict(self.unet, x, t, texts[0], config.guidance_scale, maps)
             latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
             if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
                 later = timesteps[i + 1 : i + 2]
                 outside = scheduler.add_noise(original, noise, later) if len(later) else original
                 latents = latent_mask * latents + (1 - latent_mask) * outside
+        return self._refine(latents, texts[1], cutoff, config, generators) if self.refiner else latents
+
+    def _refine(
+        self, latents: Tensor, text: Text, cutoff: int, config: GenerationConfig, generators: list[torch.Generator]
+    ) -> Tensor:
+        """The refiner's steps, below the cutoff, with its own scheduler of the same kind."""
+        scheduler = make_scheduler(config.scheduler, self.refiner.scheduler)
+        scheduler.set_timesteps(config.steps, device=self.device)
+        step_options = _step_options(scheduler, generators)
+        for t in tqdm(refiner_timesteps(scheduler, cutoff), disable=not config.progress, desc="refining", leave=False):
+            x = scheduler.scale_model_input(latents, t)
+            prediction = self._predict(self.refiner.unet, x, t, text, config.guidance_scale, None)
+            latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
         return latents
 
     def _prepare_latents(
@@ -410,47 +389,6 @@ class TextToImagePipeline:
         chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
-
-
-def _on(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, copy: bool) -> LatentDiffusion:
-    """The model with every part on `device` in `dtype` (channels-last UNet on CUDA). Parts already
-    so are shared; others are copied first when `copy` (a model we were handed stays as it was)."""
-    parts = {}
-    for name, part in model.parts().items():
-        weight = next(part.parameters())
-        # SDXL's VAE overflows in fp16: it decodes in fp32 unless its config says it need not (an fp16-fixed VAE)
-        upcast = name == "vae" and model.is_sdxl and dtype == torch.float16 and part.config.force_upcast
-        part_dtype = torch.float32 if upcast else dtype
-        channels_last = (  # faster convolutions on tensor cores; a UNet already so needs no copy
-            name == "unet"
-            and device.type == "cuda"
-            and not part.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        )
-        if weight.dtype == part_dtype and weight.device == device and not channels_last:
-            continue
-        part = deepcopy(part) if copy else part
-        if weight.dtype != part_dtype:  # diffusers warns on any dtype cast, even a no-op
-            part.to(dtype=part_dtype)
-        part.to(device)
-        parts[name] = part.to(memory_format=torch.channels_last) if channels_last else part
-    return replace(model, **parts)
-
-
-@contextlib.contextmanager
-def _inference(model: LatentDiffusion, vae_tiling: bool) -> Iterator[None]:
-    """Every part in eval mode (and the VAE tiled, if asked) while generating; as they were after."""
-    modes = {name: part.training for name, part in model.parts().items()}
-    tiling = model.vae.use_tiling
-    for part in model.parts().values():
-        part.eval()
-    if vae_tiling:
-        model.vae.enable_tiling()
-    try:
-        yield
-    finally:
-        for name, part in model.parts().items():
-            part.train(modes[name])
-        model.vae.use_tiling = tiling
 
 
 def _step_options(scheduler, generators: list[torch.Generator]) -> dict:

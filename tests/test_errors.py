@@ -14,7 +14,7 @@ from pipelines.devices import DeviceError
 from pipelines.infotext import InfotextError
 from pipelines.prompts import PromptError
 from pipelines.samplers import UnknownScheduler
-from pipelines.text_to_image import GenerationError
+from pipelines.settings import GenerationError
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["sample.py", "train.py", "commands/describe.py", "commands/make_shapes.py",

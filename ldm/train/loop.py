@@ -265,6 +265,9 @@ def build_model(config: TrainConfig) -> LatentDiffusion:
         model = LatentDiffusion.load(config.model.pretrained)
     else:
         model = LatentDiffusion.from_preset(config.model.preset)
+    if model.is_refiner:
+        raise ConfigError(f"model: {config.model.pretrained or config.model.preset} is an SDXL refiner; "
+                          "training a refiner is not built yet")  # fmt: skip
     if config.model.vae:
         model.vae = LatentDiffusion.load(config.model.vae).vae
     return model

@@ -9,7 +9,8 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from pipelines.samplers import make_scheduler
-from pipelines.text_to_image import GenerationError, TextToImagePipeline
+from pipelines.settings import GenerationError
+from pipelines.text_to_image import TextToImagePipeline
 
 SIZE = 16
 

@@ -11,7 +11,8 @@ from ldm.autoencoder import images_to_latents, latents_to_images
 from ldm.model import LatentDiffusion, read_preset
 from pipelines.pictures import image_to_tensor, tensor_to_image
 from pipelines.samplers import SCHEDULERS, UnknownScheduler, make_scheduler
-from pipelines.text_to_image import GenerationError, TextToImagePipeline
+from pipelines.settings import GenerationError
+from pipelines.text_to_image import TextToImagePipeline
 
 SIZE = 16  # the tiny model's images: 8x8 latents
 

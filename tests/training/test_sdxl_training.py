@@ -142,3 +142,11 @@ def test_the_sdxl_lora_recipe_runs_and_sample_py_loads_its_file(tiny_sdxl_dir, s
             "--width", "32", "--lora", lora, "--outdir", str(tmp_path / "out")]  # fmt: skip
     assert sample.main(argv) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+
+def test_training_a_refiner_is_refused_in_one_line(shaped_images, tmp_path, capsys):
+    path = recipe(tmp_path, shaped_images, model={"preset": "sdxl-refiner-tiny"}, steps={"max": 2})
+    assert train.main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model: sdxl-refiner-tiny is an SDXL refiner; training a refiner is not built yet" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run" / "model").exists()
