@@ -16,7 +16,7 @@ from PIL import Image
 
 from commands.cli import Parser, check_writable, quiet_libraries
 from ldm.errors import UserError
-from ldm.model import LatentDiffusion
+from ldm.model import DTYPES, LatentDiffusion
 from ldm.train.config import TrainConfig, load_config
 from ldm.train.loop import Trainer, Validate
 from ldm.train.stages import Draw
@@ -31,7 +31,9 @@ def sampler(config: TrainConfig) -> Validate | None:
         return None
 
     def validate(model: LatentDiffusion, step: int, device: torch.device) -> Image.Image:
-        pipe = TextToImagePipeline(model, device=str(device.type), dtype="fp32")
+        # in the UNet's own precision: a LoRA run's frozen half-precision weights are not copied to fp32
+        dtype = next(name for name, kind in DTYPES.items() if kind == model.unet.conv_in.weight.dtype)
+        pipe = TextToImagePipeline(model, device=str(device.type), dtype=dtype)
         images = pipe(
             validation.prompts,
             steps=validation.steps,

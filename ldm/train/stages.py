@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, inject_adapter_in_model
 from PIL import Image
@@ -44,6 +45,7 @@ from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
 logger = logging.getLogger(__name__)
 Draw = Callable[[LatentDiffusion, list[str], int, torch.device], list[Image.Image]]  # image k: seed + k
 CLASS_BATCH = 8
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}  # mixed precision -> the frozen weights' dtype
 SINGLE_FILE = "model.safetensors"  # save_single_file: true
 
 
@@ -299,13 +301,20 @@ class LoraStage(DiffusionStage):
             self.targets |= {part: list(config.lora.text_targets) for part in self.model.parts() if "text" in part}
 
     def trained(self) -> list[nn.Module]:
-        lora = self.config.lora
-        parts = self.model.parts()
+        """With mixed precision, the frozen UNet and text encoders are kept in its half precision (half
+        the memory: SDXL's UNet takes 5.1 GB instead of 10.3) and only the adapters in fp32, as kohya's
+        train_network.py and diffusers' LoRA scripts (cast_training_params) do. The VAE stays fp32."""
+        lora, parts = self.config.lora, self.model.parts()
+        half = HALF.get(self.config.steps.mixed_precision)
+        for name, part in parts.items():
+            if half is not None and name != "vae":
+                part.to(half)
         for part, targets in self.targets.items():
             check_targets(parts[part], targets, f"lora.{'targets' if part == 'unet' else 'text_targets'}")
             adapter = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=targets)  # fmt: skip
             inject_adapter_in_model(adapter, parts[part])
+            cast_training_params(parts[part], dtype=torch.float32)  # peft made the adapters in the weights' dtype
         trained = [parts[part] for part in self.targets]
         self._checkpointing()
         for module in trained:

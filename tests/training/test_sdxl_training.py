@@ -150,3 +150,23 @@ def test_training_a_refiner_is_refused_in_one_line(shaped_images, tmp_path, caps
     err = capsys.readouterr().err
     assert "model: sdxl-refiner-tiny is an SDXL refiner; training a refiner is not built yet" in err
     assert err.count("\n") == 1 and not (tmp_path / "run" / "model").exists()
+
+
+def test_with_mixed_precision_a_lora_keeps_frozen_weights_in_it_and_adapters_in_fp32(
+    tiny_sdxl_dir, shaped_images, tmp_path
+):
+    """As kohya's train_network.py and diffusers' LoRA scripts: half the memory for the frozen model."""
+    path = sdxl_recipe(tmp_path, shaped_images, tiny_sdxl_dir, lora={"text_encoder": True})
+    validation = ["validation.prompts=[a red circle]", "validation.every=2", "validation.steps=2"]
+    config = load_config(path, ["steps.mixed_precision=bf16", "steps.max=2", *validation])
+    trainer = Trainer(config, validate=train.sampler(config))  # validation in bf16: no fp32 copy of the UNet
+    trainer.run()
+    assert (tmp_path / "run" / "validation" / "step-00000002.png").is_file()
+    model = trainer.model
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        weights = dict(getattr(model, name).named_parameters())
+        assert {p.dtype for key, p in weights.items() if "lora_" in key} == {torch.float32}, name
+        assert {p.dtype for key, p in weights.items() if "lora_" not in key} == {torch.bfloat16}, name
+    assert next(model.vae.parameters()).dtype == torch.float32
+    assert all(torch.isfinite(torch.tensor(trainer.losses)))
+    merge_lora(LatentDiffusion.load(tiny_sdxl_dir), tmp_path / "run" / "lora.safetensors")
