@@ -66,11 +66,14 @@ def on_device(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, 
 
 @contextlib.contextmanager
 def evaluating(model: LatentDiffusion, vae_tiling: bool) -> Iterator[None]:
-    """Every part in eval mode (and the VAE tiled, if asked) while generating; as they were after."""
+    """Every part in eval mode while generating, the VAE sliced (a batch decoded one image at a time,
+    so decoding memory does not grow with the batch: 1024² SDXL images need it) and tiled if asked;
+    as they were after."""
     modes = {name: part.training for name, part in model.parts().items()}
-    tiling = model.vae.use_tiling
+    tiling, slicing = model.vae.use_tiling, model.vae.use_slicing
     for part in model.parts().values():
         part.eval()
+    model.vae.enable_slicing()
     if vae_tiling:
         model.vae.enable_tiling()
     try:
@@ -78,4 +81,4 @@ def evaluating(model: LatentDiffusion, vae_tiling: bool) -> Iterator[None]:
     finally:
         for name, part in model.parts().items():
             part.train(modes[name])
-        model.vae.use_tiling = tiling
+        model.vae.use_tiling, model.vae.use_slicing = tiling, slicing

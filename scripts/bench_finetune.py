@@ -1,9 +1,10 @@
-"""Fine-tuning speed and memory: full and LoRA training steps of the SD 1.5 UNet architecture with
-random weights, ours beside diffusers' own (UNet2DConditionModel, `add_adapter` as its LoRA
-training script does), same weights, batch, precision and step, interleaved in one run.
+"""Fine-tuning speed and memory: full and LoRA training steps of the SD 1.5 (or SDXL) UNet
+architecture with random weights, ours beside diffusers' own (UNet2DConditionModel, `add_adapter`
+as its LoRA training script does), same weights, batch, precision and step, interleaved in one run.
 
     python scripts/bench_finetune.py                       # CUDA: SD 1.5 at 512², bf16, 8-bit AdamW
     python scripts/bench_finetune.py --reduced --size 256  # CPU: SD 1.5's shape at a quarter of the width
+    python scripts/bench_finetune.py --model sdxl --size 1024   # CUDA: SDXL (pooled text, size ids too)
 
 Prints images per second per mode; peak memory is measured per mode in a fresh process (CUDA:
 max_memory_allocated; CPU: the process's peak resident set, imports included). Not a test:
@@ -24,19 +25,11 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.model import read_preset  # noqa: E402
 from ldm.unet import UNet, UNetConfig  # noqa: E402
+from scripts.benchlib import unet_config  # noqa: E402
 
 MODES = ["ours full", "diffusers full", "ours lora", "diffusers lora"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def unet_config(reduced: bool) -> UNetConfig:
-    spec = read_preset("sd15")["unet"]
-    if reduced:  # the same blocks, a quarter of the channels: what a 2-core CPU can step through
-        spec["block_out_channels"] = [c // 4 for c in spec["block_out_channels"]]
-        spec["norm_num_groups"] = 16  # 80 channels: groups of 5
-    return UNetConfig.from_diffusers(spec)
 
 
 def build(mode: str, config: UNetConfig, checkpointing: bool, device: str):
@@ -72,13 +65,22 @@ def make_optimizer(parameters: list[torch.nn.Parameter], device: str) -> torch.o
 
 
 def step(unet, optimizer, schedule, batch: int, size: int, device: str, dtype: torch.dtype) -> None:
+    config: UNetConfig = unet.config if isinstance(unet, UNet) else UNetConfig.from_diffusers(dict(unet.config))
     latents = torch.randn(batch, 4, size // 8, size // 8, device=device)
-    text = torch.randn(batch, 77, 768, device=device)
+    text = torch.randn(batch, 77, config.cross_attention_dim, device=device)
+    added = {}
+    if config.addition_embed_type == "text_time":  # SDXL: the pooled text and six size ids
+        width = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(batch, width, device=device),
+                 "time_ids": torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device)}  # fmt: skip
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, 1000, (batch,), device=device)
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
-        out = unet(schedule.add_noise(latents, noise, timesteps), timesteps, text)
-        prediction = out.sample if hasattr(out, "sample") else out
+        noisy = schedule.add_noise(latents, noise, timesteps)
+        if isinstance(unet, UNet):
+            prediction = unet(noisy, timesteps, text, added.get("text_embeds"), added.get("time_ids"))
+        else:
+            prediction = unet(noisy, timesteps, text, added_cond_kwargs=added or None).sample
         loss = F.mse_loss(prediction.float(), noise)
     loss.backward()
     optimizer.step()
@@ -100,7 +102,8 @@ def peak_memory(args, mode: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="a quarter of SD 1.5's channels")
+    parser.add_argument("--model", choices=["sd15", "sdxl"], default="sd15", help="the UNet's preset")
+    parser.add_argument("--reduced", action="store_true", help="a quarter of the channels")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents: size/8)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode per round")
@@ -110,7 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config, schedule = unet_config(args.reduced), DDPMScheduler()
+    config, schedule = unet_config(args.model, args.reduced), DDPMScheduler()
     if args.only:
         unet, optimizer = build(args.only, config, not args.no_checkpointing, device)
         for _ in range(3):
@@ -134,7 +137,7 @@ def main() -> None:
             times[mode].append((time.perf_counter() - start) / args.steps)
     optimizer_name = type(built[MODES[0]][1]).__name__
     del built
-    name = "SD 1.5, a quarter of the channels" if args.reduced else "SD 1.5"
+    name = {"sd15": "SD 1.5", "sdxl": "SDXL"}[args.model] + (", a quarter of the channels" if args.reduced else "")
     print(f"device {device}, dtype {str(dtype).removeprefix('torch.')}, UNet {name}, "
           f"{args.size}², batch {args.batch}, checkpointing {not args.no_checkpointing}, {optimizer_name}")  # fmt: skip
     for mode in MODES:

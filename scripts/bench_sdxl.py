@@ -17,16 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ldm.model import read_preset  # noqa: E402
-from ldm.unet import UNet, UNetConfig  # noqa: E402
-
-
-def unet_config(reduced: bool) -> UNetConfig:
-    spec = read_preset("sdxl")["unet"]
-    if reduced:  # the same blocks, heads and depths, a quarter of the channels (16-wide heads)
-        spec["block_out_channels"] = [c // 4 for c in spec["block_out_channels"]]
-        spec["norm_num_groups"] = 16  # 80 channels: groups of 5
-    return UNetConfig.from_diffusers(spec)
+from ldm.unet import UNet  # noqa: E402
+from scripts.benchlib import unet_config  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = unet_config(args.reduced)
+    config = unet_config("sdxl", args.reduced)
     torch.manual_seed(0)
     ours = UNet(config)
     theirs = UNet2DConditionModel(**config.to_diffusers())

@@ -176,6 +176,16 @@ def test_vae_tiling_is_switched_on_by_the_option_while_generating(tiny_model_dir
     assert tiled == [True] and not vae.use_tiling
 
 
+def test_a_batch_is_decoded_one_image_at_a_time_while_generating(tiny_model_dir, monkeypatch):
+    """The VAE sliced (diffusers' enable_slicing): decoding memory does not grow with the batch."""
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
+    vae, batches = pipe.model.vae, []
+    decode = vae._decode
+    monkeypatch.setattr(vae, "_decode", lambda z, *args, **kwargs: batches.append(len(z)) or decode(z, *args, **kwargs))
+    pipe("a red circle", steps=1, seed=0, num_images=3, batch_size=3, progress=False)
+    assert batches == [1, 1, 1] and not vae.use_slicing
+
+
 def test_a_negative_prompt_runs_at_its_own_length(pipe, monkeypatch):
     """As A1111's default: a two-chunk prompt with a one-chunk negative prompt is not padded to two
     chunks; the unconditional pass runs apart, on the negative prompt's 77 tokens alone."""
