@@ -44,9 +44,11 @@ def unquote(text: str) -> str:
 
 
 def format_infotext(prompt: str, negative_prompt: str, pairs: dict[str, object]) -> str:
-    """Prompt, negative prompt, and the pairs (None values left out) on the last line."""
+    """Prompt, negative prompt (no line when empty, as A1111's create_infotext), and the pairs (None
+    values left out) on the last line."""
     line = ", ".join(f"{key}: {quote(value)}" for key, value in pairs.items() if value is not None)
-    return f"{prompt}\nNegative prompt: {negative_prompt}\n{line}"
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}"
 
 
 def parse_infotext(text: str) -> dict[str, str]:

@@ -24,6 +24,13 @@ def test_what_we_write_reads_back_field_for_field():
     }  # fmt: skip
 
 
+def test_an_empty_negative_prompt_has_no_line_as_in_a1111():
+    """modules/processing.py, create_infotext: `Negative prompt:` only when there is one."""
+    text = format_infotext("a red circle", "", {"Steps": 25, "Seed": 7, "Size": "64x64"})
+    assert text == "a red circle\nSteps: 25, Seed: 7, Size: 64x64"
+    assert parse_infotext(text)["Negative prompt"] == ""
+
+
 def test_a1111s_own_example_parses():
     text = (
         "girl with an artist's beret, ((eyeshadow)), (coquettish)\n"
