@@ -74,7 +74,7 @@ def make_parser() -> Parser:
     sdxl.add_argument("--negative-prompt-2", help="the same for the negative prompt")
     for name, metavar in zip(SIZE_CONDITIONING, [("H", "W"), ("TOP", "LEFT"), ("H", "W")] * 2, strict=True):
         sdxl.add_argument("--" + name.replace("_", "-"), type=int, nargs=2, metavar=metavar)
-    sdxl.add_argument("--refiner", help="an SDXL refiner (folder or hub id) that runs the last steps")
+    sdxl.add_argument("--refiner", help="an SDXL refiner (folder, hub id or file) that runs the last steps")
     sdxl.add_argument("--refiner-switch", type=float, help="the noise schedule's fraction the base runs (0.8)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")

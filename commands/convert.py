@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="merge a LoRA (kohya or diffusers keys) at SCALE (default 1); repeatable")  # fmt: skip
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="the weights' precision on disk")
     parser.add_argument(
-        "--preset", help="a single-file source's architecture (default: sd15, sd21 for OpenCLIP, sdxl for SDXL)"
+        "--preset", help="a single-file source's architecture (default: sd15, sd21 for OpenCLIP, sdxl or sdxl-refiner)"
     )
     quiet_libraries()
     try:

@@ -3,11 +3,13 @@ use them: one state dict with the CompVis names, `model.diffusion_model.*` (UNet
 `first_stage_model.*` (VAE) and `cond_stage_model.*` (text encoder). SDXL's (Stability's
 generative-models names) keep the UNet and VAE names and hold its two text encoders as
 `conditioner.embedders.0.transformer.*` (CLIP ViT-L, transformers' names) and
-`conditioner.embedders.1.model.*` (OpenCLIP bigG, OpenCLIP's names, with its projection).
+`conditioner.embedders.1.model.*` (OpenCLIP bigG, OpenCLIP's names, with its projection). The
+SDXL refiner's holds OpenCLIP bigG alone, as `conditioner.embedders.0.model.*`.
 
 Reading converts with diffusers' own single-file helpers and builds the architecture from the
-presets that ship here (sd15, sd21 for an OpenCLIP text encoder, sdxl for SDXL's embedders), so
-no network is needed. Writing is the inverse map, written out below.
+presets that ship here (sd15, sd21 for an OpenCLIP text encoder, sdxl for SDXL's embedders,
+sdxl-refiner for the refiner's one), so no network is needed. Writing is the inverse map,
+written out below.
 """
 
 import pickle
@@ -34,6 +36,7 @@ from ldm.unet.config import FIXED_FIELDS
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
 RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -62,30 +65,38 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffusion:
-    """Build the model from the preset (default: sd21 for an OpenCLIP text encoder, else sd15; the
-    UNet's input channels from its first conv, so inpainting checkpoints load) and fill in the weights."""
+    """Build the model from the preset (default: sdxl or sdxl-refiner for SDXL's embedders, sd21 for
+    an OpenCLIP text encoder, else sd15; the UNet's input channels from its first conv, so
+    inpainting checkpoints load) and fill in the weights."""
     path = Path(path)
     state = read_state_dict(path)
     if not any(key.startswith(UNET) for key in state):
         raise ModelLoadError(f"{path}: no {UNET}* weights: not a Stable Diffusion checkpoint")
     sdxl = any(key.startswith(SDXL_OPEN_CLIP) for key in state)
-    if not sdxl and any(key.startswith("conditioner.embedders.") for key in state):
-        raise ModelLoadError(f"{path}: an SDXL refiner single file, not read yet; load its diffusers folder instead")
+    refiner = not sdxl and any(key.startswith(REFINER_OPEN_CLIP) for key in state)
     open_clip = any(key.startswith(OPEN_CLIP) for key in state)
-    spec = read_preset(preset or ("sdxl" if sdxl else "sd21" if open_clip else "sd15"))
-    spec["unet"]["in_channels"] = state[f"{UNET}input_blocks.0.0.weight"].shape[1]
+    default = "sdxl" if sdxl else "sdxl-refiner" if refiner else "sd21" if open_clip else "sd15"
+    spec = read_preset(preset or default)
+    first_conv = f"{UNET}input_blocks.0.0.weight"
+    if first_conv not in state:
+        raise ModelLoadError(f"{path}: no {first_conv}: not a whole Stable Diffusion UNet")
+    spec["unet"]["in_channels"] = state[first_conv].shape[1]
     model = LatentDiffusion.from_spec(spec)
-
+    if model.is_refiner != refiner:
+        raise ModelLoadError(f"{path}: {'an SDXL refiner' if refiner else 'not an SDXL refiner'}; "
+                             f"the preset {preset!r} does not fit it")  # fmt: skip
     unet_config = {**FIXED_FIELDS, **model.unet.config.to_diffusers()}
     load_exactly(model.unet, convert_ldm_unet_checkpoint(state, unet_config), "unet")
     load_exactly(model.vae, convert_ldm_vae_checkpoint(state, dict(model.vae.config)), "vae")
-    if open_clip:
-        text = convert_open_clip_checkpoint(model.text_encoder, state)
-    else:
-        text = convert_ldm_clip_checkpoint(state, remove_prefix=SDXL_CLIP if sdxl else None)
-    _load_text(model.text_encoder, text, "text_encoder")
-    if sdxl:
-        text = convert_open_clip_checkpoint(model.text_encoder_2, state, prefix=SDXL_OPEN_CLIP)
+    if not refiner:
+        if open_clip:
+            text = convert_open_clip_checkpoint(model.text_encoder, state)
+        else:
+            text = convert_ldm_clip_checkpoint(state, remove_prefix=SDXL_CLIP if sdxl else None)
+        _load_text(model.text_encoder, text, "text_encoder")
+    if sdxl or refiner:
+        prefix = SDXL_OPEN_CLIP if sdxl else REFINER_OPEN_CLIP
+        text = convert_open_clip_checkpoint(model.text_encoder_2, state, prefix=prefix)
         _load_text(model.text_encoder_2, text, "text_encoder_2")
     if "v_pred" in state or "ztsnr" in state:  # the markers save_single_file writes (and ComfyUI reads)
         changes = {"prediction_type": "v_prediction"} if "v_pred" in state else {}
@@ -110,17 +121,16 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new file name")
-    if model.is_refiner:
-        raise ModelLoadError("an SDXL refiner is written as a diffusers folder only, not as a single file yet")
     state = {UNET + unet_key(k, model.unet.config): v for k, v in model.unet.state_dict().items()}
     state |= {
         VAE + vae_key(k, len(model.vae.config.block_out_channels)): conv_1x1(k, v)
         for k, v in model.vae.state_dict().items()
     }
-    text = text_state_for_files(model.text_encoder)
-    if model.is_sdxl:
+    text = {} if model.is_refiner else text_state_for_files(model.text_encoder)
+    if model.is_sdxl:  # the refiner's one embedder is OpenCLIP; the base's second
+        prefix = REFINER_OPEN_CLIP if model.is_refiner else SDXL_OPEN_CLIP
         state |= {SDXL_CLIP + k: v for k, v in text.items()}
-        state |= {SDXL_OPEN_CLIP + k: v for k, v in open_clip_state(model.text_encoder_2.state_dict()).items()}
+        state |= {prefix + k: v for k, v in open_clip_state(model.text_encoder_2.state_dict()).items()}
     elif model.text_encoder.config.hidden_act == "gelu":  # OpenCLIP, as in SD 2.x
         state |= {OPEN_CLIP + k: v for k, v in open_clip_state(text).items()}
     else:
@@ -136,9 +146,12 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
 
 
 def model_spec(model: LatentDiffusion, v_prediction: bool) -> dict[str, str]:
-    """Stability's ModelSpec header fields, as kohya's library/sai_model_spec.py writes them."""
+    """Stability's ModelSpec header fields, as kohya's library/sai_model_spec.py writes them (the
+    refiner's architecture name is ModelSpec's own; kohya names no refiner)."""
     v2 = model.unet.config.cross_attention_dim == 1024
-    if model.is_sdxl:
+    if model.is_refiner:
+        architecture = "stable-diffusion-xl-v1-refiner"
+    elif model.is_sdxl:
         architecture = "stable-diffusion-xl-v1-base"
     elif v2:
         architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"

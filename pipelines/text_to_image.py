@@ -89,11 +89,7 @@ class TextToImagePipeline:
     @classmethod
     def from_pretrained(cls, source: str | Path, **options) -> "TextToImagePipeline":
         """A diffusers-layout folder or hub id, or an original single-file .safetensors/.ckpt checkpoint."""
-        model = (
-            load_single_file(source)
-            if str(source).endswith((".safetensors", ".ckpt"))
-            else LatentDiffusion.load(source)
-        )
+        model = load_model(source)
         device, dtype = pick_device(options.get("device", "auto")), options.get("dtype", "auto")
         return cls(on_device(model, device, pick_dtype(dtype, device), copy=False), **options)  # ours: no copy needed
 
@@ -102,11 +98,11 @@ class TextToImagePipeline:
         merge_lora(self.model, path, scale)
 
     def load_refiner(self, source: str | Path) -> None:
-        """An SDXL refiner (a diffusers folder or hub id; an SDXL base works too) that runs the last
-        steps of every image, from GenerationConfig.refiner_switch on."""
+        """An SDXL refiner (a diffusers folder, hub id or single file; an SDXL base works too) that
+        runs the last steps of every image, from GenerationConfig.refiner_switch on."""
         if not self.model.is_sdxl:
             raise GenerationError("a refiner finishes an SDXL model's images; this model is not SDXL")
-        refiner = LatentDiffusion.load(source)
+        refiner = load_model(source)
         if not refiner.is_sdxl:
             raise GenerationError(f"{source}: not an SDXL model, so it cannot refine SDXL latents")
         self.refiner = on_device(refiner, self.device, self.dtype, copy=False)
@@ -389,6 +385,13 @@ class TextToImagePipeline:
         chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
+
+
+def load_model(source: str | Path) -> LatentDiffusion:
+    """A diffusers-layout folder or hub id, or an original single-file .safetensors/.ckpt checkpoint."""
+    if str(source).endswith((".safetensors", ".ckpt")):
+        return load_single_file(source)
+    return LatentDiffusion.load(source)
 
 
 def _step_options(scheduler, generators: list[torch.Generator]) -> dict:

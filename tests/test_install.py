@@ -30,5 +30,5 @@ def test_a_non_editable_install_has_the_presets_and_the_tokenizer(tmp_path):
     )
     where, vocabulary, presets = out.stdout.split(" ", 2)
     assert where.startswith(str(target))  # the installed copy, not this checkout
-    names = "['sd15', 'sd21', 'sdxl', 'sdxl-refiner-tiny', 'sdxl-tiny', 'small', 'tiny']"
+    names = "['sd15', 'sd21', 'sdxl', 'sdxl-refiner', 'sdxl-refiner-tiny', 'sdxl-tiny', 'small', 'tiny']"
     assert (vocabulary, presets.strip()) == ("49408", names)

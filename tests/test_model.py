@@ -186,7 +186,7 @@ def test_presets_build_by_name_or_path():
 
 
 def test_an_unknown_preset_lists_the_valid_ones():
-    names = r"\['sd15', 'sd21', 'sdxl', 'sdxl-refiner-tiny', 'sdxl-tiny', 'small', 'tiny'\]"
+    names = r"\['sd15', 'sd21', 'sdxl', 'sdxl-refiner', 'sdxl-refiner-tiny', 'sdxl-tiny', 'small', 'tiny'\]"
     with pytest.raises(ModelLoadError, match=rf"no preset 'sd3': use one of {names}"):
         LatentDiffusion.from_preset("sd3")
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
 from conftest import perturbed_tiny_model
 from ldm.errors import ConfigError
@@ -51,6 +51,18 @@ def test_the_sdxl_preset_has_the_published_part_sizes():
         "vae": 83_653_863,
     }
     assert model.is_sdxl and model.force_zeros_for_empty_prompt and model.tokenizer_2.pad_token == "!"
+
+
+def test_the_sdxl_refiner_preset_counts_as_diffusers_counts_its_config():
+    """Stability's sd_xl_refiner.yaml in diffusers' terms: diffusers' UNet2DConditionModel built from
+    the same config has as many weights as ours; the text encoder is SDXL's OpenCLIP bigG."""
+    with torch.device("meta"):
+        model = LatentDiffusion.from_preset("sdxl-refiner")
+        theirs = UNet2DConditionModel(**model.unet.config.to_diffusers())
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in model.parts().items()}
+    assert counts == {"text_encoder_2": 694_659_840, "unet": 2_259_526_660, "vae": 83_653_863}
+    assert sum(p.numel() for p in theirs.parameters()) == 2_259_526_660
+    assert model.is_refiner and not model.force_zeros_for_empty_prompt
 
 
 def test_what_we_save_loads_in_diffusers_sdxl_pipeline(tiny_sdxl, tmp_path):

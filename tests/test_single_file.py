@@ -5,9 +5,10 @@ import pickle
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
+from conftest import perturbed_tiny_model
 from ldm.model import LatentDiffusion, ModelLoadError, read_preset
 from ldm.single_file import load_single_file, save_single_file
 
@@ -116,13 +117,9 @@ def test_a_file_that_is_not_a_sd_checkpoint_is_refused(tmp_path):
     save_file({"weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ModelLoadError, match="no model.diffusion_model.\\* weights"):
         load_single_file(tmp_path / "other.safetensors")
-    refiner = {
-        "model.diffusion_model.x": torch.zeros(2),
-        "conditioner.embedders.0.model.text_projection": torch.zeros(2),
-    }
-    save_file(refiner, tmp_path / "refiner.safetensors")
-    with pytest.raises(ModelLoadError, match="an SDXL refiner single file, not read yet"):
-        load_single_file(tmp_path / "refiner.safetensors")
+    save_file({"model.diffusion_model.x": torch.zeros(2)}, tmp_path / "part.safetensors")
+    with pytest.raises(ModelLoadError, match="no model.diffusion_model.input_blocks.0.0.weight: not a whole"):
+        load_single_file(tmp_path / "part.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="not a readable checkpoint"):
         load_single_file(tmp_path / "broken.safetensors")
@@ -139,3 +136,25 @@ def test_weights_that_do_not_fit_the_preset_are_named(tiny_model, tmp_path):
     save_single_file(tiny_model, tmp_path / "model.safetensors")
     with pytest.raises(ModelLoadError, match="unet: weights lack 118 key.*down_blocks.1.attentions.0"):
         load_single_file(tmp_path / "model.safetensors", preset="small")
+
+
+def test_an_sdxl_refiner_file_reads_back_here_and_in_diffusers(tmp_path):
+    """The refiner's original layout: OpenCLIP bigG alone as conditioner.embedders.0.model, the
+    added conditioning (5 ids) as label_emb. diffusers 0.42.1 reads it as an "xl_refiner"."""
+    refiner = perturbed_tiny_model("sdxl-refiner-tiny")
+    refiner.save(tmp_path / "folder")
+    save_single_file(refiner, tmp_path / "refiner.safetensors")
+    keys = set(load_file(tmp_path / "refiner.safetensors"))
+    assert "conditioner.embedders.0.model.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert "conditioner.embedders.0.model.text_projection" in keys
+    assert not any(key.startswith(("conditioner.embedders.1.", "cond_stage_model.")) for key in keys)
+    back = load_single_file(tmp_path / "refiner.safetensors", preset="sdxl-refiner-tiny")
+    assert back.is_refiner and not back.force_zeros_for_empty_prompt
+    assert_same_parts(refiner, back)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_single_file(
+        tmp_path / "refiner.safetensors", config=str(tmp_path / "folder"), local_files_only=True
+    )
+    assert pipe.text_encoder is None
+    assert_same_parts(refiner, pipe)
+    with pytest.raises(ModelLoadError, match="an SDXL refiner; the preset 'sdxl-tiny' does not fit it"):
+        load_single_file(tmp_path / "refiner.safetensors", preset="sdxl-tiny")

@@ -12,8 +12,7 @@ from PIL import Image
 
 import sample
 from conftest import perturbed_tiny_model
-from ldm.model import LatentDiffusion, ModelLoadError
-from ldm.single_file import save_single_file
+from ldm.model import LatentDiffusion
 from pipelines.outputs import model_hash
 from pipelines.samplers import make_scheduler
 from pipelines.settings import GenerationError
@@ -133,12 +132,6 @@ def test_refiner_flags_are_checked_before_any_model_loads(
     assert sample.main(["--model", str(tiny_sdxl_dir), "--prompt", "x", *argv, "--outdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-
-
-def test_a_refiner_is_not_written_as_a_single_file_yet(refiner_dir, tmp_path):
-    with pytest.raises(ModelLoadError, match="an SDXL refiner is written as a diffusers folder only"):
-        save_single_file(LatentDiffusion.load(refiner_dir), tmp_path / "refiner.safetensors")
-    assert not (tmp_path / "refiner.safetensors").exists()
 
 
 def test_an_sdxl_base_can_refine_too(tiny_sdxl_dir):
