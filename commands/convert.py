@@ -16,10 +16,8 @@ from pathlib import Path
 from commands.cli import Parser, UsageError, check_writable, fail, lora_argument, quiet_libraries
 from ldm.errors import UserError
 from ldm.lora import merge_lora
-from ldm.model import DTYPES, LatentDiffusion
-from ldm.single_file import load_single_file, save_single_file
-
-SINGLE_FILE = (".safetensors", ".ckpt")
+from ldm.model import DTYPES
+from ldm.single_file import SUFFIXES, load_model, save_single_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check(args)
-        model = load(args.source, args.preset)
+        model = load_model(args.source, args.preset)
         for path, scale in args.lora or []:
             merge_lora(model, path, scale)
         for part in model.parts().values():
@@ -58,20 +56,14 @@ def check(args) -> None:
         raise UsageError(f"{args.output}: already exists; choose a new name")
     if args.output.suffix == ".ckpt":
         raise UsageError(f"{args.output}: .ckpt (pickle) is not written; use .safetensors")
-    if args.preset and not args.source.endswith(SINGLE_FILE):
+    if args.preset and not args.source.endswith(SUFFIXES):
         raise UsageError("--preset: only for a single-file source (a folder says its own architecture)")
-    if args.source.endswith(SINGLE_FILE) and not Path(args.source).is_file():
+    if args.source.endswith(SUFFIXES) and not Path(args.source).is_file():
         raise UsageError(f"{args.source}: no such file")
     for path, _ in args.lora or []:
         if not Path(path).is_file():
             raise UsageError(f"--lora {path}: no such file")
     check_writable(args.output.parent, str(args.output))
-
-
-def load(source: str, preset: str | None) -> LatentDiffusion:
-    if source.endswith(SINGLE_FILE):
-        return load_single_file(source, preset)
-    return LatentDiffusion.load(source)
 
 
 if __name__ == "__main__":

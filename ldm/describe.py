@@ -18,8 +18,7 @@ def describe(model: LatentDiffusion) -> str:
         f"{name:14}{count(encoder):>14,}  {type(encoder).__name__}: {text.num_hidden_layers} layers, "
         f"width {text.hidden_size}, {text.num_attention_heads} heads, {text.max_position_embeddings} tokens, "
         f"vocab {tokenizers[name].vocab_size:,} (pad {tokenizers[name].pad_token!r})"
-        for name, encoder in model.parts().items()
-        if name.startswith("text_encoder")
+        for name, encoder in model.text_parts().items()
         for text in [encoder.config]
     ]
     added = "size/crop/aesthetic score" if model.is_refiner else "size/crop"

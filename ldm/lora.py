@@ -48,17 +48,13 @@ def lora_targets(model: LatentDiffusion) -> dict[str, nn.Module]:
             targets[f"unet.{name}"] = module
             for spelling in (name, compvis_name(name, model)):
                 targets["lora_unet_" + spelling.replace(".", "_")] = module
-    for part, encoder in text_encoders(model).items():
+    for part, encoder in model.text_parts().items():
         for name, module in encoder.named_modules():
             if isinstance(module, nn.Linear):  # files of transformers 4 and 5: with and without `text_model.`
                 short, full = name.removeprefix(TEXT_PREFIX), TEXT_PREFIX + name.removeprefix(TEXT_PREFIX)
                 targets[f"{part}.{short}"] = targets[f"{part}.{full}"] = module
                 targets[kohya_prefix(part, model) + full.replace(".", "_")] = module
     return targets
-
-
-def text_encoders(model: LatentDiffusion) -> dict[str, nn.Module]:
-    return {part: module for part, module in model.parts().items() if part.startswith("text_encoder")}
 
 
 def kohya_prefix(part: str, model: LatentDiffusion) -> str:

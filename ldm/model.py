@@ -221,6 +221,10 @@ class LatentDiffusion:
         }
         return {name: part for name, part in parts.items() if part is not None}
 
+    def text_parts(self) -> dict[str, nn.Module]:
+        """The text encoders, by their folder names (`text_encoder`, SDXL's `text_encoder_2`)."""
+        return {name: part for name, part in self.parts().items() if name.startswith("text_encoder")}
+
 
 def check_text_widths(model: LatentDiffusion) -> None:
     """The UNet's cross-attention reads the (concatenated) token embeddings, and SDXL's added

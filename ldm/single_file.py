@@ -37,6 +37,7 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
+SUFFIXES = (".safetensors", ".ckpt")  # a single file, not a folder or hub id
 RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -62,6 +63,13 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     except pickle.UnpicklingError as error:  # the file holds more than tensors
         raise ModelLoadError(f"{path}: cannot be loaded weights-only ({type(error).__name__})") from None
     raise ModelLoadError(f"{path}: a single-file checkpoint must be .safetensors or .ckpt")
+
+
+def load_model(source: str | Path, preset: str | None = None) -> LatentDiffusion:
+    """A diffusers-layout folder or hub id, or a single file (built from `preset`, see load_single_file)."""
+    if str(source).endswith(SUFFIXES):
+        return load_single_file(source, preset)
+    return LatentDiffusion.load(source)
 
 
 def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffusion:

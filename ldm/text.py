@@ -98,12 +98,13 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
 
 
 def encode_captions(
-    encoders: list[tuple[CLIPTokenizer, CLIPTextModel]], captions: list[str]
+    encoders: list[tuple[CLIPTokenizer, CLIPTextModel]], captions: list[str], penultimate: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Training's captions -> (token embeddings, pooled). One encoder (SD 1.x/2.x): encode_prompts,
-    no pooled. Two (SDXL): both encoders' penultimate hidden states side by side and the second's
-    projected pooled output, as diffusers' train_text_to_image_sdxl.py (encode_prompt) conditions."""
-    if len(encoders) == 1:
+    """Training's captions -> (token embeddings, pooled). SD 1.x/2.x: encode_prompts, no pooled.
+    SDXL (`penultimate`, as pipelines.prompts.encode_weighted takes it): each encoder's penultimate
+    hidden states side by side and the last one's projected pooled output, as diffusers'
+    train_text_to_image_sdxl.py (encode_prompt) conditions."""
+    if not penultimate:
         return encode_prompts(*encoders[0], captions), None
     outputs = [
         hidden_states(encoder, caption_ids(tokenizer, encoder, captions), True) for tokenizer, encoder in encoders

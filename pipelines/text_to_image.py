@@ -30,7 +30,7 @@ from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
-from ldm.single_file import load_single_file
+from ldm.single_file import load_model
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.conditioning import SIZE_CONDITIONING, Conditioning, encode_batch, time_ids, zero_negative
 from pipelines.devices import evaluating, on_device, pick_device, pick_dtype
@@ -385,13 +385,6 @@ class TextToImagePipeline:
         chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
-
-
-def load_model(source: str | Path) -> LatentDiffusion:
-    """A diffusers-layout folder or hub id, or an original single-file .safetensors/.ckpt checkpoint."""
-    if str(source).endswith((".safetensors", ".ckpt")):
-        return load_single_file(source)
-    return LatentDiffusion.load(source)
 
 
 def _step_options(scheduler, generators: list[torch.Generator]) -> dict:

@@ -81,7 +81,7 @@ def test_a_merged_lora_equals_the_lora_merged_at_load_time(tiny_model_dir, tmp_p
     ],
 )
 def test_mistakes_are_one_line_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch, extra, message):
-    monkeypatch.setattr("commands.convert.load", lambda *args: pytest.fail("the model was read"))
+    monkeypatch.setattr("commands.convert.load_model", lambda *args: pytest.fail("the model was read"))
     (tmp_path / "EXISTING").mkdir()
     output, *options = extra
     assert main([str(tiny_model_dir), str(tmp_path / output), *options]) == 2

@@ -132,14 +132,14 @@ def build_cache(
             means.append(_scatter(posterior.mean.cpu(), keep, len(items)))
             stds.append(_scatter(posterior.std.cpu(), keep, len(items)))
             if cache_text:
-                text, pool = encode_captions(model.text_encoders(), good["captions"])
+                text, pool = encode_captions(model.text_encoders(), good["captions"], model.is_sdxl)
                 for row, i in enumerate(keep):
                     texts[chunk[i]] = text[row].cpu()
                     pooled[chunk[i]] = None if pool is None else pool[row].cpu()
         tensors |= {"latent_mean" + bucket: _stack(means), "latent_std" + bucket: _stack(stds)}
     tensors["size_ids"] = size_ids
     if cache_text:
-        empty_text, empty_pooled = encode_captions(model.text_encoders(), [""])
+        empty_text, empty_pooled = encode_captions(model.text_encoders(), [""], model.is_sdxl)
         tensors |= {"text": _rows(texts), "empty_text": empty_text[0].cpu()}
         if empty_pooled is not None:
             tensors |= {"pooled": _rows(pooled), "empty_pooled": empty_pooled[0].cpu()}

@@ -272,7 +272,7 @@ class DiffusionStage(Stage):
         if len(modules) > 1:
             encoders = [(tokenizer, module) for (tokenizer, _), module in zip(encoders, modules[1:], strict=True)]
         with torch.set_grad_enabled(self.config.text_trains):
-            return encode_captions(encoders, captions)
+            return encode_captions(encoders, captions, self.model.is_sdxl)
 
     def _latents(self, batch: dict) -> Tensor:
         """Scaled latents of the batch's images: drawn from the cached posterior, or encoded now."""
@@ -298,7 +298,7 @@ class LoraStage(DiffusionStage):
         super().__init__(config, model, accelerator, draw)
         self.targets = {"unet": list(config.lora.targets)}
         if config.lora.text_encoder:  # both of SDXL's
-            self.targets |= {part: list(config.lora.text_targets) for part in self.model.parts() if "text" in part}
+            self.targets |= {part: list(config.lora.text_targets) for part in self.model.text_parts()}
 
     def trained(self) -> list[nn.Module]:
         """With mixed precision, the frozen UNet and text encoders are kept in its half precision (half

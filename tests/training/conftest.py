@@ -1,9 +1,14 @@
 """Shared by the training tests: a four-image shapes folder, tiny recipes, a fresh Accelerate state."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 from accelerate.state import AcceleratorState
+from PIL import Image
 
+import sample
+import train
 from commands.make_shapes import main as make_shapes
 
 
@@ -38,6 +43,27 @@ def recipe(tmp_path, folder, **sections):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def run_recipe_then_sample(recipe_file: str, folder, model_dir, tmp_path, size: int, *overrides: str) -> Path:
+    """A shipped recipe as the README runs it, made small (2 steps, a validation grid at step 2),
+    then `sample.py --lora` with the LoRA it wrote; returns the run folder."""
+    run = tmp_path / "run"
+    options = [f"data.path={folder}", f"output_dir={run}", f"model.pretrained={model_dir}",
+               f"data.resolution={size}", f"data.cache_dir={tmp_path / 'cache'}", "steps.max=2",
+               "steps.mixed_precision=no", "report_to=none", "validation.prompts=[a red circle]",
+               "validation.every=2", "validation.steps=2", *overrides]  # fmt: skip
+    assert train.main(["--config", recipe_file, *options]) == 0
+    assert (run / "lora.safetensors").is_file()
+    base, after = Image.open(run / "validation" / "base.png"), Image.open(run / "validation" / "step-00000002.png")
+    assert base.size == (size, size)
+    assert after.size == (2 * base.width + 4, base.height)  # the base model's grid beside the trained one
+    lora = f"{run / 'lora.safetensors'}:0.8"
+    argv = ["--model", str(model_dir), "--prompt", "a red circle", "--steps", "2", "--height", str(size),
+            "--width", str(size), "--lora", lora, "--outdir", str(tmp_path / "out")]  # fmt: skip
+    assert sample.main(argv) == 0
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    return run
 
 
 class Stop(Exception):

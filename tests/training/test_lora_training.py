@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from training.conftest import recipe, run_until
+from training.conftest import recipe, run_recipe_then_sample, run_until
 
-import sample
 import train
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
@@ -140,20 +138,7 @@ def test_bad_lora_settings_are_one_line(tiny_model_dir, four_images, tmp_path, c
 
 def test_the_lora_recipe_runs_and_sample_py_loads_its_file(tiny_model_dir, four_images, tmp_path):
     """configs/lora.yaml as the README runs it, made small; then `sample.py --lora` with the result."""
-    run = tmp_path / "run"
-    options = [f"data.path={four_images}", f"output_dir={run}", f"model.pretrained={tiny_model_dir}",
-               "data.resolution=16", f"data.cache_dir={tmp_path / 'cache'}", "steps.max=2", "steps.batch_size=2",
-               "steps.mixed_precision=no", "report_to=none", "validation.prompts=[a red circle]",
-               "validation.every=2", "validation.steps=2"]  # fmt: skip
-    assert train.main(["--config", "configs/lora.yaml", *options]) == 0
-    assert (run / "lora.safetensors").is_file()
-    base, after = Image.open(run / "validation" / "base.png"), Image.open(run / "validation" / "step-00000002.png")
-    assert after.size == (2 * base.width + 4, base.height)  # the base model's grid beside the trained one
-    lora = f"{run / 'lora.safetensors'}:0.8"
-    argv = ["--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "2", "--height", "16",
-            "--width", "16", "--lora", lora, "--outdir", str(tmp_path / "out")]  # fmt: skip
-    assert sample.main(argv) == 0
-    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    run_recipe_then_sample("configs/lora.yaml", four_images, tiny_model_dir, tmp_path, 16, "steps.batch_size=2")
 
 
 def test_save_single_file_writes_the_model_with_the_lora_merged_in(tiny_model_dir, four_images, tmp_path):

@@ -8,9 +8,8 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
 from test_lora_sdxl import assert_same_weights, fused_by_diffusers
-from training.conftest import recipe
+from training.conftest import recipe, run_recipe_then_sample
 
-import sample
 import train
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
@@ -103,8 +102,8 @@ def test_sdxl_caches_both_encoders_the_pooled_text_and_the_size_ids(tiny_sdxl_di
     cached = load_cache(file)
     model = LatentDiffusion.load(tiny_sdxl_dir)
     with torch.no_grad():
-        text, pooled = encode_captions(model.text_encoders(), cached.captions)
-        empty_text, empty_pooled = encode_captions(model.text_encoders(), [""])
+        text, pooled = encode_captions(model.text_encoders(), cached.captions, penultimate=True)
+        empty_text, empty_pooled = encode_captions(model.text_encoders(), [""], penultimate=True)
     torch.testing.assert_close(cached.tensors["text"], text)  # 8 + 12 wide: both encoders, side by side
     torch.testing.assert_close(cached.tensors["pooled"], pooled)
     torch.testing.assert_close(cached.empty_pooled, empty_pooled[0])
@@ -130,18 +129,9 @@ def test_full_sdxl_fine_tuning_trains_both_text_encoders_and_saves_an_sdxl_pipel
 
 def test_the_sdxl_lora_recipe_runs_and_sample_py_loads_its_file(tiny_sdxl_dir, shaped_images, tmp_path):
     """configs/lora-sdxl.yaml as the README runs it, made small; then `sample.py --lora` with the result."""
-    run = tmp_path / "run"
-    options = [f"data.path={shaped_images}", f"output_dir={run}", f"model.pretrained={tiny_sdxl_dir}",
-               "data.resolution=32", "data.bucket_step=16", f"data.cache_dir={tmp_path / 'cache'}", "steps.max=2",
-               "steps.mixed_precision=no", "report_to=none", "validation.prompts=[a red circle]",
-               "validation.every=2", "validation.steps=2"]  # fmt: skip
-    assert train.main(["--config", "configs/lora-sdxl.yaml", *options]) == 0
+    run = run_recipe_then_sample("configs/lora-sdxl.yaml", shaped_images, tiny_sdxl_dir, tmp_path, 32,
+                                 "data.bucket_step=16")  # fmt: skip
     assert Image.open(run / "validation" / "step-00000002.png").size == (2 * 32 + 4, 32)  # base | trained
-    lora = f"{run / 'lora.safetensors'}:0.8"
-    argv = ["--model", str(tiny_sdxl_dir), "--prompt", "a red circle", "--steps", "2", "--height", "32",
-            "--width", "32", "--lora", lora, "--outdir", str(tmp_path / "out")]  # fmt: skip
-    assert sample.main(argv) == 0
-    assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
 def test_training_a_refiner_is_refused_in_one_line(shaped_images, tmp_path, capsys):
