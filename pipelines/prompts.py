@@ -1,8 +1,11 @@
 """Prompts as web-UI users write them: emphasis brackets, BREAK, and prompts longer than CLIP's context.
 
 Syntax, as AUTOMATIC1111's `parse_prompt_attention` reads it (modules/prompt_parser.py at commit
-0674fabd): `(word)` multiplies the word's weight by 1.1, `[word]` divides it by 1.1, `(word:1.3)`
-sets 1.3; brackets nest and multiply; `\\(` is a literal bracket; `BREAK` ends a chunk.
+28bd8e14): `(word)` multiplies the word's weight by 1.1, `[word]` divides it by 1.1, `(word:1.3)`
+sets 1.3, whitespace allowed on both sides of the number (`(word: 1.3 )`); brackets nest and
+multiply; `\\(` is a literal bracket; `BREAK` ends a chunk. One deviation: a weight A1111 would
+read as text because its number is not plain decimal (`(red:nan)`, `(red:1e3)`) is refused here,
+as is a weight too large to be finite: both are mistakes, and A1111 draws them silently.
 
 Chunks, as A1111's `tokenize_line` makes them (modules/sd_hijack_clip.py at commit 00e09382): a
 prompt is cut into chunks of the context less two tokens (75 for CLIP's 77), each encoded on its own
@@ -25,6 +28,7 @@ A1111's and ComfyUI's SDXL conditioners do; the pooled embedding is the second e
 first chunk, unweighted (A1111: modules/sd_hijack_clip.py keeps the first chunk's `pooled`).
 """
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -44,7 +48,8 @@ COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
 MEAN_FLOOR = 0.01  # a chunk mean under 1% of the mean |value| is taken as zero (`original` mode)
 BREAK = ("BREAK", -1.0)  # as A1111's parser marks it
 
-_TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:([+-]?[.\d]+)\)|\)|\]|[^\\()\[\]:]+|:")
+_TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:")
+_NOT_DECIMAL = re.compile(r":\s*[+-]?(nan|inf(inity)?|[.\d]*\d[.\d]*e[+-]?\d+)\s*\)", re.I)  # float() would take it
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -55,6 +60,9 @@ class PromptError(UserError):
 def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     """'a (red:1.5) [circle]' -> [('a ', 1.0), ('red', 1.5), (' ', 1.0), ('circle', 0.909...)];
     BREAK -> ('BREAK', -1). The same pieces and weights as A1111's parser."""
+    not_decimal = _NOT_DECIMAL.search(prompt)
+    if not_decimal:
+        raise PromptError(f"{not_decimal.group(0)!r}: a weight is a plain decimal number, as in (word:1.2)")
     pieces: list[list] = []  # [text, weight]
     open_round: list[int] = []  # where each open bracket's span starts in `pieces`
     open_square: list[int] = []
@@ -97,9 +105,12 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
 
 def _weight(text: str) -> float:
     try:
-        return float(text)
+        weight = float(text)
     except ValueError:
         raise PromptError(f"({text!r} is not a number: write a weight as (word:1.2)") from None
+    if not math.isfinite(weight):
+        raise PromptError(f"weight {text[:20]}...: too large to be a number; write a weight as (word:1.2)")
+    return weight
 
 
 def chunk_size(tokenizer: CLIPTokenizer) -> int:

@@ -50,9 +50,12 @@ START, END = 49406, 49407
         ("BREAK a dog", [("", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]),
         ("a BREAKFAST", [("a BREAKFAST", 1.0)]),  # a word, not a BREAK
         ("(a BREAK b)", [("a", 1.1), ("BREAK", -1.1), ("b", 1.1)]),  # weighted: then A1111 reads it as text
-        # a lone backslash is dropped; a weight must touch its colon and bracket
+        # a lone backslash is dropped; whitespace may stand on both sides of a weight (commit 28bd8e14)
         ("a \\ b", [("a  b", 1.0)]),
-        ("(red: 1.5)", [("red: 1.5", 1.1)]),
+        ("(masterpiece: 1.2)", [("masterpiece", 1.2)]),
+        ("(word:1.2 )", [("word", 1.2)]),
+        ("(word :\t1.2\n)", [("word ", 1.2)]),
+        ("16:9)", [("16:9)", 1.0)]),  # a weight with no open bracket is text
     ],
 )
 def test_emphasis_syntax_is_a1111s(prompt, expected):
@@ -64,6 +67,12 @@ def test_emphasis_syntax_is_a1111s(prompt, expected):
 @pytest.mark.parametrize("prompt", ["(a:1.2.3)", "a (red:..) circle", "(x:-.)"])
 def test_a_malformed_weight_is_a_prompt_error_naming_it(prompt):
     with pytest.raises(PromptError, match="is not a number"):
+        parse_emphasis(prompt)
+
+
+@pytest.mark.parametrize("prompt", ["(red:nan)", "(red:1e309)", "(red: -Inf )", "(red:2E3)", "(red:" + "9" * 400 + ")"])
+def test_a_weight_that_is_not_a_finite_decimal_is_refused(prompt):
+    with pytest.raises(PromptError, match="weight"):
         parse_emphasis(prompt)
 
 
