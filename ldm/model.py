@@ -211,6 +211,27 @@ class LatentDiffusion:
         if self.sampling is not None:
             json.dump(asdict(self.sampling), (folder / SAMPLING_FILE).open("w"), indent=2)
 
+    def spec(self) -> dict[str, Any]:
+        """The preset sections that rebuild this architecture (from_spec's input), scheduler and
+        latent scaling included: what a single file records so it loads as the folder did."""
+        vae_fields = inspect.signature(AutoencoderKL.__init__).parameters
+        spec = {
+            "unet": self.unet.config.to_diffusers(),
+            "vae": {key: value for key, value in self.vae.config.items() if key in vae_fields},
+            "scheduler": {**self.scheduler.config, "_class_name": type(self.scheduler).__name__},
+        }
+        text_fields = set(CLIPTextConfig().to_dict()) - {"architectures", "dtype", "transformers_version"}
+        for suffix, tokenizer, encoder in (("", self.tokenizer, self.text_encoder),
+                                           ("_2", self.tokenizer_2, self.text_encoder_2)):  # fmt: skip
+            if encoder is not None:
+                config = encoder.config.to_diff_dict()
+                spec[f"text_encoder{suffix}"] = {key: value for key, value in config.items() if key in text_fields}
+                spec[f"tokenizer{suffix}"] = {
+                    "pad_token": tokenizer.pad_token,
+                    "model_max_length": tokenizer.model_max_length,
+                }
+        return json.loads(json.dumps(spec))  # plain lists and numbers, as a preset's YAML gives them
+
     def parts(self) -> dict[str, nn.Module]:
         """The parts with weights, by their folder names."""
         parts = {
@@ -251,7 +272,14 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
     """One .safetensors file, written beside its name and moved into place: never half-written."""
     partial = path.with_name(f".{path.name}.partial")
     save_file({key: value.contiguous() for key, value in tensors.items()}, partial, metadata=metadata)
+    partial.chmod(0o666 & ~current_umask())  # safetensors creates it 0600; a user's files are readable
     partial.replace(path)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_preset(preset: str | Path) -> dict[str, Any]:

@@ -9,11 +9,15 @@ SDXL refiner's holds OpenCLIP bigG alone, as `conditioner.embedders.0.model.*`.
 Reading converts with diffusers' own single-file helpers and builds the architecture from the
 presets that ship here (sd15, sd21 for an OpenCLIP text encoder, sdxl for SDXL's embedders,
 sdxl-refiner for the refiner's one), so no network is needed. Writing is the inverse map,
-written out below.
+written out below. A file written here also records, in its header's `ldm_toolkit.model`, the
+model's architecture (its preset sections, the scheduler and the VAE's latent scaling among them)
+and its sampling defaults, so it loads by itself to the model it was written from.
 """
 
+import json
 import pickle
 import re
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,11 +28,11 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     convert_open_clip_checkpoint,
 )
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ldm.model import LatentDiffusion, ModelLoadError, load_exactly, read_preset, save_safetensors
+from ldm.model import LatentDiffusion, ModelLoadError, SamplingDefaults, load_exactly, read_preset, save_safetensors
 from ldm.text import text_state_for_files, text_state_from_files
 from ldm.unet import UNetConfig
 from ldm.unet.config import FIXED_FIELDS
@@ -38,6 +42,7 @@ CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
 SUFFIXES = (".safetensors", ".ckpt")  # a single file, not a folder or hub id
+RECORD = "ldm_toolkit.model"  # header key: {"spec": preset sections, "sampling": ..., "force_zeros_...": ...}
 RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -73,9 +78,10 @@ def load_model(source: str | Path, preset: str | None = None) -> LatentDiffusion
 
 
 def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffusion:
-    """Build the model from the preset (default: sdxl or sdxl-refiner for SDXL's embedders, sd21 for
-    an OpenCLIP text encoder, else sd15; the UNet's input channels from its first conv, so
-    inpainting checkpoints load) and fill in the weights."""
+    """Build the model from the architecture the file records (written here), else from the preset
+    (default: sdxl or sdxl-refiner for SDXL's embedders, sd21 for an OpenCLIP text encoder, else
+    sd15; the UNet's input channels from its first conv, so inpainting checkpoints load), and fill
+    in the weights."""
     path = Path(path)
     state = read_state_dict(path)
     if not any(key.startswith(UNET) for key in state):
@@ -83,8 +89,9 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     sdxl = any(key.startswith(SDXL_OPEN_CLIP) for key in state)
     refiner = not sdxl and any(key.startswith(REFINER_OPEN_CLIP) for key in state)
     open_clip = any(key.startswith(OPEN_CLIP) for key in state)
+    record = None if preset else read_record(path)
     default = "sdxl" if sdxl else "sdxl-refiner" if refiner else "sd21" if open_clip else "sd15"
-    spec = read_preset(preset or default)
+    spec = record["spec"] if record else read_preset(preset or default)
     first_conv = f"{UNET}input_blocks.0.0.weight"
     if first_conv not in state:
         raise ModelLoadError(f"{path}: no {first_conv}: not a whole Stable Diffusion UNet")
@@ -93,6 +100,41 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     if model.is_refiner != refiner:
         raise ModelLoadError(f"{path}: {'an SDXL refiner' if refiner else 'not an SDXL refiner'}; "
                              f"the preset {preset!r} does not fit it")  # fmt: skip
+    try:
+        _load_weights(model, state, sdxl, refiner, open_clip)
+    except ModelLoadError as error:
+        if record:
+            raise
+        raise ModelLoadError(
+            f"{path}: not the {preset or default} architecture ({error}); name its architecture with "
+            f"`python -m commands.convert {path} FOLDER --preset NAME` (ldm/presets/ or a .yaml) and use FOLDER"
+        ) from None
+    if record:
+        model.sampling = record["sampling"] and SamplingDefaults(**record["sampling"])
+        model.force_zeros_for_empty_prompt = record["force_zeros_for_empty_prompt"]
+    elif "v_pred" in state or "ztsnr" in state:  # the markers save_single_file writes (and ComfyUI reads)
+        changes = {"prediction_type": "v_prediction"} if "v_pred" in state else {}
+        scheduler = type(model.scheduler)
+        if "ztsnr" in state:  # DDIM takes the rescaled betas as an option (PNDM, the presets' own, does not)
+            changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+            scheduler = DDIMScheduler
+        model.scheduler = scheduler.from_config(model.scheduler.config, **changes)
+    return model
+
+
+def read_record(path: Path) -> dict | None:
+    """What a file written here records of its model (RECORD), or None for a file from elsewhere."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(path, framework="pt") as file:
+        text = (file.metadata() or {}).get(RECORD)
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
+        raise ModelLoadError(f"{path}: its {RECORD} header is not JSON") from None
+
+
+def _load_weights(model: LatentDiffusion, state: dict[str, Tensor], sdxl: bool, refiner: bool, open_clip: bool) -> None:
     unet_config = {**FIXED_FIELDS, **model.unet.config.to_diffusers()}
     load_exactly(model.unet, convert_ldm_unet_checkpoint(state, unet_config), "unet")
     load_exactly(model.vae, convert_ldm_vae_checkpoint(state, dict(model.vae.config)), "vae")
@@ -106,14 +148,6 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
         prefix = SDXL_OPEN_CLIP if sdxl else REFINER_OPEN_CLIP
         text = convert_open_clip_checkpoint(model.text_encoder_2, state, prefix=prefix)
         _load_text(model.text_encoder_2, text, "text_encoder_2")
-    if "v_pred" in state or "ztsnr" in state:  # the markers save_single_file writes (and ComfyUI reads)
-        changes = {"prediction_type": "v_prediction"} if "v_pred" in state else {}
-        scheduler = type(model.scheduler)
-        if "ztsnr" in state:  # DDIM takes the rescaled betas as an option (PNDM, the presets' own, does not)
-            changes |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
-            scheduler = DDIMScheduler
-        model.scheduler = scheduler.from_config(model.scheduler.config, **changes)
-    return model
 
 
 def _load_text(encoder: torch.nn.Module, text: dict[str, Tensor], part: str) -> None:
@@ -150,7 +184,12 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
     # and "zero terminal SNR"; SD 2.x's v-prediction it also guesses from the weights.
     state |= {"v_pred": torch.zeros(0)} if v_prediction else {}
     state |= {"ztsnr": torch.zeros(0)} if zero_snr else {}
-    save_safetensors(path, state, model_spec(model, v_prediction))
+    record = {
+        "spec": model.spec(),
+        "sampling": model.sampling and asdict(model.sampling),
+        "force_zeros_for_empty_prompt": model.force_zeros_for_empty_prompt,
+    }
+    save_safetensors(path, state, model_spec(model, v_prediction) | {RECORD: json.dumps(record)})
 
 
 def model_spec(model: LatentDiffusion, v_prediction: bool) -> dict[str, str]:

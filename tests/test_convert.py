@@ -1,15 +1,21 @@
 """The convert command: folder <-> one original-format file, LoRAs merged, precision cast, the
 v-prediction and zero-terminal-SNR markers ComfyUI reads (comfy/supported_models.py, model_type)."""
 
+import os
+import stat
+
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from commands.convert import main
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
+from ldm.single_file import save_single_file
 
 
 def assert_same_weights(a: LatentDiffusion, b: LatentDiffusion) -> None:
@@ -88,3 +94,45 @@ def test_mistakes_are_one_line_before_any_work(tiny_model_dir, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("convert: error: ") and message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["EXISTING"]
+
+
+def test_the_shipped_model_through_a_file_and_back_draws_the_same_pixels(tmp_path):
+    """The file records the architecture (the VAE's measured scaling_factor, 0.8129, not a preset's
+    0.18215), the scheduler and sampling.json: folder -> file -> folder draws what the folder drew,
+    at the model's own default steps and guidance, and so does the file itself."""
+    import sample
+
+    shipped = str(sample.DEFAULT_MODEL)
+    assert main([shipped, str(tmp_path / "demo.safetensors")]) == 0
+    assert main([str(tmp_path / "demo.safetensors"), str(tmp_path / "back")]) == 0
+    back = LatentDiffusion.load(tmp_path / "back")
+    assert back.vae.config.scaling_factor == pytest.approx(0.8128829311511508)
+    assert (back.sampling.steps, back.sampling.guidance_scale) == (25, 2.5)
+    pictures = []
+    for source in (shipped, tmp_path / "demo.safetensors", tmp_path / "back"):
+        outdir = tmp_path / f"run-{len(pictures)}"
+        argv = ["--model", str(source), "--prompt", "a red circle", "--seed", "3", "--outdir", str(outdir)]
+        assert sample.main([*argv, "--device", "cpu"]) == 0
+        pictures.append(np.asarray(Image.open(outdir / "00000-3.png")))
+    assert np.array_equal(pictures[0], pictures[1]) and np.array_equal(pictures[0], pictures[2])
+
+
+def test_written_files_get_the_users_normal_permissions(tiny_model_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert main([str(tiny_model_dir), str(tmp_path / "one.safetensors")]) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "one.safetensors").stat().st_mode) == 0o644
+
+
+def test_a_foreign_file_of_another_shape_says_how_to_name_its_architecture(tiny_model, tmp_path, capsys):
+    """Without our header the file is taken for SD 1.5 (as before); its weights then do not fit."""
+    save_single_file(tiny_model, tmp_path / "ours.safetensors")
+    with safe_open(tmp_path / "ours.safetensors", framework="pt") as file:
+        state = {key: file.get_tensor(key) for key in file.keys()}
+    save_file(state, tmp_path / "foreign.safetensors")
+    assert main([str(tmp_path / "foreign.safetensors"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "not the sd15 architecture" in err and "--preset NAME" in err and len(err.splitlines()) == 1
+    assert main([str(tmp_path / "foreign.safetensors"), str(tmp_path / "out"), "--preset", "tiny"]) == 0
