@@ -28,6 +28,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.errors import ConfigError, UserError
+from ldm.hub import download
 from ldm.text import clip_tokenizer, save_tokenizer, text_state_for_files
 from ldm.unet import UNet, UNetConfig
 
@@ -137,7 +138,7 @@ class LatentDiffusion:
         """Load a diffusers-layout folder, or download one from the Hugging Face hub by id."""
         folder = Path(source)
         if not folder.is_dir():
-            folder = _download(str(source))
+            folder = download(str(source), extra=(SAMPLING_FILE,))
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"{folder}: not a model folder (no model_index.json)")
         index = json.loads((folder / "model_index.json").read_text())
@@ -323,21 +324,6 @@ def _scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
         raise ConfigError(f"scheduler config: _class_name={name!r} is not a diffusers scheduler")
     with torch.device("cpu"):  # its tables, even while the parts are built on another default device
         return scheduler_class.from_config(config)
-
-
-def _download(repo_id: str) -> Path:
-    """Fetch the parts we use from the hub (a user with network); the file patterns skip fp16/EMA variants."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    weights = ["text_encoder/model.safetensors", f"unet/{WEIGHTS_FILE}", f"vae/{WEIGHTS_FILE}"]
-    patterns = ["model_index.json", SAMPLING_FILE, "*/config.json", "scheduler/*", "tokenizer/*", *weights]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except (HFValidationError, OSError) as error:
-        raise ModelLoadError(
-            f"{repo_id!r} is not a model folder, and the hub could not provide it ({type(error).__name__})"
-        ) from None
 
 
 def _load_unet(folder: Path) -> UNet:

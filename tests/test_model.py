@@ -153,32 +153,6 @@ def test_a_folder_without_model_index_is_refused(tmp_path):
         LatentDiffusion.load(tmp_path)
 
 
-def test_a_hub_id_is_downloaded_then_loaded(tiny_model, tmp_path, monkeypatch):
-    tiny_model.save(tmp_path / "snapshot")
-    asked = {}
-
-    def snapshot_download(repo_id, allow_patterns):
-        asked.update(repo_id=repo_id, patterns=allow_patterns)
-        return str(tmp_path / "snapshot")
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
-    loaded = LatentDiffusion.load("someone/tiny-sd")
-    assert asked["repo_id"] == "someone/tiny-sd"
-    assert "unet/diffusion_pytorch_model.safetensors" in asked["patterns"]
-    assert_same_weights(loaded.unet, tiny_model.unet)
-
-
-def test_an_unreachable_hub_id_is_one_clear_error(monkeypatch):
-    def offline(repo_id, allow_patterns):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr("huggingface_hub.snapshot_download", offline)
-    with pytest.raises(
-        ModelLoadError, match="'someone/missing' is not a model folder, and the hub could not provide it"
-    ):
-        LatentDiffusion.load("someone/missing")
-
-
 def test_presets_build_by_name_or_path():
     model = LatentDiffusion.from_preset(ldm.model.PRESET_DIR / "tiny.yaml")
     assert model.unet.config.block_out_channels == (8, 16)
