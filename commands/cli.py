@@ -1,6 +1,7 @@
 """What the command lines (sample.py, train.py) share: one-line usage errors, quiet libraries."""
 
 import argparse
+import os
 import sys
 import tempfile
 import warnings
@@ -36,15 +37,20 @@ def quiet_libraries() -> None:
         library.disable_progress_bar()
 
 
+PROBE_BYTES = 1 << 20  # what check_writable writes: a full disk (or one nearly full) refuses it
+
+
 def check_writable(folder: Path, label: str) -> None:
     """Prove a file can be written in the folder (or, while it does not exist, in its nearest existing
     parent) before any long work; nothing is left behind. `label` names the option in the error."""
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    try:
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
-            pass
+    try:  # some bytes, flushed to the disk: an empty file is created even on a full disk
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-") as file:
+            file.write(bytes(PROBE_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
     except OSError as error:
         raise UsageError(f"{label}: cannot write there ({error.strerror or type(error).__name__})") from None
 

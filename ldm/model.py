@@ -13,8 +13,6 @@ and conditions on an aesthetic score instead of the target size. What we save lo
 
 import inspect
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ldm.errors import ConfigError, UserError
+from ldm.files import OutputExists, writing
 from ldm.hub import download
 from ldm.text import clip_tokenizer, save_tokenizer, text_state_for_files
 from ldm.unet import UNet, UNetConfig
@@ -172,13 +171,9 @@ class LatentDiffusion:
         into place at the end, so an interrupted save leaves no half-written model."""
         directory = Path(directory)
         if directory.exists():
-            raise FileExistsError(f"{directory} already exists; choose a new folder")
-        partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
-        try:
+            raise OutputExists(f"{directory} already exists; choose a new folder")
+        with writing(directory) as partial:
             self._write(partial)
-            partial.rename(directory)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
 
     def _write(self, folder: Path) -> None:
         (folder / "unet").mkdir(parents=True)
@@ -270,17 +265,12 @@ def check_text_widths(model: LatentDiffusion) -> None:
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """One .safetensors file, written beside its name and moved into place: never half-written."""
-    partial = path.with_name(f".{path.name}.partial")
-    save_file({key: value.contiguous() for key, value in tensors.items()}, partial, metadata=metadata)
-    partial.chmod(0o666 & ~current_umask())  # safetensors creates it 0600; a user's files are readable
-    partial.replace(path)
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """One .safetensors file, written beside its name and moved into place: never half-written, never
+    replacing a file."""
+    if path.exists():
+        raise OutputExists(f"{path} already exists; choose a new name")
+    with writing(path) as partial:  # which also gives it the user's permissions (safetensors makes 0600)
+        save_file({key: value.contiguous() for key, value in tensors.items()}, partial, metadata=metadata)
 
 
 def read_preset(preset: str | Path) -> dict[str, Any]:

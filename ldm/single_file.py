@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ldm.files import OutputExists
 from ldm.model import LatentDiffusion, ModelLoadError, SamplingDefaults, load_exactly, read_preset, save_safetensors
 from ldm.text import text_state_for_files, text_state_from_files
 from ldm.unet import UNetConfig
@@ -162,7 +163,7 @@ def save_single_file(model: LatentDiffusion, path: str | Path) -> None:
     """Write the model as one original-format .safetensors file (refusing to overwrite one)."""
     path = Path(path)
     if path.exists():
-        raise FileExistsError(f"{path} already exists; choose a new file name")
+        raise OutputExists(f"{path} already exists; choose a new name")
     state = {UNET + unet_key(k, model.unet.config): v for k, v in model.unet.state_dict().items()}
     state |= {
         VAE + vae_key(k, len(model.vae.config.block_out_channels)): conv_1x1(k, v)

@@ -8,7 +8,6 @@ grid takes the next number after the run's last image, so sorting names gives ge
 
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
+from ldm.files import OutputExists, writing
 from pipelines.conditioning import SIZE_CONDITIONING
 from pipelines.infotext import format_infotext
 from pipelines.prompts import WEBUI_EMPHASIS
@@ -120,13 +120,9 @@ def next_number(outdir: Path) -> int:
 
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> None:
     """Write beside the target, then link into place: the name appears only once the file is whole,
-    and an existing file is never replaced (FileExistsError)."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
+    and an existing file is never replaced (OutputExists)."""
+    with writing(path) as partial:
         image.save(partial, format="PNG", pnginfo=info)
-        os.link(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def grid(images: list[Image.Image]) -> Image.Image:
@@ -152,29 +148,34 @@ def overlay(image: Image.Image, heatmap: Tensor) -> Image.Image:
 
 
 class RunWriter:
-    """Writes a run's images as they come, numbered on from what the folder holds, and its grid."""
+    """Writes a run's images as they come, each under the folder's next free number (so two runs
+    writing into one folder interleave and never collide), and its grid."""
 
     def __init__(self, outdir: Path, settings: RunSettings):
         self.outdir, self.settings = outdir, settings
-        self.number = -1  # known at the first image: the folder is made only when there is one to write
         self.images: list[Image.Image] = []
 
     def write(self, generated: Generated) -> None:
         """The image (with its parameters) and its attention overlays."""
-        if not self.images:
-            self.outdir.mkdir(parents=True, exist_ok=True)
-            self.number = next_number(self.outdir)
-        stem = f"{self.number + len(self.images):05d}-{generated.seed}"
-        self._save(generated.image, f"{stem}.png", png_info(generated, self.settings))
+        self.outdir.mkdir(parents=True, exist_ok=True)  # made only when there is an image to write
+        stem = self._claim(f"-{generated.seed}", generated.image, png_info(generated, self.settings))
         for i, (token, heatmap) in enumerate(generated.attention_maps):
             name = re.sub(r"[^0-9A-Za-z]+", "_", token).strip("_") or "symbol"
-            self._save(overlay(generated.image, heatmap), f"{stem}-attention-{i:02d}-{name}.png")
+            save_png(overlay(generated.image, heatmap), self.outdir / f"{stem}-attention-{i:02d}-{name}.png")
         self.images.append(generated.image)
 
     def finish(self) -> None:
         """A grid of the run, numbered after its last image; none for a single image."""
         if len(self.images) > 1:
-            self._save(grid(self.images), f"{self.number + len(self.images):05d}-grid.png")
+            self._claim("-grid", grid(self.images))
 
-    def _save(self, image: Image.Image, name: str, info: PngInfo | None = None) -> None:
-        save_png(image, self.outdir / name, info)
+    def _claim(self, suffix: str, image: Image.Image, info: PngInfo | None = None) -> str:
+        """Save as NNNNN{suffix}.png under the next free number; returns the stem."""
+        for _ in range(100):
+            stem = f"{next_number(self.outdir):05d}{suffix}"
+            try:
+                save_png(image, self.outdir / f"{stem}.png", info)
+                return stem
+            except OutputExists:  # another run took that number first
+                continue
+        raise OutputExists(f"{self.outdir}: no free image number after 100 tries")

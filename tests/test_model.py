@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 import ldm.model
 from ldm.errors import ConfigError
+from ldm.files import OutputExists
 from ldm.model import LatentDiffusion, ModelLoadError
 from ldm.text import encode_prompts
 
@@ -82,7 +83,7 @@ def test_unet_weights_from_a_pytorch_bin_load_weights_only(tiny_model, tmp_path)
 def test_save_refuses_an_existing_folder_and_touches_nothing(tiny_model, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(OutputExists, match="already exists"):
         tiny_model.save(tmp_path / "model")
     assert [p.name for p in (tmp_path / "model").iterdir()] == ["keep.txt"]
 

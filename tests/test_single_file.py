@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
 from safetensors.torch import load_file, save_file
 
 from conftest import perturbed_tiny_model
+from ldm.files import OutputExists
 from ldm.model import LatentDiffusion, ModelLoadError, read_preset
 from ldm.single_file import load_single_file, save_single_file
 
@@ -127,7 +128,7 @@ def test_a_file_that_is_not_a_sd_checkpoint_is_refused(tmp_path):
 
 def test_export_refuses_to_overwrite(tiny_model, tmp_path):
     (tmp_path / "model.safetensors").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputExists):
         save_single_file(tiny_model, tmp_path / "model.safetensors")
     assert (tmp_path / "model.safetensors").read_text() == "mine"
 

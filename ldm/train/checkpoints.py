@@ -8,6 +8,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ldm.errors import ConfigError
+from ldm.files import DiskFull, is_disk_full
 
 _STEP = re.compile(r"^step-(\d{8})$")
 
@@ -21,7 +22,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     A run killed mid-save leaves only a `.partial` folder, which `latest` never picks."""
     folder = checkpoints_dir(output_dir)
     final, partial = folder / f"step-{step:08d}", folder / f".step-{step:08d}.partial"
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DiskFull(f"{final}: no space left on the device; the earlier checkpoints are kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -30,6 +37,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_partial_checkpoints(output_dir: str | Path) -> None:
+    """A run killed while saving leaves a `.step-N.partial` folder; the next start removes it (only one
+    run writes into an output_dir)."""
+    for partial in checkpoints_dir(output_dir).glob(".step-*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def completed(folder: Path) -> list[Path]:

@@ -28,14 +28,26 @@ from ldm.data.datasets import (
     collate,
     open_dataset,
 )
-from ldm.errors import ConfigError
+from ldm.errors import ConfigError, UserError
+from ldm.files import remove_stale_partials
 from ldm.model import LatentDiffusion
-from ldm.train.checkpoints import find_checkpoint, save_checkpoint, step_of
+from ldm.train.checkpoints import (
+    checkpoints_dir,
+    completed,
+    find_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    step_of,
+)
 from ldm.train.config import TrainConfig, save_config
 from ldm.train.stages import STAGES, Draw
 
 logger = logging.getLogger(__name__)
 Validate = Callable[[LatentDiffusion, int, torch.device], Image.Image]  # (EMA model, step, device) -> a grid
+
+
+class TrainingDiverged(UserError):
+    """The loss or a weight became NaN or infinite (a learning rate too high, most often); one line."""
 
 
 class Progress:
@@ -117,7 +129,11 @@ class Trainer:
             raise ConfigError("optim.use_8bit_adam=true: needs a CUDA device (bitsandbytes)")
         if (self.output / STAGES[self.config.stage].RESULT).exists():
             raise ConfigError(f"output_dir={str(self.output)!r} already holds a trained model; choose a new one")
-        if not self.config.checkpoint.resume and (self.output / "checkpoints").exists():
+        if self.accelerator.is_main_process:  # what a killed run left half-written
+            remove_partial_checkpoints(self.output)
+            remove_stale_partials(self.output)
+        self.accelerator.wait_for_everyone()
+        if not self.config.checkpoint.resume and completed(checkpoints_dir(self.output)):
             raise ConfigError(
                 f"output_dir={str(self.output)!r} holds checkpoints: continue with checkpoint.resume=latest, "
                 "or choose a new output_dir"
@@ -182,27 +198,36 @@ class Trainer:
         config, accelerator = self.config, self.accelerator
         bar = tqdm(total=config.steps.max, initial=self.progress.step, disable=not accelerator.is_main_process)
         bar.set_description(f"{config.stage} stage")
-        for batch in self._loader():
-            if self.progress.step >= config.steps.max:
-                break
-            for item in batch["skipped"]:
-                if item.source not in self.skipped:  # once per file, though every epoch meets it
-                    self.skipped[item.source] = item.reason
-                    bar.write(f"skipping {item.source}: {item.reason}", file=sys.stderr)  # above the bar, not in it
-            if not batch["captions"]:
-                continue
-            with accelerator.accumulate(*self.wrapped):
-                loss = self.stage.loss(batch, self.wrapped)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-                    accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+        try:
+            for batch in self._loader():
+                if self.progress.step >= config.steps.max:
+                    break
+                self._train_on(batch, optimizer, lr_scheduler, bar)
+        finally:
+            bar.close()  # before any error line: the bar is not redrawn after it
+
+    def _train_on(self, batch: dict, optimizer, lr_scheduler, bar: tqdm) -> None:
+        """One batch: its loss (refused if not finite), the backward pass, and an optimizer step once
+        the gradients are accumulated."""
+        config, accelerator = self.config, self.accelerator
+        for item in batch["skipped"]:
+            if item.source not in self.skipped:  # once per file, though every epoch meets it
+                self.skipped[item.source] = item.reason
+                bar.write(f"skipping {item.source}: {item.reason}", file=sys.stderr)  # above the bar, not in it
+        if not batch["captions"]:
+            return
+        with accelerator.accumulate(*self.wrapped):
+            loss = self.stage.loss(batch, self.wrapped)
+            self._refuse_non_finite([accelerator.gather(loss.detach())], "the loss", self.progress.step + 1)
+            accelerator.backward(loss)
             if accelerator.sync_gradients:
-                self._after_step(float(accelerator.gather(loss.detach()).mean()), lr_scheduler.get_last_lr()[0], bar)
-        bar.close()
+                parameters = [p for group in optimizer.param_groups for p in group["params"]]
+                accelerator.clip_grad_norm_(parameters, config.optim.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            self._after_step(float(accelerator.gather(loss.detach()).mean()), lr_scheduler.get_last_lr()[0], bar)
 
     def _after_step(self, loss: float, lr: float, bar: tqdm) -> None:
         config, accelerator = self.config, self.accelerator
@@ -216,9 +241,22 @@ class Trainer:
         if step % config.log_every == 0:
             accelerator.log({"loss": loss, "lr": lr}, step=step)
         if step % config.checkpoint.every == 0 or step == config.steps.max:
+            self._refuse_non_finite(self.trained_parameters, "a trained weight", step)
             save_checkpoint(accelerator, self.output, step, config.checkpoint.keep)
         if self.validate and step % config.validation.every == 0 and accelerator.is_main_process:
             self._validation(step)
+
+    def _refuse_non_finite(self, tensors: list[torch.Tensor], what: str, step: int) -> None:
+        """Stop at the first NaN or infinity (every process sees the same gathered loss and weights):
+        nothing non-finite is trained on or saved; the last checkpoint written stays the last good one."""
+        if all(torch.isfinite(t).all() for t in tensors):
+            return
+        last = completed(checkpoints_dir(self.output))
+        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"step {step}: {what} is not finite (NaN or infinity); stopped, {kept}. "
+            f"Lower optim.learning_rate (now {self.config.optim.learning_rate:g})"
+        )
 
     def _validation(self, step: int) -> None:
         """Sample with the EMA weights, save the grid (fine-tuning: the base model's to its left),

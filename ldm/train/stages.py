@@ -33,6 +33,7 @@ from ldm.data.buckets import bucketed, table
 from ldm.data.captions import shuffle_tags
 from ldm.data.datasets import CaptionedImages, boxes_file
 from ldm.errors import ConfigError
+from ldm.files import writing
 from ldm.lora import lora_file, merge_lora
 from ldm.model import DTYPES, LatentDiffusion, SamplingDefaults, save_safetensors
 from ldm.single_file import save_single_file
@@ -205,9 +206,8 @@ class DiffusionStage(Stage):
                     count = min(CLASS_BATCH, dreambooth.class_images - start)
                     images = self.draw(self.model, [dreambooth.class_prompt] * count, start, self.accelerator.device)
                     for offset, image in enumerate(images):
-                        partial = folder / f".{start + offset:05d}.png.partial"
-                        image.save(partial, format="PNG")
-                        partial.rename(folder / f"{start + offset:05d}.png")
+                        with writing(folder / f"{start + offset:05d}.png") as partial:
+                            image.save(partial, format="PNG")
                 have = sorted(folder.glob("*.png"))
         return have[: dreambooth.class_images]
 

@@ -1,0 +1,95 @@
+"""Outputs are never half-written, never replace a finished output, and a dead writer's partial
+files go at the next write; a full disk is one line (ldm/files.py)."""
+
+import errno
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from commands.convert import main as convert
+from ldm.files import DiskFull, OutputExists, writing
+from pipelines.outputs import RunSettings, RunWriter
+from pipelines.settings import Generated, GenerationConfig
+
+
+def test_a_writer_that_finishes_second_is_refused_and_the_first_file_kept(tmp_path):
+    target = tmp_path / "model.safetensors"
+    with pytest.raises(OutputExists, match="already exists"):
+        with writing(target) as partial:
+            partial.write_text("second")
+            target.write_text("first")  # another process finished it meanwhile
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_two_converts_to_one_output_one_wins_and_the_other_says_so(tiny_model_dir, tmp_path):
+    """Two real processes started together; whichever finishes second gets one line and exit 2."""
+    out = tmp_path / "one.safetensors"
+    command = [sys.executable, "-m", "commands.convert", str(tiny_model_dir), str(out)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "already exists; choose a new name" in loser and len(loser.strip().splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["one.safetensors"]
+
+
+def test_a_dead_writers_partials_are_removed_at_the_next_write(tmp_path):
+    dead_file, dead_folder = tmp_path / ".a.png.partial-99999999", tmp_path / ".model.partial-99999998"
+    dead_file.write_text("half")
+    dead_folder.mkdir()
+    alive = tmp_path / f".b.png.partial-{os.getpid()}"  # a writer still running: kept
+    alive.write_text("writing")
+    with writing(tmp_path / "c.txt") as partial:
+        partial.write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "c.txt"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "earlier.png").write_text("kept")
+    with pytest.raises(DiskFull, match="out.png: no space left on the device; nothing was written there"):
+        with writing(tmp_path / "out.png") as partial:
+            partial.write_text("half of it")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.png"]
+
+
+CONFIG = GenerationConfig(steps=2, guidance_scale=2.0, scheduler="euler", seed=0, height=8, width=8)
+
+
+def test_two_runs_into_one_folder_take_the_next_free_numbers(tmp_path):
+    settings = RunSettings("model", None, (), None, None)
+    first, second = RunWriter(tmp_path, settings), RunWriter(tmp_path, settings)
+
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    for seed in range(2):
+        for writer in (first, second):
+            writer.write(Generated(image=image, prompt="p", seed=seed, config=CONFIG))
+    first.finish()
+    second.finish()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00000-0.png", "00001-0.png", "00002-1.png", "00003-1.png", "00004-grid.png", "00005-grid.png"]
+
+
+def test_convert_onto_an_existing_output_is_refused_before_reading_the_model(tmp_path, capsys):
+    (tmp_path / "out.safetensors").write_text("mine")
+    assert convert(["nowhere/model", str(tmp_path / "out.safetensors")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_convert_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """safetensors reports ENOSPC in its own exception type, as it did on a real 2 MB tmpfs."""
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("ldm.model.save_file", full)
+    assert convert([str(tiny_model_dir), str(tmp_path / "one.safetensors")]) == 2
+    assert capsys.readouterr().err.endswith("one.safetensors: no space left on the device; nothing was written there\n")
+    assert list(tmp_path.iterdir()) == []
