@@ -2,6 +2,7 @@
 CPU; a model's parts put there, and in eval mode while generating."""
 
 import contextlib
+import os
 from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import replace
@@ -26,6 +27,14 @@ def pick_device(name: str = "auto") -> torch.device:
     if not available[name]:
         raise DeviceError(f"device={name!r} is not available on this machine")
     return torch.device(name)
+
+
+def memory_of(device: torch.device) -> int:
+    """Bytes the device holds in all: the GPU's memory, or the machine's for the CPU (and MPS, which
+    shares it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -14,6 +14,7 @@ by default the output size, crop (0, 0) and the output size, as in diffusers. An
 
 import contextlib
 import inspect
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import fields, replace
@@ -33,7 +34,7 @@ from ldm.model import LatentDiffusion
 from ldm.single_file import load_model
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.conditioning import SIZE_CONDITIONING, Conditioning, encode_batch, time_ids, zero_negative
-from pipelines.devices import evaluating, on_device, pick_device, pick_dtype
+from pipelines.devices import evaluating, memory_of, on_device, pick_device, pick_dtype
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
 from pipelines.prompts import EMPHASIS_MODES, split_into_chunks
 from pipelines.refiner import (
@@ -46,6 +47,7 @@ from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
 from pipelines.settings import Generated, GenerationConfig, GenerationError, refiner_switch, size_conditioning
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
+MAX_SEED = 2**32 - 1  # A1111 draws and writes seeds in 0..2**32-1
 
 
 class Text(NamedTuple):
@@ -166,8 +168,15 @@ class TextToImagePipeline:
         steps = (sampling.steps if sampling else DEFAULT_STEPS) if steps is None else steps
         if guidance_scale is None:
             guidance_scale = sampling.guidance_scale if sampling else DEFAULT_GUIDANCE
-        if steps < 1:
-            raise GenerationError(f"steps={steps}: must be at least 1")
+        trained_steps = self.model.scheduler.config.num_train_timesteps
+        if not 1 <= steps <= trained_steps:
+            raise GenerationError(f"steps={steps}: must be 1 to {trained_steps}, the model's training timesteps")
+        if not math.isfinite(guidance_scale):
+            raise GenerationError(f"guidance_scale={guidance_scale}: must be a finite number")
+        last_seed = (config.seed or 0) + config.num_images - 1
+        if config.seed is not None and not (0 <= config.seed and last_seed <= MAX_SEED):
+            raise GenerationError(f"seed={config.seed}: with {config.num_images} image(s) the seeds run to "
+                                  f"{last_seed}; seeds are 0 to {MAX_SEED}, as A1111 writes them")  # fmt: skip
         if config.emphasis not in EMPHASIS_MODES:
             raise GenerationError(f"emphasis={config.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
         if strength is not None and init_image is None:
@@ -193,7 +202,7 @@ class TextToImagePipeline:
             height=height,
             width=width,
             scheduler=scheduler,
-            seed=random.randrange(2**32) if config.seed is None else config.seed,
+            seed=random.randrange(MAX_SEED + 1 - config.num_images) if config.seed is None else config.seed,
             refiner_switch=switch,
             **sizes,
         )
@@ -214,7 +223,22 @@ class TextToImagePipeline:
         for name, value in (("height", height), ("width", width)):
             if value < multiple or value % multiple:
                 raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
+        self._check_memory(height, width)
         return height, width
+
+    def _check_memory(self, height: int, width: int) -> None:
+        """Refuse a size that cannot fit, by two lower bounds on what one image needs: the UNet's first
+        level holds guided pairs of latent-resolution activations of its first width of channels; the
+        VAE decoder's last block (unless tiled) two full-resolution ones of its first width."""
+        factor, itemsize = downsampling_factor(self.model.vae), self.model.unet.conv_in.weight.dtype.itemsize
+        unet = 2 * 2 * (height // factor) * (width // factor) * self.model.unet.config.block_out_channels[0] * itemsize
+        decoder = 0 if self.vae_tiling else 2 * height * width * self.model.vae.config.block_out_channels[0] * itemsize
+        need, have = max(unet, decoder), memory_of(self.device)
+        if need > have:
+            raise GenerationError(
+                f"{height}x{width}: needs at least {need / 2**30:,.0f} GiB and the {self.device.type} has "
+                f"{have / 2**30:,.0f} GiB; choose a smaller size" + ("" if self.vae_tiling else " or tile the VAE")
+            )
 
     def _generate_batch(
         self,
@@ -235,6 +259,11 @@ class TextToImagePipeline:
         else:
             with capture_attention_probs(self.model.unet, maps):
                 latents = self._denoise(texts, seeds, config, images, latent_size, maps)
+        if not torch.isfinite(latents).all():  # else a black picture, as if nothing were wrong
+            raise GenerationError(
+                "the denoised latents are not finite (NaN or infinity): the model's weights hold NaN or infinity, "
+                f"or {self.dtype} overflowed (try fp32)"
+            )
         pixels = self._decode(latents).float()
         if images.mask is not None:  # outside the mask, the original pixels exactly
             mask, original = images.mask.to(pixels.device), images.init.to(pixels.device)
