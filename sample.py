@@ -7,8 +7,19 @@ Writes numbered PNGs carrying their parameters to a new folder under outputs/, e
 is done, and a grid of the run at the end (none for a single image). Ctrl-C keeps what is written.
 """
 
-import argparse
+import signal
 import sys
+
+
+def interrupted_while_starting(*_) -> None:
+    print("sample.py: interrupted while starting; nothing written", file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one line and exit 130, not a traceback
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import argparse
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -205,6 +216,7 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, R
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     quiet_libraries()
     one_line_warnings("sample.py")
     writer = None

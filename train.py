@@ -7,8 +7,19 @@ Writes to output_dir: config.yaml (the resolved recipe), checkpoints/, logs/ (Te
 validation/ (sample grids), and at the end model/ (EMA weights, diffusers layout).
 """
 
-import logging
+import signal
 import sys
+
+
+def interrupted_while_starting(*_) -> None:
+    print("train.py: interrupted while starting; nothing written", file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one line and exit 130, not a traceback
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import logging
 from pathlib import Path
 
 import torch
@@ -61,6 +72,7 @@ def painter(config: TrainConfig) -> Draw:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
     parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a recipe in configs/")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.learning_rate=2e-4")
@@ -75,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted; finished checkpoints are kept (continue with checkpoint.resume=latest)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

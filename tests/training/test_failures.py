@@ -3,6 +3,11 @@ non-finite is left as if it were good, and the next start knows what to do."""
 
 import errno
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -11,6 +16,8 @@ from training.conftest import recipe
 
 import train
 from ldm.train.checkpoints import checkpoints_dir
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_kill_during_the_first_checkpoint_save_leaves_a_run_that_starts_afresh(four_images, tmp_path, capsys):
@@ -112,3 +119,19 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_earlier_check
     assert train.main(["--config", str(path)]) == 2
     assert "step-00000004: no space left on the device; the earlier checkpoints are kept" in capsys.readouterr().err
     assert sorted(p.name for p in checkpoints_dir(tmp_path / "run").iterdir()) == ["step-00000002"]
+
+
+def test_ctrl_c_while_training_is_one_line_and_130(four_images, tmp_path):
+    path = recipe(tmp_path, four_images, steps={"max": 100000}, checkpoint={"every": 1, "keep": 2})
+    run = subprocess.Popen([sys.executable, "train.py", "--config", str(path)], cwd=ROOT, stderr=subprocess.PIPE,
+                           text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "run" / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    err = run.stderr.read()
+    assert "Traceback" not in err
+    assert err.rstrip().splitlines()[-1].endswith(
+        "train.py: interrupted; finished checkpoints are kept (continue with checkpoint.resume=latest)"
+    )
