@@ -29,3 +29,26 @@ def test_describe_sdxl_counts_its_two_text_encoders_and_deep_transformers(capsys
     assert "694,659,840  CLIPTextModelWithProjection: 32 layers, width 1280" in out
     assert "2,567,463,684  UNet: 4 -> 4 channels, cross-attention to 2048-wide text" in out
     assert "  down 0" in out and "no attention" in out and "20 heads x 64, 10 transformer blocks deep" in out
+
+
+def test_save_builds_a_preset_into_a_folder_that_samples_offline(tmp_path, capsys):
+    """The README's offline SDXL: describe sdxl-tiny --save DIR, then sample.py --model DIR."""
+    import sample
+    from ldm.model import LatentDiffusion
+
+    assert main(["sdxl-tiny", "--save", str(tmp_path / "sdxl")]) == 0
+    assert capsys.readouterr().out.endswith(f"wrote {tmp_path / 'sdxl'}\n")
+    model = LatentDiffusion.load(tmp_path / "sdxl")
+    assert model.is_sdxl and not model.is_refiner
+    argv = ["--model", str(tmp_path / "sdxl"), "--prompt", "a lighthouse", "--steps", "2"]
+    argv += ["--outdir", str(tmp_path / "o")]
+    assert sample.main([*argv, "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "o").glob("*.png"))) == 1
+
+
+def test_save_refuses_an_existing_folder_and_a_loaded_model(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    assert main(["tiny", "--save", str(tmp_path / "taken")]) == 2
+    assert main([str(tiny_model_dir), "--save", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; choose a new folder" in err and "--save: builds a preset" in err
