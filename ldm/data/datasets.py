@@ -10,7 +10,10 @@ y1], ...]} in the source image's pixels; they follow the image's resize, crop an
 
 A bad item (unreadable, truncated or empty image, missing or unreadable caption, too small) is
 not an error: it comes out as a `Skipped` record, which the collate function sets aside for the
-training loop to warn about and count.
+training loop to warn about and count. For folders and metadata files, every image's header is
+opened up front (no pixels decoded): a file that is no image, or one too large to decode (PIL's
+decompression-bomb limit, 178 M pixels), and a metadata line that cannot be read, are set aside
+in `CaptionedImages.skipped` before the first step, named with file and line.
 """
 
 import csv
@@ -32,6 +35,7 @@ from ldm.data.transforms import BadItem, Placement, prepare_image
 from ldm.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL's ways of saying "not an image"
 
 
 class DatasetError(UserError):
@@ -100,7 +104,7 @@ def load_item(
         return item
     except BadItem as error:
         return Skipped(source, str(error))
-    except (OSError, ValueError, SyntaxError) as error:  # PIL's ways of saying "not an image"
+    except UNREADABLE as error:
         return Skipped(source, f"unreadable image ({type(error).__name__}: {error})")
 
 
@@ -113,9 +117,11 @@ class CaptionedImages(Dataset):
         entries: list[tuple[Path, str | Path | None]],
         options: ImageOptions,
         sizes: list[tuple[int, int]] | None = None,
+        skipped: dict[str, str] | None = None,
     ):
         self.entries, self.options = entries, options
         self.sizes = sizes  # each entry's bucket (width, height); None: all square
+        self.skipped = skipped or {}  # source -> why, found before training (checked_images)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -254,19 +260,44 @@ def open_dataset(
         return TarShards(shards, options, caption_column, rank, world)
     for name in ("metadata.jsonl", "metadata.csv"):
         if (path / name).is_file():
-            return CaptionedImages(read_metadata(path / name, caption_column), options)
+            return checked_images(*read_metadata(path / name, caption_column), options)
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise DatasetError(
             f"data.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}), metadata file or .tar shards"
         )
-    return CaptionedImages([(image, image.with_suffix(caption_extension)) for image in images], options)
+    return checked_images([(image, image.with_suffix(caption_extension)) for image in images], {}, options)
 
 
-def read_metadata(file: Path, caption_column: str) -> list[tuple[Path, str | None]]:
-    """(image, caption) rows of a metadata.jsonl / metadata.csv; paths relative to its folder."""
+def checked_images(entries: list, bad: dict[str, str], options: ImageOptions) -> CaptionedImages:
+    """The entries whose image header opens (fast: no pixels decoded); the others, with `bad`
+    (unreadable metadata lines), go to `skipped` now instead of when training reaches them."""
+    bad, good = dict(bad), []
+    for image, caption in entries:
+        try:
+            with Image.open(image):
+                good.append((image, caption))
+        except UNREADABLE as error:
+            bad[str(image)] = f"unreadable image ({type(error).__name__}: {str(error).splitlines()[0]})"
+    return CaptionedImages(good, options, skipped=bad)
+
+
+def read_metadata(file: Path, caption_column: str) -> tuple[list[tuple[Path, str | None]], dict[str, str]]:
+    """(image, caption) rows of a metadata.jsonl / metadata.csv, paths relative to its folder; and
+    the jsonl lines that are not a JSON object with a file_name, by `FILE:LINE`."""
+    bad: dict[str, str] = {}
     if file.suffix == ".jsonl":
-        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError as error:
+                bad[f"{file}:{number}"] = f"not a JSON line ({error})"
+                continue
+            if row is not None and not (isinstance(row, dict) and isinstance(row.get("file_name"), str)):
+                bad[f"{file}:{number}"] = "not a JSON object with a file_name"
+            elif row is not None:
+                rows.append(row)
     else:
         with file.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
@@ -276,7 +307,7 @@ def read_metadata(file: Path, caption_column: str) -> list[tuple[Path, str | Non
         raise DatasetError(
             f"{file}: no caption column {caption_column!r} (set data.caption_column; has {sorted(rows[0])})"
         )
-    return [(file.parent / row["file_name"], row.get(caption_column)) for row in rows]
+    return [(file.parent / row["file_name"], row.get(caption_column)) for row in rows], bad
 
 
 def check_usable(dataset: CaptionedImages | TarShards) -> None:
@@ -285,7 +316,7 @@ def check_usable(dataset: CaptionedImages | TarShards) -> None:
         items = (dataset[(0, index)] for index in range(len(dataset)))
     else:
         items = dataset.one_pass()
-    reasons: Counter[str] = Counter()
+    reasons: Counter[str] = Counter(reason.split(" (")[0] for reason in getattr(dataset, "skipped", {}).values())
     for item in items:
         if not isinstance(item, Skipped):
             return

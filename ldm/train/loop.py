@@ -147,6 +147,10 @@ class Trainer:
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes,
             data.caption_extension,
         )  # fmt: skip
+        for source, reason in getattr(dataset, "skipped", {}).items():  # found before the first step
+            self.skipped[source] = reason
+            if accelerator.is_main_process:
+                print(f"skipping {source}: {reason}", file=sys.stderr)
         STAGES[self.config.stage].check(self.config, dataset)
         if data.buckets and not isinstance(dataset, CaptionedImages):
             raise ConfigError("data.buckets=true: for folder or metadata datasets, not tar shards")

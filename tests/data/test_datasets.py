@@ -32,8 +32,10 @@ def png(colour=(255, 0, 0), size=(12, 8)) -> bytes:
 
 
 def items(dataset) -> list:
+    """Every item, those set aside up front (unreadable headers) first, as Skipped records."""
     if isinstance(dataset, CaptionedImages):
-        return [dataset[(0, i)] for i in range(len(dataset))]
+        found = [Skipped(source, reason) for source, reason in dataset.skipped.items()]
+        return found + [dataset[(0, i)] for i in range(len(dataset))]
     return list(dataset.one_pass())
 
 
@@ -234,3 +236,27 @@ def test_boxes_in_webdataset_shards(tmp_path):
     write_shard(tmp_path / "0.tar", {"a": {"png": png(size=(8, 8)), "txt": b"a cat", "boxes.json": boxes}})
     (item,) = items(open_dataset(tmp_path, OPTIONS))
     assert item["boxes"] == [["cat", 0.5, 0.5, 1.0, 1.0]]
+
+
+def test_an_image_too_large_to_decode_is_set_aside_before_training(tmp_path, monkeypatch):
+    """PIL refuses to open an image over twice MAX_IMAGE_PIXELS (a 14000x14000 image against the
+    default 89 M); the limit is lowered here so that a 16x16 image stands for one."""
+    (tmp_path / "huge.png").write_bytes(png(size=(16, 16)))
+    (tmp_path / "huge.txt").write_text("x")
+    (tmp_path / "fine.png").write_bytes(png(size=(8, 8)))
+    (tmp_path / "fine.txt").write_text("x")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    dataset = open_dataset(tmp_path, OPTIONS)
+    assert [image.name for image, _ in dataset.entries] == ["fine.png"]
+    assert dataset.skipped[str(tmp_path / "huge.png")].startswith("unreadable image (DecompressionBombError")
+
+
+def test_bad_metadata_lines_are_skipped_and_named_by_line(tmp_path):
+    (tmp_path / "a.png").write_bytes(png())
+    lines = ['{"file_name": "a.png", "text": "fine"}', "{not json", "[1, 2]", "", '{"text": "no file"}']
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
+    dataset = open_dataset(tmp_path, OPTIONS)
+    assert dataset.entries == [(tmp_path / "a.png", "fine")]
+    file = tmp_path / "metadata.jsonl"
+    assert sorted(dataset.skipped) == [f"{file}:2", f"{file}:3", f"{file}:5"]
+    assert dataset.skipped[f"{file}:2"].startswith("not a JSON line")

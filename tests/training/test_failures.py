@@ -3,6 +3,7 @@ non-finite is left as if it were good, and the next start knows what to do."""
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,3 +136,17 @@ def test_ctrl_c_while_training_is_one_line_and_130(four_images, tmp_path):
     assert err.rstrip().splitlines()[-1].endswith(
         "train.py: interrupted; finished checkpoints are kept (continue with checkpoint.resume=latest)"
     )
+
+
+def test_bad_files_are_reported_before_the_first_step(four_images, tmp_path, capsys):
+    """An unreadable image in a short run: named once, above the progress bar, and counted."""
+    folder = tmp_path / "data"
+    shutil.copytree(four_images, folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG not an image")
+    (folder / "broken.txt").write_text("a red circle")
+    path = recipe(tmp_path, folder, steps={"max": 1})
+    assert train.main(["--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    before_training = captured.err.split("stage:")[0]
+    assert f"skipping {folder / 'broken.png'}: unreadable image (UnidentifiedImageError" in before_training
+    assert "trained 1 steps; skipped 1 bad file(s) (each named above)" in captured.out
