@@ -148,6 +148,8 @@ def read_image(path: Path | None, flag: str) -> Image.Image | None:
         with Image.open(path) as image:
             image.load()
             return image
+    except Image.DecompressionBombError as error:
+        raise UsageError(f"{flag} {path}: too large to decode ({str(error).split(',')[0]})") from None
     except (OSError, UnidentifiedImageError):
         raise UsageError(f"{flag} {path}: not a readable image") from None
 

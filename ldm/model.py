@@ -13,6 +13,7 @@ and conditions on an aesthetic score instead of the target size. What we save lo
 
 import inspect
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import diffusers
 import torch
 import yaml
 from diffusers import AutoencoderKL, SchedulerMixin
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -140,7 +142,9 @@ class LatentDiffusion:
             folder = download(str(source), extra=(SAMPLING_FILE,))
         if not (folder / "model_index.json").is_file():
             raise ModelLoadError(f"{folder}: not a model folder (no model_index.json)")
-        index = json.loads((folder / "model_index.json").read_text())
+        index = read_json(folder / "model_index.json")
+        if not isinstance(index, dict):
+            raise ModelLoadError(f"{folder / 'model_index.json'}: not a JSON object")
         sdxl = index.get("_class_name", "").startswith("StableDiffusionXL")
         refiner = sdxl and index.get("text_encoder", [None, None])[0] is None
         for part, (_, class_name) in (PARTS | (SDXL_PARTS if sdxl else {})).items():
@@ -156,7 +160,7 @@ class LatentDiffusion:
             text_encoder=None if refiner else _load_pretrained(CLIPTextModel, folder / "text_encoder"),
             unet=_load_unet(folder / "unet"),
             vae=_load_pretrained(AutoencoderKL, folder / "vae", low_cpu_mem_usage=False),
-            scheduler=_scheduler_from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text())),
+            scheduler=_scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json")),
             sampling=SamplingDefaults.read(folder / SAMPLING_FILE) if (folder / SAMPLING_FILE).is_file() else None,
         )
         if sdxl:
@@ -273,6 +277,16 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         save_file({key: value.contiguous() for key, value in tensors.items()}, partial, metadata=metadata)
 
 
+def read_json(path: Path) -> Any:
+    """A model folder's JSON file, or one line saying it is missing or malformed."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing") from None
+    except (ValueError, OSError) as error:
+        raise ModelLoadError(f"{path}: not readable JSON ({type(error).__name__}: {error})") from None
+
+
 def read_preset(preset: str | Path) -> dict[str, Any]:
     """A preset's sections: a name in ldm/presets/ or a YAML path."""
     path = Path(preset)
@@ -317,13 +331,16 @@ def _scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
 
 
 def _load_unet(folder: Path) -> UNet:
-    unet = UNet(UNetConfig.from_diffusers(json.loads((folder / "config.json").read_text())))
-    if (folder / WEIGHTS_FILE).is_file():
-        state = load_file(folder / WEIGHTS_FILE)
-    elif (folder / "diffusion_pytorch_model.bin").is_file():
-        state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise ModelLoadError(f"unet: no {WEIGHTS_FILE} (or .bin) in {folder}")
+    unet = UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")))
+    try:
+        if (folder / WEIGHTS_FILE).is_file():
+            state = load_file(folder / WEIGHTS_FILE)
+        elif (folder / "diffusion_pytorch_model.bin").is_file():
+            state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise ModelLoadError(f"unet: no {WEIGHTS_FILE} (or .bin) in {folder}")
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ModelLoadError(f"unet: unreadable weights, truncated or damaged ({str(error).splitlines()[0]})") from None
     load_exactly(unet, state, "unet")
     return unet
 
@@ -357,5 +374,9 @@ def _load_pretrained(model_class: Any, folder: Path, **options: Any) -> nn.Modul
         )
     except OSError as error:  # no config or no weights file
         raise ModelLoadError(f"{folder.name}: {str(error).strip().splitlines()[0]}") from None
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:  # a damaged file
+        raise ModelLoadError(
+            f"{folder.name}: unreadable weights, truncated or damaged ({str(error).strip().splitlines()[0]})"
+        ) from None
     refuse_misfits(folder.name, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
     return model.float()  # fp16 files too: parts live in fp32; pipelines and trainers pick the run precision

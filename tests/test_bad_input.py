@@ -1,9 +1,14 @@
 """Bad input found from outside (issue 27): each is one line on stderr and exit 2, nothing written."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 
 import sample
+import train
 from conftest import perturbed_tiny_model
 
 
@@ -40,3 +45,70 @@ def test_a_model_with_nan_weights_says_so_instead_of_drawing_black(tmp_path, cap
         capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists()
+
+
+def _damaged(folder, kind):
+    if kind == "truncated weights":
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 9 // 10])
+    elif kind == "truncated text encoder":
+        weights = folder / "text_encoder" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif kind == "no unet config":
+        (folder / "unet" / "config.json").unlink()
+    elif kind == "malformed index":
+        (folder / "model_index.json").write_text("[1, 2")
+    elif kind == "malformed scheduler":
+        (folder / "scheduler" / "scheduler_config.json").write_text("{")
+    elif kind == "malformed vae config":
+        (folder / "vae" / "config.json").write_text("{not json")
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("truncated weights", "unet: unreadable weights, truncated or damaged"),
+        ("truncated text encoder", "text_encoder: unreadable weights, truncated or damaged"),
+        ("no unet config", "unet/config.json: missing"),
+        ("malformed index", "model_index.json: not readable JSON"),
+        ("malformed scheduler", "scheduler_config.json: not readable JSON"),
+        ("malformed vae config", "is not a valid JSON file"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_line(tiny_model_dir, tmp_path, capsys, kind, message):
+    shutil.copytree(tiny_model_dir, tmp_path / "model")
+    _damaged(tmp_path / "model", kind)
+    argv = ["--model", str(tmp_path / "model"), "--prompt", "x", "--outdir", str(tmp_path / "out"), "--device", "cpu"]
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_decompression_bomb_init_image_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """PIL's own limit, lowered so that a 64x64 picture stands for a 14000x14000 one."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    argv = ["--model", str(tiny_model_dir), "--prompt", "x", "--init-image", str(tmp_path / "bomb.png")]
+    assert sample.main([*argv, "--outdir", str(tmp_path / "out")]) == 2
+    assert "--init-image" in (err := capsys.readouterr().err) and "too large to decode" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.learning_rate=-1", "optim.learning_rate=-1.0: must be a finite number above 0"),
+        ("optim.learning_rate=nan", "optim.learning_rate=nan: must be a finite number above 0"),
+        ("optim.text_encoder_lr=0", "optim.text_encoder_lr=0.0: must be a finite number above 0"),
+    ],
+)
+def test_a_bad_learning_rate_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch, override, message):
+    monkeypatch.setattr("ldm.train.loop.build_model", lambda config: pytest.fail("the model was built"))
+    argv = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "shapes-diffusion.yaml"), override, f"output_dir={tmp_path / 'run'}"]
+    assert train.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_recipe_that_is_a_list_is_one_line(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("- model\n- data\n")
+    assert train.main(["--config", str(tmp_path / "recipe.yaml")]) == 2
+    assert "not a list" in capsys.readouterr().err

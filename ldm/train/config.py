@@ -8,12 +8,13 @@ wrong into one line that names the key.
 """
 
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from diffusers.optimization import SchedulerType
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import ConfigError
@@ -207,6 +208,17 @@ class TrainConfig:
             raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
+        self._check_optim()
+
+    def _check_optim(self) -> None:
+        optim = self.optim
+        rates = {"optim.learning_rate": optim.learning_rate, "optim.text_encoder_lr": optim.text_encoder_lr}
+        for name, rate in rates.items():
+            if rate is not None and not (math.isfinite(rate) and rate > 0):
+                raise ConfigError(f"{name}={rate}: must be a finite number above 0")
+        if optim.warmup_steps < 0 or optim.weight_decay < 0 or not optim.max_grad_norm > 0:
+            raise ConfigError(f"optim: warmup_steps={optim.warmup_steps} and weight_decay={optim.weight_decay} must "
+                              f"be 0 or more, max_grad_norm={optim.max_grad_norm} above 0")  # fmt: skip
 
     def _check_dreambooth(self) -> None:
         dreambooth = self.dreambooth
@@ -258,6 +270,8 @@ def load_config(path: str | Path, overrides: list[str]) -> TrainConfig:
         recipe = OmegaConf.load(path)
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(error)})") from None
+    if not isinstance(recipe, DictConfig):
+        raise ConfigError(f"--config {path}: a recipe is a mapping of sections (model:, data:, ...), not a list")
     changes = []
     for override in overrides:
         if "=" not in override:
