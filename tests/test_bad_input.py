@@ -103,7 +103,8 @@ def test_a_decompression_bomb_init_image_is_one_line(tiny_model_dir, tmp_path, c
 )
 def test_a_bad_learning_rate_is_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch, override, message):
     monkeypatch.setattr("ldm.train.loop.build_model", lambda config: pytest.fail("the model was built"))
-    argv = ["--config", str(Path(__file__).resolve().parent.parent / "configs" / "shapes-diffusion.yaml"), override, f"output_dir={tmp_path / 'run'}"]
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "shapes-diffusion.yaml"
+    argv = ["--config", str(recipe), override, f"output_dir={tmp_path / 'run'}"]
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
 
