@@ -7,9 +7,9 @@ the betas themselves; the others (PNDM, LMS, Heun, DPM++ SDE) get the rescaled b
 `trained_betas`, with the last step's signal at 2**-24 instead of 0, as diffusers' Euler keeps its
 first sigma finite. Heun starts one step lower there ("leading" timesteps, from t=901 at 10 steps):
 its second-order correction across the first step, from sigma 4,096 to 18, multiplies the model's
-error about a hundredfold (grey, exploded pictures at 10 steps). Karras sigmas are refused there:
-they are spaced from the largest sigma, so most steps land at pure noise and multistep solvers
-index past their own timesteps (diffusers' IndexError at 25+ steps).
+error about a hundredfold (grey, exploded pictures at 10 steps). The two Karras-sigma samplers run
+there as A1111 and ComfyUI run them, on k-diffusion's algorithms (pipelines/karras.py): diffusers'
+solvers round the timesteps and fail on that sigma table.
 """
 
 import inspect
@@ -21,6 +21,7 @@ import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from ldm.errors import UserError
+from pipelines.karras import KarrasSampler
 
 
 class Sampler(NamedTuple):
@@ -55,11 +56,7 @@ class UnknownScheduler(UserError):
 
 def check_scheduler(name: str, model_scheduler: SchedulerMixin) -> None:
     """Refuse a sampler this model cannot use; warn about one it was not made for. Once per run."""
-    if model_scheduler.config.get("rescale_betas_zero_snr") and _sampler(name).settings.get("use_karras_sigmas"):
-        raise UnknownScheduler(
-            f"--scheduler {name}: Karras sigmas do not suit this zero-terminal-SNR model (its largest sigma "
-            "is ~4,096, so most steps would be spent at pure noise); use dpm++2m or euler-ancestral"
-        )
+    _sampler(name)
     if name == "lcm" and type(model_scheduler).__name__ != "LCMScheduler":
         warnings.warn(
             "lcm is for LCM-distilled models (or an LCM-LoRA) at 2-8 steps and guidance 1-2; "
@@ -68,10 +65,12 @@ def check_scheduler(name: str, model_scheduler: SchedulerMixin) -> None:
         )
 
 
-def make_scheduler(name: str, model_scheduler: SchedulerMixin) -> SchedulerMixin:
+def make_scheduler(name: str, model_scheduler: SchedulerMixin) -> SchedulerMixin | KarrasSampler:
     """The sampler `name` on the model's noise schedule (a fresh one: samplers keep state)."""
     sampler, config = _sampler(name), model_scheduler.config
     settings = dict(sampler.settings)
+    if config.get("rescale_betas_zero_snr") and settings.get("use_karras_sigmas"):
+        return KarrasSampler(config, sde=name == "dpm++sde-karras")
     scheduler_class = getattr(diffusers, sampler.class_name)
     if config.get("rescale_betas_zero_snr"):
         if "rescale_betas_zero_snr" not in inspect.signature(scheduler_class.__init__).parameters:

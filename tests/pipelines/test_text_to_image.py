@@ -131,7 +131,7 @@ def test_attention_maps_do_not_change_the_image(pipe):
         (dict(width=0), "width=0: must be a positive multiple of 8"),
         (dict(strength=1.5, init_image=Image.new("RGB", (16, 16))), "strength=1.5: must be between 0 and 1"),
         (dict(mask=Image.new("L", (16, 16))), "a mask needs an init image"),
-        (dict(steps=0), "steps=0: must be at least 1"),
+        (dict(steps=0), "steps=0: must be 1 to 1000, the model.s training timesteps"),
         (dict(num_images=0), "num_images=0, batch_size=1: both must be at least 1"),
     ],
 )
