@@ -23,20 +23,20 @@ import argparse
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
 from commands.cli import Parser, UsageError, check_writable, lora_argument, one_line_warnings, quiet_libraries
 from ldm.errors import UserError
-from ldm.single_file import SUFFIXES
-from pipelines.conditioning import SIZE_CONDITIONING
+from ldm.files import SINGLE_FILE_SUFFIXES as SUFFIXES
+from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING
 from pipelines.infotext import InfotextError, settings_from_png
-from pipelines.outputs import RunSettings, RunWriter, model_hash
-from pipelines.prompts import EMPHASIS_MODES
-from pipelines.samplers import SCHEDULERS
-from pipelines.settings import GenerationConfig
-from pipelines.text_to_image import TextToImagePipeline
+
+if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
+    from pipelines.outputs import RunWriter
+    from pipelines.settings import GenerationConfig
+    from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
@@ -182,17 +182,20 @@ class Run(NamedTuple):
     prompts: list[str]
     init_image: Image.Image | None
     mask: Image.Image | None
-    config: GenerationConfig
+    config: "GenerationConfig"
 
 
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
+def generation_config(args: argparse.Namespace) -> "GenerationConfig":
     """The flags named as GenerationConfig's fields, as one object; flags left out keep its defaults."""
+    from pipelines.settings import GenerationConfig
+
     given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if getattr(args, f.name, None) is not None}
     return GenerationConfig(**given | {"seed": None if args.seed == -1 else args.seed})
 
 
-def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, Run]:
-    """Check every input, then load the model: the pipeline, the writer, and generate's options."""
+def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter", Run]:
+    """Check every input, then load the libraries and the model: the pipeline, the writer, and
+    generate's options."""
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
     prompts = read_prompts(args)
@@ -205,6 +208,11 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, R
     refiner = None if args.refiner is None else checked_source(args.refiner, "--refiner")
     outdir = args.outdir or new_outdir()
     check_writable(outdir, f"--outdir {outdir}")
+    # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
+    from pipelines.outputs import RunSettings, RunWriter, model_hash
+    from pipelines.text_to_image import TextToImagePipeline
+
+    quiet_libraries()
     pipe = TextToImagePipeline.from_pretrained(
         source, device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
@@ -218,8 +226,7 @@ def prepare(args: argparse.Namespace) -> tuple[TextToImagePipeline, RunWriter, R
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
-    quiet_libraries()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     one_line_warnings("sample.py")
     writer = None
     try:

@@ -7,9 +7,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import diffusers
-import transformers
-
 from ldm.errors import UserError
 
 
@@ -30,7 +27,11 @@ def one_line_warnings(program: str) -> None:
 
 
 def quiet_libraries() -> None:
-    """Our own progress bars and errors only: no loading bars or advice from transformers and diffusers."""
+    """Our own progress bars and errors only: no loading bars or advice from transformers and diffusers.
+    (Imported here, not above: a command's --help and usage errors answer before they load.)"""
+    import diffusers
+    import transformers
+
     warnings.simplefilter("ignore", FutureWarning)
     for library in (diffusers.utils.logging, transformers.utils.logging):
         library.set_verbosity_error()

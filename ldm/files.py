@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ldm.errors import UserError
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a single-file checkpoint's name, not a folder or hub id
 _PARTIAL = re.compile(r"^\..+\.partial-(\d+)$")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ldm.files import OutputExists
+from ldm.files import SINGLE_FILE_SUFFIXES, OutputExists
 from ldm.model import LatentDiffusion, ModelLoadError, SamplingDefaults, load_exactly, read_preset, save_safetensors
 from ldm.text import text_state_for_files, text_state_from_files
 from ldm.unet import UNetConfig
@@ -42,7 +42,7 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
-SUFFIXES = (".safetensors", ".ckpt")  # a single file, not a folder or hub id
+SUFFIXES = SINGLE_FILE_SUFFIXES
 RECORD = "ldm_toolkit.model"  # header key: {"spec": preset sections, "sampling": ..., "force_zeros_...": ...}
 RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
     "norm1": "in_layers.0",

@@ -10,16 +10,8 @@ import torch
 from torch import Tensor
 
 from ldm.model import LatentDiffusion
+from pipelines.choices import SIZE_CONDITIONING
 from pipelines.prompts import Encoded, encode_weighted, pad_with_chunk
-
-SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), by GenerationConfig's names
-    "original_size",
-    "crop_top_left",
-    "target_size",
-    "negative_original_size",
-    "negative_crop_top_left",
-    "negative_target_size",
-)
 
 
 class Conditioning(NamedTuple):

@@ -16,9 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ldm.errors import UserError
-from pipelines.conditioning import SIZE_CONDITIONING
-from pipelines.prompts import WEBUI_EMPHASIS
-from pipelines.samplers import SCHEDULERS
+from pipelines.choices import SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
 
 
 class InfotextError(UserError):

@@ -18,10 +18,8 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from ldm.files import OutputExists, writing
-from pipelines.conditioning import SIZE_CONDITIONING
+from pipelines.choices import SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
 from pipelines.infotext import format_infotext
-from pipelines.prompts import WEBUI_EMPHASIS
-from pipelines.samplers import SCHEDULERS
 from pipelines.settings import Generated, GenerationConfig
 
 _NUMBERED = re.compile(r"^(\d{5})-")

@@ -40,10 +40,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ldm.errors import UserError
 from ldm.text import clean_text, hidden_states
+from pipelines.choices import EMPHASIS_MODES
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-EMPHASIS_MODES = ("original", "no-norm", "comfy", "none")
-WEBUI_EMPHASIS = {"original": "Original", "no-norm": "No norm", "comfy": "comfy", "none": "None"}
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
 MEAN_FLOOR = 0.01  # a chunk mean under 1% of the mean |value| is taken as zero (`original` mode)
 BREAK = ("BREAK", -1.0)  # as A1111's parser marks it

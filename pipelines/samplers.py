@@ -14,40 +14,14 @@ solvers round the timesteps and fail on that sigma table.
 
 import inspect
 import warnings
-from typing import Any, NamedTuple
 
 import diffusers
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin
 
 from ldm.errors import UserError
+from pipelines.choices import SCHEDULERS, Sampler
 from pipelines.karras import KarrasSampler
-
-
-class Sampler(NamedTuple):
-    class_name: str  # the diffusers scheduler
-    settings: dict[str, Any]  # what makes it this sampler
-    webui_name: str  # as A1111's "Sampler:" field writes it
-
-
-SCHEDULERS: dict[str, Sampler] = {
-    "ddim": Sampler("DDIMScheduler", {}, "DDIM"),
-    "ddpm": Sampler("DDPMScheduler", {}, "DDPM"),
-    "pndm": Sampler("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
-    "lms": Sampler("LMSDiscreteScheduler", {}, "LMS"),
-    "heun": Sampler("HeunDiscreteScheduler", {}, "Heun"),
-    "euler": Sampler("EulerDiscreteScheduler", {}, "Euler"),
-    "euler-ancestral": Sampler("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "dpm++2m": Sampler(
-        "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}, "DPM++ 2M"
-    ),
-    "dpm++2m-karras": Sampler(
-        "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}, "DPM++ 2M Karras"
-    ),
-    "dpm++sde-karras": Sampler("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}, "DPM++ SDE Karras"),
-    "unipc": Sampler("UniPCMultistepScheduler", {}, "UniPC"),
-    "lcm": Sampler("LCMScheduler", {}, "LCM"),
-}
 
 
 class UnknownScheduler(UserError):

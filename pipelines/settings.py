@@ -8,7 +8,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.errors import UserError
-from pipelines.conditioning import SIZE_CONDITIONING
+from pipelines.choices import SIZE_CONDITIONING
 from pipelines.refiner import DEFAULT_SWITCH
 
 

@@ -33,10 +33,11 @@ from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_model
 from pipelines.attention_maps import AttentionMapAccumulator
-from pipelines.conditioning import SIZE_CONDITIONING, Conditioning, encode_batch, time_ids, zero_negative
+from pipelines.choices import EMPHASIS_MODES, SIZE_CONDITIONING
+from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
 from pipelines.devices import evaluating, memory_of, on_device, pick_device, pick_dtype
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
-from pipelines.prompts import EMPHASIS_MODES, split_into_chunks
+from pipelines.prompts import split_into_chunks
 from pipelines.refiner import (
     AESTHETIC_SCORE,
     NEGATIVE_AESTHETIC_SCORE,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import sample
 from ldm.eval.detector import detect
-from pipelines.samplers import SCHEDULERS
+from pipelines.choices import SCHEDULERS
 from pipelines.text_to_image import TextToImagePipeline
 
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",

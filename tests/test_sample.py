@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import sample
 from ldm.model import read_preset
 from ldm.single_file import save_single_file
-from pipelines.samplers import SCHEDULERS
+from pipelines.choices import SCHEDULERS
+from pipelines.text_to_image import TextToImagePipeline
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -184,7 +185,7 @@ def test_more_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, c
 
 
 def test_an_unwritable_outdir_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sample.TextToImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(TextToImagePipeline, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "file").write_text("mine")
     for outdir, reason in [(tmp_path / "file" / "run", "Not a directory"), (Path("/proc/ldm-run"), None)]:
         code, _, err = run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--outdir", outdir)
@@ -195,7 +196,7 @@ def test_an_unwritable_outdir_is_refused_before_the_model_loads(tiny_model_dir, 
 
 def test_each_image_is_on_disk_when_done_and_ctrl_c_keeps_them(tiny_model_dir, tmp_path, capsys, monkeypatch):
     batches = []
-    original = sample.TextToImagePipeline._generate_batch
+    original = TextToImagePipeline._generate_batch
 
     def interrupted_at_the_third(self, *args):
         batches.append(sorted(p.name for p in tmp_path.iterdir()))  # what is on disk before each batch
@@ -203,7 +204,7 @@ def test_each_image_is_on_disk_when_done_and_ctrl_c_keeps_them(tiny_model_dir, t
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(sample.TextToImagePipeline, "_generate_batch", interrupted_at_the_third)
+    monkeypatch.setattr(TextToImagePipeline, "_generate_batch", interrupted_at_the_third)
     options = ["--prompt", "a red circle", "--num-images", "5", "--steps", "1", "--seed", "0"]
     code, out, err = run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path)
     assert (code, out) == (130, "")

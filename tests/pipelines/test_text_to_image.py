@@ -9,8 +9,9 @@ from PIL import Image
 from conftest import perturb
 from ldm.autoencoder import images_to_latents, latents_to_images
 from ldm.model import LatentDiffusion, read_preset
+from pipelines.choices import SCHEDULERS
 from pipelines.pictures import image_to_tensor, tensor_to_image
-from pipelines.samplers import SCHEDULERS, UnknownScheduler, make_scheduler
+from pipelines.samplers import UnknownScheduler, make_scheduler
 from pipelines.settings import GenerationError
 from pipelines.text_to_image import TextToImagePipeline
 
