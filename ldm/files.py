@@ -32,16 +32,20 @@ class DiskFull(UserError):
 
 
 @contextmanager
-def writing(path: Path) -> Iterator[Path]:
+def writing(path: Path, replace: bool = False) -> Iterator[Path]:
     """`with writing(path) as partial:` write a file or a folder at `partial`; on leaving, it takes
-    the name `path` (OutputExists if that exists), or is removed if the write failed."""
+    the name `path` (OutputExists if that exists; `replace=True`: a file of a run's own, such as its
+    config.yaml or a validation grid, replaces the old one whole), or is removed if the write failed."""
     path = Path(path)
     remove_stale_partials(path.parent)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield partial
         partial.chmod((0o777 if partial.is_dir() else 0o666) & ~_umask())
-        _publish(partial, path)
+        if replace:
+            partial.replace(path)
+        else:
+            _publish(partial, path)
     except Exception as error:
         if is_disk_full(error):
             raise DiskFull(f"{path}: no space left on the device; nothing was written there") from None

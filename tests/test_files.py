@@ -93,3 +93,10 @@ def test_convert_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_mode
     assert convert([str(tiny_model_dir), str(tmp_path / "one.safetensors")]) == 2
     assert capsys.readouterr().err.endswith("one.safetensors: no space left on the device; nothing was written there\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replace_puts_a_whole_new_file_over_the_old_one(tmp_path):
+    (tmp_path / "config.yaml").write_text("old")
+    with writing(tmp_path / "config.yaml", replace=True) as partial:
+        partial.write_text("new")
+    assert (tmp_path / "config.yaml").read_text() == "new" and len(list(tmp_path.iterdir())) == 1

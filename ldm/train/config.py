@@ -18,6 +18,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import ConfigError
+from ldm.files import writing
 
 
 @dataclass(frozen=True)
@@ -309,4 +310,5 @@ def describe_error(error: OmegaConfBaseException) -> str:
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
+    with writing(path, replace=True) as partial:
+        partial.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))

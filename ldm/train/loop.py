@@ -29,7 +29,7 @@ from ldm.data.datasets import (
     open_dataset,
 )
 from ldm.errors import ConfigError, UserError
-from ldm.files import remove_stale_partials
+from ldm.files import remove_stale_partials, writing
 from ldm.model import LatentDiffusion
 from ldm.train.checkpoints import (
     checkpoints_dir,
@@ -281,7 +281,8 @@ class Trainer:
     def _save_grid(self, grid: Image.Image, name: str) -> None:
         folder = self.output / "validation"
         folder.mkdir(parents=True, exist_ok=True)
-        grid.save(folder / name)
+        with writing(folder / name, replace=True) as partial:  # base.png is drawn again on resuming
+            grid.save(partial, format="PNG")
 
     def _finish(self) -> LatentDiffusion:
         accelerator = self.accelerator
