@@ -8,6 +8,7 @@ second parser: a piece's weight is the product of its brackets' factors from the
 order A1111 multiplies in), BREAK is a piece of weight -1 times its brackets, and neighbours of
 equal weight merge, as A1111 merges them."""
 
+import itertools
 import random
 
 from pipelines.prompts import parse_emphasis
@@ -52,13 +53,9 @@ def _node(rng: random.Random, depth: int, stack: list[float], out: list[tuple[st
 
 
 def _merged(pieces: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    merged: list[tuple[str, float]] = []
-    for text, weight in pieces:
-        if merged and merged[-1][1] == weight:
-            merged[-1] = (merged[-1][0] + text, weight)
-        else:
-            merged.append((text, weight))
-    return merged or [("", 1.0)]
+    """Neighbours of equal weight joined, as A1111 merges them."""
+    runs = itertools.groupby(pieces, key=lambda piece: piece[1])
+    return [("".join(text for text, _ in run), weight) for weight, run in runs] or [("", 1.0)]
 
 
 def corpus(count: int, seed: int = 0) -> list[tuple[str, list[tuple[str, float]]]]:
