@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from commands.cli import Parser, UsageError, check_writable, lora_argument, one_line_warnings, quiet_libraries
 from ldm.errors import UserError
-from ldm.files import SINGLE_FILE_SUFFIXES as SUFFIXES
+from ldm.files import SINGLE_FILE_SUFFIXES
 from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING
 from pipelines.infotext import InfotextError, settings_from_png
 
@@ -164,7 +164,7 @@ def model_source(args: argparse.Namespace) -> str:
 
 def checked_source(value: str, flag: str) -> str:
     """A local path that must exist (it looks like one), or a hub id."""
-    looks_local = value.startswith((".", "/", "~")) or value.endswith(SUFFIXES)
+    looks_local = value.startswith((".", "/", "~")) or value.endswith(SINGLE_FILE_SUFFIXES)
     if looks_local and not Path(value).expanduser().exists():
         raise UsageError(f"{flag} {value}: no such file or folder")
     return str(Path(value).expanduser()) if looks_local else value

@@ -15,9 +15,10 @@ from pathlib import Path
 
 from commands.cli import Parser, UsageError, check_writable, fail, lora_argument, quiet_libraries
 from ldm.errors import UserError
+from ldm.files import SINGLE_FILE_SUFFIXES
 from ldm.lora import merge_lora
 from ldm.model import DTYPES
-from ldm.single_file import SUFFIXES, load_model, save_single_file
+from ldm.single_file import load_model, save_single_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +57,9 @@ def check(args) -> None:
         raise UsageError(f"{args.output}: already exists; choose a new name")
     if args.output.suffix == ".ckpt":
         raise UsageError(f"{args.output}: .ckpt (pickle) is not written; use .safetensors")
-    if args.preset and not args.source.endswith(SUFFIXES):
+    if args.preset and not args.source.endswith(SINGLE_FILE_SUFFIXES):
         raise UsageError("--preset: only for a single-file source (a folder says its own architecture)")
-    if args.source.endswith(SUFFIXES) and not Path(args.source).is_file():
+    if args.source.endswith(SINGLE_FILE_SUFFIXES) and not Path(args.source).is_file():
         raise UsageError(f"{args.source}: no such file")
     for path, _ in args.lora or []:
         if not Path(path).is_file():

@@ -42,7 +42,6 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP, OPEN_CLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
 SDXL_CLIP, SDXL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 REFINER_OPEN_CLIP = "conditioner.embedders.0.model."
-SUFFIXES = SINGLE_FILE_SUFFIXES
 RECORD = "ldm_toolkit.model"  # header key: {"spec": preset sections, "sampling": ..., "force_zeros_...": ...}
 RESNET = {  # diffusers -> CompVis names inside a UNet ResNet block
     "norm1": "in_layers.0",
@@ -73,7 +72,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 def load_model(source: str | Path, preset: str | None = None) -> LatentDiffusion:
     """A diffusers-layout folder or hub id, or a single file (built from `preset`, see load_single_file)."""
-    if str(source).endswith(SUFFIXES):
+    if str(source).endswith(SINGLE_FILE_SUFFIXES):
         return load_single_file(source, preset)
     return LatentDiffusion.load(source)
 
