@@ -41,7 +41,8 @@ def writing(path: Path, replace: bool = False) -> Iterator[Path]:
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield partial
-        partial.chmod((0o777 if partial.is_dir() else 0o666) & ~_umask())
+        for written in [partial, *(partial.rglob("*") if partial.is_dir() else [])]:  # safetensors makes 0600
+            written.chmod((0o777 if written.is_dir() else 0o666) & ~_umask())
         if replace:
             partial.replace(path)
         else:

@@ -3,6 +3,7 @@ files go at the next write; a full disk is one line (ldm/files.py)."""
 
 import errno
 import os
+import stat
 import subprocess
 import sys
 
@@ -100,3 +101,15 @@ def test_replace_puts_a_whole_new_file_over_the_old_one(tmp_path):
     with writing(tmp_path / "config.yaml", replace=True) as partial:
         partial.write_text("new")
     assert (tmp_path / "config.yaml").read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_saved_model_folder_gets_the_users_normal_permissions(tiny_model, tmp_path):
+    """safetensors creates its files 0600; a model folder's weights were left so."""
+    old = os.umask(0o022)
+    try:
+        tiny_model.save(tmp_path / "model")
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").rglob("*")}
+    assert {mode for name, mode in modes.items() if (tmp_path / name).is_file()} == {0o644}, modes
+    assert {mode for name, mode in modes.items() if (tmp_path / name).is_dir()} == {0o755}, modes
