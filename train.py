@@ -7,6 +7,8 @@ Writes to output_dir: config.yaml (the resolved recipe), checkpoints/, logs/ (Te
 validation/ (sample grids), and at the end model/ (EMA weights, diffusers layout).
 """
 
+from __future__ import annotations
+
 import signal
 import sys
 
@@ -21,18 +23,19 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one lin
 
 import logging
 from pathlib import Path
-
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from commands.cli import Parser, check_writable, quiet_libraries
 from ldm.errors import UserError
-from ldm.model import DTYPES, LatentDiffusion
-from ldm.train.config import TrainConfig, load_config
-from ldm.train.loop import Trainer, Validate
-from ldm.train.stages import Draw
-from pipelines.outputs import grid
-from pipelines.text_to_image import TextToImagePipeline
+
+if TYPE_CHECKING:  # torch, diffusers and transformers load in main(), once the arguments are parsed
+    import torch
+    from PIL import Image
+
+    from ldm.model import LatentDiffusion
+    from ldm.train.config import TrainConfig
+    from ldm.train.loop import Validate
+    from ldm.train.stages import Draw
 
 
 def sampler(config: TrainConfig) -> Validate | None:
@@ -42,6 +45,10 @@ def sampler(config: TrainConfig) -> Validate | None:
         return None
 
     def validate(model: LatentDiffusion, step: int, device: torch.device) -> Image.Image:
+        from ldm.model import DTYPES
+        from pipelines.outputs import grid
+        from pipelines.text_to_image import TextToImagePipeline
+
         # in the UNet's own precision: a LoRA run's frozen half-precision weights are not copied to fp32
         dtype = next(name for name, kind in DTYPES.items() if kind == model.unet.conv_in.weight.dtype)
         pipe = TextToImagePipeline(model, device=str(device.type), dtype=dtype)
@@ -64,6 +71,8 @@ def painter(config: TrainConfig) -> Draw:
     training resolution and the model's sampling defaults (sampling.json, else the pipeline's)."""
 
     def draw(model: LatentDiffusion, prompts: list[str], seed: int, device: torch.device) -> list[Image.Image]:
+        from pipelines.text_to_image import TextToImagePipeline
+
         pipe = TextToImagePipeline(model, device=str(device.type), dtype="fp32")
         size = config.data.resolution
         return pipe(prompts, seed=seed, height=size, width=size, progress=False)
@@ -72,15 +81,18 @@ def painter(config: TrainConfig) -> Draw:
 
 
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is KeyboardInterrupt again
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     parser = Parser(prog="train.py", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a recipe in configs/")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. optim.learning_rate=2e-4")
-    quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("ldm").setLevel(logging.INFO)
     try:
         args = parser.parse_args(argv)
+        from ldm.train.config import load_config  # the libraries load here, once the arguments are parsed
+        from ldm.train.loop import Trainer
+
+        quiet_libraries()
         config = load_config(args.config, args.overrides)
         check_writable(Path(config.output_dir), f"output_dir={config.output_dir}")
         Trainer(config, validate=sampler(config), draw=painter(config)).run()

@@ -1,4 +1,4 @@
-"""sample.py starting: Ctrl-C while the libraries load is one line and exit 130; --help and usage
+"""sample.py and train.py starting: Ctrl-C while the libraries load is one line and exit 130; --help and usage
 errors answer without loading them (real processes)."""
 
 import signal
@@ -23,14 +23,18 @@ def test_ctrl_c_while_sample_py_starts_is_one_line_and_130(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--steps", "x"], ["--prompt", "x", "--seed", "-5"]])
-def test_help_and_usage_errors_answer_without_loading_torch(argv):
+@pytest.mark.parametrize(
+    "script, argv",
+    [("sample.py", ["--help"]), ("sample.py", ["--steps", "x"]), ("sample.py", ["--prompt", "x", "--seed", "-5"]),
+     ("train.py", ["--help"]), ("train.py", [])],
+)  # fmt: skip
+def test_help_and_usage_errors_answer_without_loading_torch(script, argv):
     """sample.py --help took 4.9 s on a quiet 2-core machine, nearly all of it importing torch,
     diffusers and transformers; it needs none of them."""
     code = (
         "import runpy, sys\n"
-        f"sys.argv = ['sample.py', *{argv!r}]\n"
-        "try:\n    runpy.run_path('sample.py', run_name='__main__')\nexcept SystemExit as exit:\n    code = exit.code\n"
+        f"sys.argv = [{script!r}, *{argv!r}]\n"
+        f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit as exit:\n    code = exit.code\n"
         "print(code, sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules), file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
