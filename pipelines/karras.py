@@ -27,10 +27,18 @@ ZERO_SNR_LAST_ALPHA_BAR = 4.8973451890853435e-08  # A1111's and ComfyUI's stand-
 RHO = 7.0  # Karras et al.'s spacing exponent
 
 
+def zero_snr_alphas_cumprod(config, last: float) -> Tensor:
+    """ᾱ per training timestep of a zero-terminal-SNR schedule, its last (0) raised to `last` so that
+    every σ is finite: diffusers' Euler and DPM++ schedulers take 2**-24, A1111 and ComfyUI
+    ZERO_SNR_LAST_ALPHA_BAR."""
+    alphas_cumprod = DDIMScheduler.from_config(config).alphas_cumprod.double()  # DDIM applies the rescale
+    alphas_cumprod[-1] = last
+    return alphas_cumprod
+
+
 def zero_snr_sigmas(config) -> Tensor:
     """σ per training timestep of a zero-terminal-SNR schedule, its last ᾱ set as A1111 sets it."""
-    alphas_cumprod = DDIMScheduler.from_config(config).alphas_cumprod.double()  # DDIM applies the rescale
-    alphas_cumprod[-1] = ZERO_SNR_LAST_ALPHA_BAR
+    alphas_cumprod = zero_snr_alphas_cumprod(config, ZERO_SNR_LAST_ALPHA_BAR)
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 

@@ -17,11 +17,11 @@ import warnings
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, SchedulerMixin
+from diffusers import SchedulerMixin
 
 from ldm.errors import UserError
 from pipelines.choices import SCHEDULERS, Sampler
-from pipelines.karras import KarrasSampler
+from pipelines.karras import KarrasSampler, zero_snr_alphas_cumprod
 
 
 class UnknownScheduler(UserError):
@@ -63,8 +63,7 @@ def _sampler(name: str) -> Sampler:
 def zero_terminal_snr_betas(config) -> list[float]:
     """The betas a zero-terminal-SNR model was trained with, its last signal level raised from 0 to
     2**-24 so that every sigma is finite (as diffusers' Euler and DPM++ schedulers do)."""
-    alphas_cumprod = DDIMScheduler.from_config(config).alphas_cumprod.double()  # DDIM applies the rescale
-    alphas_cumprod[-1] = 2**-24
+    alphas_cumprod = zero_snr_alphas_cumprod(config, 2**-24)
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
     return (1 - alphas_cumprod / previous).tolist()
 
