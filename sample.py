@@ -10,14 +10,18 @@ is done, and a grid of the run at the end (none for a single image). Ctrl-C keep
 import signal
 import sys
 
+from commands.cli import (
+    Parser,
+    UsageError,
+    check_writable,
+    interrupts_while_starting,
+    lora_argument,
+    one_line_warnings,
+    quiet_libraries,
+)
 
-def interrupted_while_starting(*_) -> None:
-    print("sample.py: interrupted while starting; nothing written", file=sys.stderr)
-    raise SystemExit(130)
-
-
-if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one line and exit 130, not a traceback
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+if __name__ == "__main__":  # before torch, diffusers and transformers load
+    interrupts_while_starting("sample.py")
 
 import argparse
 import time
@@ -27,7 +31,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
-from commands.cli import Parser, UsageError, check_writable, lora_argument, one_line_warnings, quiet_libraries
 from ldm.errors import UserError
 from ldm.files import SINGLE_FILE_SUFFIXES
 from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING

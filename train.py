@@ -12,20 +12,15 @@ from __future__ import annotations
 import signal
 import sys
 
+from commands.cli import Parser, check_writable, interrupts_while_starting, quiet_libraries
 
-def interrupted_while_starting(*_) -> None:
-    print("train.py: interrupted while starting; nothing written", file=sys.stderr)
-    raise SystemExit(130)
-
-
-if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): one line and exit 130, not a traceback
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+if __name__ == "__main__":  # before torch, diffusers and transformers load
+    interrupts_while_starting("train.py")
 
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from commands.cli import Parser, check_writable, quiet_libraries
 from ldm.errors import UserError
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in main(), once the arguments are parsed

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -19,6 +20,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         raise UsageError(message)
+
+
+def interrupts_while_starting(program: str) -> None:
+    """Ctrl-C while the libraries load (seconds): one line and exit 130, not a traceback. Called
+    before the heavy imports; main() makes Ctrl-C a KeyboardInterrupt again once started."""
+
+    def interrupted(*_) -> None:
+        print(f"{program}: interrupted while starting; nothing written", file=sys.stderr)
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
 
 
 def one_line_warnings(program: str) -> None:
