@@ -92,7 +92,9 @@ def make_parser() -> Parser:
     sdxl.add_argument("--refiner", help="an SDXL refiner (folder, hub id or file) that runs the last steps")
     sdxl.add_argument("--refiner-switch", type=float, help="the noise schedule's fraction the base runs (0.8)")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on GPUs and CPUs with bf16 instructions), fp32, fp16 or bf16"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in less memory")
     return parser
@@ -212,6 +214,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     outdir = args.outdir or new_outdir()
     check_writable(outdir, f"--outdir {outdir}")
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
+    from pipelines.devices import describe_device
     from pipelines.outputs import RunSettings, RunWriter, model_hash
     from pipelines.text_to_image import TextToImagePipeline
 
@@ -219,6 +222,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     pipe = TextToImagePipeline.from_pretrained(
         source, device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
+    print(f"sample.py: {describe_device(pipe.device, pipe.dtype)}")
     for path, scale in loras:
         pipe.load_lora(path, scale)
     if refiner is not None:

@@ -17,6 +17,7 @@ from commands.cli import Parser, UsageError, check_writable, fail, quiet_librari
 from ldm.describe import describe
 from ldm.errors import UserError
 from ldm.model import LatentDiffusion
+from pipelines.devices import describe_device, pick_device, pick_dtype
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("describe", error)
     print(f"{args.model} ({origin})")
     print(describe(model))
+    device = pick_device("auto")
+    print(f"here, at --dtype auto: {describe_device(device, pick_dtype('auto', device))}")
     if args.save is not None:
         print(f"wrote {args.save}")
     return 0

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--left-out", default=DEFAULT_LEFT_OUT, help="the pairs the model never saw")
     parser.add_argument("--out", type=Path, default=Path("eval-shapes"), help="contact sheet and results.json")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="fp32", help="fp32 (the figures in docs/), bf16, fp16 or auto")
     parser.add_argument("--colors", help="extra colours, as make_shapes takes them: purple=128,0,255")
     parser.add_argument("--only-colors", help="prompts of these colours only, e.g. purple")
     parser.add_argument("--lora", type=Path, help="a LoRA .safetensors merged into the model (scale 1)")
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seeds {args.seeds}, --steps {args.steps}: both must be at least 1")
         palette, colors = choose_colors(args.colors, args.only_colors)
         left_out = parse_pairs(args.left_out, "--left-out", palette)
-        pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype="fp32")
+        pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
         if args.lora:
             pipe.load_lora(args.lora)
     except UserError as error:

@@ -7,6 +7,16 @@ import torch
 from torch import nn
 
 from ldm.model import LatentDiffusion
+from pipelines import devices
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_bf16(monkeypatch):
+    """Every test sees a CPU without bf16 instructions, so `dtype="auto"` means fp32 on any machine
+    and the figures compared with diffusers do not depend on the CPU the suite runs on. The bf16
+    choice is tested by undoing this (tests/pipelines/test_precision.py)."""
+    monkeypatch.setattr(devices, "native_bf16", lambda: None)
+
 
 # Reduced-width UNets in the shapes of the SD family, as diffusers config dicts.
 TINY_UNET = dict(

@@ -163,4 +163,3 @@ def test_a_repository_without_model_index_is_refused(tmp_path, monkeypatch):
     FakeHub(["README.md", "model.safetensors"], None, tmp_path / "cache").install(monkeypatch)
     with pytest.raises(HubError, match="no model_index.json"):
         LatentDiffusion.load("someone/not-diffusers")
-

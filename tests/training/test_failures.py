@@ -133,8 +133,10 @@ def test_ctrl_c_while_training_is_one_line_and_130(four_images, tmp_path):
     assert run.wait(timeout=60) == 130
     err = run.stderr.read()
     assert "Traceback" not in err
-    assert err.rstrip().splitlines()[-1].endswith(
-        "train.py: interrupted; finished checkpoints are kept (continue with checkpoint.resume=latest)"
+    assert (
+        err.rstrip()
+        .splitlines()[-1]
+        .endswith("train.py: interrupted; finished checkpoints are kept (continue with checkpoint.resume=latest)")
     )
 
 
