@@ -4,7 +4,13 @@
     python sample.py --from-png outputs/<run>/00000-7.png [overrides]
 
 Writes numbered PNGs carrying their parameters to a new folder under outputs/, each as soon as it
-is done, and a grid of the run at the end (none for a single image). Ctrl-C keeps what is written.
+is done, a line per image in the folder's manifest.jsonl, and a grid of the run at the end (none for
+a single image). Ctrl-C keeps what is written. Many processes or machines share a run's images:
+
+    accelerate launch --num_processes 2 sample.py --prompt-file prompts.txt --seed 0 --outdir out
+
+write the same files one process writes; after a kill, the same command with --skip-existing draws
+only the images not yet on file.
 """
 
 import signal
@@ -24,8 +30,9 @@ if __name__ == "__main__":  # before torch, diffusers and transformers load
     interrupts_while_starting("sample.py")
 
 import argparse
+import random
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -37,6 +44,7 @@ from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING
 from pipelines.infotext import InfotextError, settings_from_png
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
+    from pipelines.jobs import Job
     from pipelines.outputs import RunWriter
     from pipelines.settings import GenerationConfig
     from pipelines.text_to_image import TextToImagePipeline
@@ -70,6 +78,9 @@ def make_parser() -> Parser:
     parser.add_argument("--width", type=int)
     parser.add_argument("--emphasis", choices=EMPHASIS_MODES, help="how (word:1.2) weights apply (default: original)")
     parser.add_argument("--outdir", type=Path, help="default: a new folder under outputs/")
+    parser.add_argument(
+        "--skip-existing", action="store_true", help="rerun into --outdir: draw only the images not on file yet"
+    )
     parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image)")
     parser.add_argument("--strength", type=float, help="how far to move from the init image, 0..1 (default 0.8)")
     parser.add_argument("--mask", type=Path, help="inpaint: white is repainted, black kept (needs --init-image)")
@@ -115,6 +126,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--refiner-switch needs --refiner: it says when the refiner takes over")
     if args.refiner is not None and (args.init_image or args.attention_maps):
         raise UsageError("--refiner: text-to-image only, not with --init-image or --attention-maps")
+    if args.skip_existing and (args.outdir is None or args.seed in (None, -1)):
+        raise UsageError("--skip-existing needs --outdir and --seed: the folder and the seeds of the run to finish")
     return args
 
 
@@ -182,9 +195,11 @@ def new_outdir() -> Path:
 
 
 class Run(NamedTuple):
-    """What to draw: the prompts, the pictures to start from, and the settings, resolved from the flags once."""
+    """What this process draws: its share of the run's images (jobs), the pictures to start from, and
+    the settings, resolved once."""
 
-    prompts: list[str]
+    jobs: list["Job"]  # every image of the run
+    share: list["Job"]  # those this process draws: all of them, or its part of those not on file yet
     init_image: Image.Image | None
     mask: Image.Image | None
     config: "GenerationConfig"
@@ -199,8 +214,9 @@ def generation_config(args: argparse.Namespace) -> "GenerationConfig":
 
 
 def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter", Run]:
-    """Check every input, then load the libraries and the model: the pipeline, the writer, and
-    generate's options."""
+    """Check every input, then load the libraries and the model: the pipeline, the writer, and this
+    process's share of the run. Launched as several processes, they agree on the folder, the seed
+    and the first number (the main process's), then each takes its part of the images."""
     if args.outdir is not None and args.outdir.exists() and not args.outdir.is_dir():
         raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
     prompts = read_prompts(args)
@@ -211,25 +227,53 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
             raise UsageError(f"--lora {path}: no such file")
     source = model_source(args)
     refiner = None if args.refiner is None else checked_source(args.refiner, "--refiner")
-    outdir = args.outdir or new_outdir()
-    check_writable(outdir, f"--outdir {outdir}")
+    check_writable(args.outdir or Path("outputs"), f"--outdir {args.outdir or 'outputs'}")
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
-    from pipelines.devices import describe_device
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from pipelines.devices import describe_device, pick_device
+    from pipelines.jobs import plan
     from pipelines.outputs import RunSettings, RunWriter, model_hash
-    from pipelines.text_to_image import TextToImagePipeline
+    from pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
     quiet_libraries()
+    device = pick_device(args.device)
+    state = PartialState(cpu=device.type == "cpu")  # this process, and the others a launcher started, if any
+    outdir, seed = args.outdir or new_outdir(), args.seed
+    seed = random.randrange(MAX_SEED + 1 - len(prompts) * args.num_images) if seed in (None, -1) else seed
+    outdir, seed = broadcast_object_list([outdir, seed])  # the main process's
+    device = state.device if device.type == "cuda" else device  # one GPU per process
     pipe = TextToImagePipeline.from_pretrained(
-        source, device=args.device, dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
+        source, device=str(device), dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
-    print(f"sample.py: {describe_device(pipe.device, pipe.dtype)}")
+    if state.is_main_process:
+        print(f"sample.py: {describe_device(pipe.device, pipe.dtype)}")
     for path, scale in loras:
         pipe.load_lora(path, scale)
     if refiner is not None:
         pipe.load_refiner(refiner)
-    run = Run(prompts, init_image, mask, generation_config(args))
+    asked = replace(generation_config(args), seed=seed, progress=state.is_main_process)
+    config, _ = pipe.resolve(asked, init_image, mask)
     settings = RunSettings(source, model_hash(source), loras, refiner, refiner and model_hash(refiner))
-    return pipe, RunWriter(outdir, settings), run
+    writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
+    (writer.first,) = broadcast_object_list([writer.first_number(jobs, args.skip_existing)])
+    done = writer.done(jobs) if args.skip_existing else {}
+    with state.split_between_processes([job for job in jobs if job.index not in done]) as share:
+        return pipe, writer, Run(jobs, share, init_image, mask, config)
+
+
+def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:
+    """This process's images, each written as it is done; the grid by whichever process finishes the
+    run's last image."""
+    from pipelines.jobs import runs_of_seeds
+
+    for piece in runs_of_seeds(run.share):  # one call per run of consecutive seeds
+        options = asdict(replace(run.config, num_images=1, seed=piece[0].seed))
+        generated = pipe.generate_each([job.prompt for job in piece], run.init_image, run.mask, **options)
+        for image, job in zip(generated, piece, strict=True):
+            writer.write(image, job)
+    writer.finish(run.jobs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,17 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     writer = None
     try:
         pipe, writer, run = prepare(parse(argv))
-        for generated in pipe.generate_each(run.prompts, run.init_image, run.mask, **asdict(run.config)):
-            writer.write(generated)
-        writer.finish()
+        draw(pipe, writer, run)
     except UserError as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        kept = f"{len(writer.images)} finished image(s) kept in {writer.outdir}" if writer else "nothing written"
+        kept = f"{writer.written} finished image(s) kept in {writer.outdir}" if writer else "nothing written"
         print(f"sample.py: interrupted; {kept}", file=sys.stderr)
         return 130
-    print(f"wrote {len(writer.images)} image(s) to {writer.outdir}")
+    print(f"wrote {writer.written} image(s) to {writer.outdir}")
     return 0
 
 

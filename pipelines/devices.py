@@ -18,13 +18,15 @@ class DeviceError(UserError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """`auto` takes CUDA, else Apple's MPS, else the CPU; a named device must be present."""
+    """`auto` takes CUDA, else Apple's MPS, else the CPU; a named device (`cuda:1` names one GPU of
+    several) must be present."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
         return torch.device(next(kind for kind, present in available.items() if present))
-    if name not in available:
-        raise DeviceError(f"device={name!r}: use one of auto, cuda, mps, cpu")
-    if not available[name]:
+    kind, _, index = name.partition(":")
+    if kind not in available or index and not (kind == "cuda" and index.isdigit()):
+        raise DeviceError(f"device={name!r}: use one of auto, cuda, cuda:N, mps, cpu")
+    if not available[kind] or index and int(index) >= torch.cuda.device_count():
         raise DeviceError(f"device={name!r} is not available on this machine")
     return torch.device(name)
 

@@ -1,13 +1,18 @@
 """Writing a run to disk: numbered PNGs that carry their parameters, attention overlays, a grid.
 
 Each image is written the moment it is done, so an interrupted run keeps every finished image.
-Files are numbered after the highest number already in the folder; a file appears under its name
-only once complete (written beside it, then linked into place), and never replaces another. The
-grid takes the next number after the run's last image, so sorting names gives generation order.
+A run's images are numbered from the highest number already in the folder, image k of the run
+under first + k whichever process draws it; a file appears under its name only once complete
+(written beside it, then linked into place), and never replaces another. `manifest.jsonl` gets a
+line per image (file, index in the run, settings), which is how a rerun with --skip-existing knows
+what is already drawn. The grid takes the number after the run's last image.
 """
 
+import contextlib
 import hashlib
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +22,14 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
-from ldm.files import OutputExists, writing
+from ldm.files import DiskFull, OutputExists, is_disk_full, writing
 from pipelines.choices import SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
 from pipelines.infotext import format_infotext
+from pipelines.jobs import Job
 from pipelines.settings import Generated, GenerationConfig
 
 _NUMBERED = re.compile(r"^(\d{5})-")
+MANIFEST = "manifest.jsonl"  # a line per image written into the folder: its file, index in the run, settings
 
 
 @dataclass(frozen=True)
@@ -50,20 +57,20 @@ def model_hash(source: str) -> str | None:
     return digest.hexdigest()[:10]
 
 
-def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
-    """Text chunks: one per parameter (what --from-png reads), and `parameters` in the A1111 form."""
-    config, (width, height) = generated.config, generated.image.size
+def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSettings) -> dict[str, str]:
+    """An image's text chunks: one per parameter (what --from-png reads), and `parameters` in the
+    A1111 form. `config` is resolved: it knows the size."""
     fields = {
-        "prompt": generated.prompt,
+        "prompt": prompt,
         "negative_prompt": config.negative_prompt,
-        "seed": str(generated.seed),
+        "seed": str(seed),
         "steps": str(config.steps),
         "scheduler": config.scheduler,
         "guidance_scale": str(config.guidance_scale),
         "emphasis": config.emphasis,
         "model": settings.model,
-        "width": str(width),
-        "height": str(height),
+        "width": str(config.width),
+        "height": str(config.height),
     }
     if settings.model_hash:
         fields["model_hash"] = settings.model_hash
@@ -85,28 +92,32 @@ def png_info(generated: Generated, settings: RunSettings) -> PngInfo:
         "Steps": config.steps,
         "Sampler": sampler,
         "CFG scale": config.guidance_scale,
-        "Seed": generated.seed,
-        "Size": f"{width}x{height}",
+        "Seed": seed,
+        "Size": f"{config.width}x{config.height}",
         "Model hash": settings.model_hash,
         "Model": Path(settings.model).name or settings.model,
         "Denoising strength": config.strength,
-        "Emphasis": WEBUI_EMPHASIS[config.emphasis] if _emphasised(generated, config) else None,
+        "Emphasis": WEBUI_EMPHASIS[config.emphasis] if _emphasised(prompt, config) else None,
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
         # A1111's refiner fields (modules/processing_scripts/refiner.py); A1111 switches after that
         # fraction of the steps, diffusers and we at that fraction of the noise schedule
         "Refiner": f"{refiner} [{settings.refiner_hash}]" if settings.refiner_hash else refiner,
         "Refiner switch at": config.refiner_switch,
     }
-    fields["parameters"] = format_infotext(generated.prompt, config.negative_prompt, pairs)
+    fields["parameters"] = format_infotext(prompt, config.negative_prompt, pairs)
+    return fields
+
+
+def png_info(fields: dict[str, str]) -> PngInfo:
     info = PngInfo()
     for key, value in fields.items():
         info.add_itxt(key, value)  # international text: any Unicode prompt
     return info
 
 
-def _emphasised(generated: Generated, config: GenerationConfig) -> bool:
+def _emphasised(prompt: str, config: GenerationConfig) -> bool:
     """As A1111: the mode is recorded when it is not the default and a prompt has brackets."""
-    brackets = any(c in text for text in (generated.prompt, config.negative_prompt) for c in "([")
+    brackets = any(c in text for text in (prompt, config.negative_prompt) for c in "([")
     return config.emphasis != "original" and brackets
 
 
@@ -146,34 +157,110 @@ def overlay(image: Image.Image, heatmap: Tensor) -> Image.Image:
 
 
 class RunWriter:
-    """Writes a run's images as they come, each under the folder's next free number (so two runs
-    writing into one folder interleave and never collide), and its grid."""
+    """Writes a run's images as they come, image k under number `first + k` (the name one process and
+    N processes give it), with a line per image in the folder's manifest.jsonl, then the run's grid.
+    A number another file took meanwhile (a second run writing into the folder) moves the image to
+    the folder's next free number: nothing collides and nothing is overwritten."""
 
-    def __init__(self, outdir: Path, settings: RunSettings):
-        self.outdir, self.settings = outdir, settings
-        self.images: list[Image.Image] = []
+    def __init__(self, outdir: Path, settings: RunSettings, config: GenerationConfig):
+        """`config`: the run's settings, resolved (what each image's PNG records)."""
+        self.outdir, self.settings, self.config = outdir, settings, config
+        self.first = 0
+        self.written = 0  # images this process wrote
 
-    def write(self, generated: Generated) -> None:
-        """The image (with its parameters) and its attention overlays."""
+    def expected(self, job: Job) -> dict[str, str]:
+        """The PNG text chunks (and manifest fields) of a job's image."""
+        return png_fields(job.prompt, job.seed, self.config, self.settings)
+
+    def first_number(self, jobs: list[Job], resume: bool) -> int:
+        """The run's first number: the folder's next free one; resuming, the one the run's images
+        already on file were written under."""
+        if resume:
+            for index, path in self.done(jobs).items():
+                return int(_NUMBERED.match(path.name).group(1)) - index
+        return next_number(self.outdir) if self.outdir.is_dir() else 0
+
+    def done(self, jobs: list[Job]) -> dict[int, Path]:
+        """The jobs whose image is on file: a manifest line with their settings, and the file it names."""
+        wanted = {job.index: self.expected(job) for job in jobs}
+        found = {}
+        for entry in read_manifest(self.outdir):
+            index, path = entry.pop("index", None), self.outdir / str(entry.pop("file", ""))
+            if wanted.get(index) == entry and path.is_file():
+                found[index] = path
+        return found
+
+    def write(self, generated: Generated, job: Job) -> None:
+        """The image (with its parameters), its attention overlays, and its manifest line."""
         self.outdir.mkdir(parents=True, exist_ok=True)  # made only when there is an image to write
-        stem = self._claim(f"-{generated.seed}", generated.image, png_info(generated, self.settings))
+        fields = png_fields(generated.prompt, generated.seed, generated.config, self.settings)
+        stem = self._claim(self.first + job.index, f"-{generated.seed}", generated.image, png_info(fields))
         for i, (token, heatmap) in enumerate(generated.attention_maps):
             name = re.sub(r"[^0-9A-Za-z]+", "_", token).strip("_") or "symbol"
             save_png(overlay(generated.image, heatmap), self.outdir / f"{stem}-attention-{i:02d}-{name}.png")
-        self.images.append(generated.image)
+        append_line(self.outdir / MANIFEST, {"index": job.index, "file": f"{stem}.png", **fields})
+        self.written += 1
 
-    def finish(self) -> None:
-        """A grid of the run, numbered after its last image; none for a single image."""
-        if len(self.images) > 1:
-            self._claim("-grid", grid(self.images))
+    def finish(self, jobs: list[Job]) -> None:
+        """A grid of the run's images, numbered after its last, once all are on file: by whichever
+        process draws the last one, once. None for a single image."""
+        files = self.done(jobs)
+        if len(jobs) < 2 or len(files) < len(jobs):  # one image, or other processes are still drawing
+            return
+        number = self.first + len(jobs)
+        path = self.outdir / f"{number:05d}-grid.png"
+        taken = [other.name for other in self.outdir.glob(f"{number:05d}-*")]
+        if path.name in taken:  # written already: by another process, or before a resumed run
+            return
+        images = []
+        for index in sorted(files):
+            with Image.open(files[index]) as image:
+                images.append(image.convert("RGB"))
+        if taken:  # another run's image has the number: the folder's next free one
+            self._claim(number, "-grid", grid(images))
+            return
+        with contextlib.suppress(OutputExists):  # another process of the run wrote it a moment ago
+            save_png(grid(images), path)
 
-    def _claim(self, suffix: str, image: Image.Image, info: PngInfo | None = None) -> str:
-        """Save as NNNNN{suffix}.png under the next free number; returns the stem."""
+    def _claim(self, number: int, suffix: str, image: Image.Image, info: PngInfo | None = None) -> str:
+        """Save as NNNNN{suffix}.png under `number`, or the next free one if a file has it; the stem."""
         for _ in range(100):
-            stem = f"{next_number(self.outdir):05d}{suffix}"
-            try:
-                save_png(image, self.outdir / f"{stem}.png", info)
-                return stem
-            except OutputExists:  # another run took that number first
-                continue
+            if not any(self.outdir.glob(f"{number:05d}-*")):
+                stem = f"{number:05d}{suffix}"
+                try:
+                    save_png(image, self.outdir / f"{stem}.png", info)
+                    return stem
+                except OutputExists:  # another run took that name first
+                    pass
+            number = next_number(self.outdir)
         raise OutputExists(f"{self.outdir}: no free image number after 100 tries")
+
+
+def read_manifest(outdir: Path) -> list[dict]:
+    """The manifest's entries; a line cut short by a kill is passed over."""
+    try:
+        lines = (outdir / MANIFEST).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [entry for entry in entries if isinstance(entry, dict)]
+
+
+def append_line(path: Path, entry: dict) -> None:
+    """One JSON line, appended in one write: processes appending at once do not interleave."""
+    line = (json.dumps(entry, ensure_ascii=False) + "\n").encode()
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(descriptor, line)
+        finally:
+            os.close(descriptor)
+    except OSError as error:
+        if is_disk_full(error):
+            raise DiskFull(f"{path}: no space left on the device") from None
+        raise

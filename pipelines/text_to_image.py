@@ -141,7 +141,7 @@ class TextToImagePipeline:
         unknown = sorted(set(options) - {f.name for f in fields(GenerationConfig)})
         if unknown:
             raise GenerationError(f"unknown option(s) {unknown}: use {[f.name for f in fields(GenerationConfig)]}")
-        config, images = self._resolve(GenerationConfig(**options), init_image, mask)
+        config, images = self.resolve(GenerationConfig(**options), init_image, mask)
         refining = evaluating(self.refiner, False) if self.refiner else contextlib.nullcontext()
         with evaluating(self.model, self.vae_tiling), refining:
             yield from self._generate_all(prompts, config, images)
@@ -154,7 +154,7 @@ class TextToImagePipeline:
             batch = jobs[start : start + config.batch_size]
             yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], negatives, config, images)
 
-    def _resolve(
+    def resolve(
         self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
     ) -> tuple[GenerationConfig, Images]:
         """Check the settings a person gave; fill in every default (size, steps, guidance, scheduler,

@@ -13,6 +13,7 @@ from PIL import Image
 
 from commands.convert import main as convert
 from ldm.files import DiskFull, OutputExists, writing
+from pipelines.jobs import plan
 from pipelines.outputs import RunSettings, RunWriter
 from pipelines.settings import Generated, GenerationConfig
 
@@ -65,16 +66,17 @@ CONFIG = GenerationConfig(steps=2, guidance_scale=2.0, scheduler="euler", seed=0
 
 def test_two_runs_into_one_folder_take_the_next_free_numbers(tmp_path):
     settings = RunSettings("model", None, (), None, None)
-    first, second = RunWriter(tmp_path, settings), RunWriter(tmp_path, settings)
-
+    first, second = RunWriter(tmp_path, settings, CONFIG), RunWriter(tmp_path, settings, CONFIG)
+    jobs = plan(["p"], 2, 0)
     image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
-    for seed in range(2):
+    for job in jobs:
         for writer in (first, second):
-            writer.write(Generated(image=image, prompt="p", seed=seed, config=CONFIG))
-    first.finish()
-    second.finish()
+            writer.write(Generated(image=image, prompt="p", seed=job.seed, config=CONFIG), job)
+    first.finish(jobs)
+    second.finish(jobs)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["00000-0.png", "00001-0.png", "00002-1.png", "00003-1.png", "00004-grid.png", "00005-grid.png"]
+    assert names == ["00000-0.png", "00001-0.png", "00002-1.png", "00003-1.png", "00004-grid.png", "00005-grid.png",
+                     "manifest.jsonl"]  # fmt: skip
 
 
 def test_convert_onto_an_existing_output_is_refused_before_reading_the_model(tmp_path, capsys):

@@ -16,6 +16,7 @@ import sample
 from ldm.model import read_preset
 from ldm.single_file import save_single_file
 from pipelines.choices import SCHEDULERS
+from pipelines.outputs import read_manifest
 from pipelines.text_to_image import TextToImagePipeline
 
 
@@ -38,7 +39,7 @@ def test_writes_numbered_pngs_carrying_their_parameters_and_a_grid(tiny_model_di
     )  # fmt: skip
     assert code == 0 and out.splitlines()[-1] + "\n" == f"wrote 3 image(s) to {tmp_path / 'run'}\n"
     names = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert names == ["00000-5.png", "00001-6.png", "00002-7.png", "00003-grid.png"]  # in generation order
+    assert names == ["00000-5.png", "00001-6.png", "00002-7.png", "00003-grid.png", "manifest.jsonl"]  # in order
     info = Image.open(tmp_path / "run" / "00001-6.png").text
     assert {k: info[k] for k in ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale")} == {
         "prompt": "a (red) circle",
@@ -63,7 +64,7 @@ def test_a_second_run_in_the_same_folder_overwrites_nothing(tiny_model_dir, tmp_
     assert run(capsys, *options, "--seed", "1")[0] == 0
     before = (tmp_path / "00000-1.png").read_bytes()
     assert run(capsys, *options, "--seed", "9")[0] == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1.png", "00001-9.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000-1.png", "00001-9.png"]
     assert (tmp_path / "00000-1.png").read_bytes() == before
 
 
@@ -105,7 +106,7 @@ def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, 
             ["--prompt", "x", "--strength", "2", "--init-image", "{tmp}/photo.png"],
             "strength=2.0: must be between 0 and 1",
         ),
-        (["--prompt", "x", "--device", "tpu"], "device='tpu': use one of auto, cuda, mps, cpu"),
+        (["--prompt", "x", "--device", "tpu"], "device='tpu': use one of auto, cuda, cuda:N, mps, cpu"),
         (["--prompt-file", "{tmp}/empty.txt"], "--prompt-file {tmp}/empty.txt: no prompts in it"),
         (
             ["--prompt", "x", "--lora", "{tmp}/missing.safetensors:0.5"],
@@ -155,7 +156,7 @@ def test_without_a_model_the_shipped_default_is_used(tiny_model_dir, tmp_path, c
     monkeypatch.setattr(sample, "DEFAULT_MODEL", tiny_model_dir)
     code, out, _ = run(capsys, "--prompt", "a red circle", "--steps", "1", "--outdir", tmp_path)
     assert code == 0 and out.splitlines()[-1].startswith("wrote 1 image(s)")
-    assert Image.open(tmp_path / next(p.name for p in tmp_path.iterdir())).text["model"] == str(tiny_model_dir)
+    assert Image.open(tmp_path / next(p.name for p in tmp_path.glob("*.png"))).text["model"] == str(tiny_model_dir)
 
 
 def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch):
@@ -204,7 +205,7 @@ def test_each_image_is_on_disk_when_done_and_ctrl_c_keeps_them(tiny_model_dir, t
     original = TextToImagePipeline._generate_batch
 
     def interrupted_at_the_third(self, *args):
-        batches.append(sorted(p.name for p in tmp_path.iterdir()))  # what is on disk before each batch
+        batches.append(sorted(p.name for p in tmp_path.glob("*.png")))  # what is on disk before each batch
         if len(batches) == 3:
             raise KeyboardInterrupt
         return original(self, *args)
@@ -216,7 +217,8 @@ def test_each_image_is_on_disk_when_done_and_ctrl_c_keeps_them(tiny_model_dir, t
     last_line = err.rstrip("\n").replace("\r", "\n").splitlines()[-1]  # after the progress bars
     assert last_line == f"sample.py: interrupted; 2 finished image(s) kept in {tmp_path}"
     assert batches == [[], ["00000-0.png"], ["00000-0.png", "00001-1.png"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-0.png", "00001-1.png"]  # no grid, no partial file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-0.png", "00001-1.png", "manifest.jsonl"]  # no grid
+    assert [entry["file"] for entry in read_manifest(tmp_path)] == ["00000-0.png", "00001-1.png"]
     assert Image.open(tmp_path / "00001-1.png").text["seed"] == "1"
 
 
@@ -258,7 +260,7 @@ def test_seed_minus_one_is_random_and_recorded(tiny_model_dir, tmp_path, capsys)
         run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--steps", "1", "--seed", "-1", "--outdir", tmp_path)[0]
         == 0
     )
-    (image,) = tmp_path.iterdir()
+    (image,) = tmp_path.glob("*.png")
     seed = int(Image.open(image).text["seed"])
     assert seed >= 0 and image.name == f"00000-{seed}.png"
 
