@@ -346,11 +346,12 @@ def _load_unet(folder: Path) -> UNet:
 
 
 def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], part: str) -> None:
-    """load_state_dict(strict=True), with a one-line error that names the first offending key."""
+    """load_state_dict(strict=True), with a one-line error that names the first offending key. A module
+    built on the meta device takes the tensors themselves (in their precision); others copy them."""
     expected = module.state_dict()
     mismatched = [(k, state[k].shape, v.shape) for k, v in expected.items() if k in state and state[k].shape != v.shape]
     refuse_misfits(part, set(expected) - set(state), set(state) - set(expected), mismatched)
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=True, assign=any(w.is_meta for w in module.parameters()))
 
 
 def refuse_misfits(part: str, missing: Any, unexpected: Any, mismatched: Any) -> None:

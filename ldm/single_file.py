@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import DDIMScheduler
 from diffusers.loaders.single_file_utils import (
     convert_ldm_clip_checkpoint,
@@ -96,7 +97,8 @@ def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffu
     if first_conv not in state:
         raise ModelLoadError(f"{path}: no {first_conv}: not a whole Stable Diffusion UNet")
     spec["unet"]["in_channels"] = state[first_conv].shape[1]
-    model = LatentDiffusion.from_spec(spec)
+    with init_empty_weights():  # weights on the meta device, then the file's put in their place: no random
+        model = LatentDiffusion.from_spec(spec)  # copy first, so loading SDXL takes about the file's memory
     if model.is_refiner != refiner:
         raise ModelLoadError(f"{path}: {'an SDXL refiner' if refiner else 'not an SDXL refiner'}; "
                              f"the preset {preset!r} does not fit it")  # fmt: skip
@@ -148,6 +150,9 @@ def _load_weights(model: LatentDiffusion, state: dict[str, Tensor], sdxl: bool, 
         prefix = SDXL_OPEN_CLIP if sdxl else REFINER_OPEN_CLIP
         text = convert_open_clip_checkpoint(model.text_encoder_2, state, prefix=prefix)
         _load_text(model.text_encoder_2, text, "text_encoder_2")
+    for part in model.parts().values():  # the file's precision, one per part (a few files mix them)
+        if len({weight.dtype for weight in part.parameters()}) > 1:
+            part.float()
 
 
 def _load_text(encoder: torch.nn.Module, text: dict[str, Tensor], part: str) -> None:

@@ -159,3 +159,23 @@ def test_an_sdxl_refiner_file_reads_back_here_and_in_diffusers(tmp_path):
     assert_same_parts(refiner, pipe)
     with pytest.raises(ModelLoadError, match="an SDXL refiner; the preset 'sdxl-tiny' does not fit it"):
         load_single_file(tmp_path / "refiner.safetensors", preset="sdxl-tiny")
+
+
+def test_a_file_loads_into_weights_built_on_the_meta_device_in_its_own_precision(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """No random weights are made first (they would double SDXL's memory): every initialiser runs on
+    meta tensors, and the parts keep the file's fp16, for the pipeline to cast once to its own."""
+    model = LatentDiffusion.load(tiny_sdxl_dir)
+    for part in model.parts().values():
+        part.half()
+    save_single_file(model, tmp_path / "model.safetensors")
+    initialised = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "ones_", "zeros_"):
+        init = getattr(torch.nn.init, name)
+        monkeypatch.setattr(
+            torch.nn.init, name, lambda t, *a, _init=init, **k: initialised.append(t.device.type) or _init(t, *a, **k)
+        )
+    loaded = load_single_file(tmp_path / "model.safetensors")
+    assert initialised and set(initialised) == {"meta"}
+    assert {p.dtype for part in loaded.parts().values() for p in part.parameters()} == {torch.float16}
+    assert not any(t.is_meta for part in loaded.parts().values() for t in [*part.parameters(), *part.buffers()])
+    assert_same_parts(loaded, model)
