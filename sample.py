@@ -32,7 +32,7 @@ if __name__ == "__main__":  # before torch, diffusers and transformers load
 import argparse
 import random
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -229,21 +229,18 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     refiner = None if args.refiner is None else checked_source(args.refiner, "--refiner")
     check_writable(args.outdir or Path("outputs"), f"--outdir {args.outdir or 'outputs'}")
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from pipelines.devices import describe_device, pick_device
+    from pipelines.devices import describe_device, start_processes
     from pipelines.jobs import plan
     from pipelines.outputs import RunSettings, RunWriter, model_hash
     from pipelines.text_to_image import MAX_SEED, TextToImagePipeline
 
     quiet_libraries()
-    device = pick_device(args.device)
-    state = PartialState(cpu=device.type == "cpu")  # this process, and the others a launcher started, if any
+    state, device = start_processes(args.device)  # this process, and the others a launcher started, if any
     outdir, seed = args.outdir or new_outdir(), args.seed
     seed = random.randrange(MAX_SEED + 1 - len(prompts) * args.num_images) if seed in (None, -1) else seed
     outdir, seed = broadcast_object_list([outdir, seed])  # the main process's
-    device = state.device if device.type == "cuda" else device  # one GPU per process
     pipe = TextToImagePipeline.from_pretrained(
         source, device=str(device), dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
@@ -266,13 +263,10 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
 def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:
     """This process's images, each written as it is done; the grid by whichever process finishes the
     run's last image."""
-    from pipelines.jobs import runs_of_seeds
+    from pipelines.jobs import generate_jobs
 
-    for piece in runs_of_seeds(run.share):  # one call per run of consecutive seeds
-        options = asdict(replace(run.config, num_images=1, seed=piece[0].seed))
-        generated = pipe.generate_each([job.prompt for job in piece], run.init_image, run.mask, **options)
-        for image, job in zip(generated, piece, strict=True):
-            writer.write(image, job)
+    for job, generated in generate_jobs(pipe, run.share, run.config, run.init_image, run.mask):
+        writer.write(generated, job)
     writer.finish(run.jobs)
 
 

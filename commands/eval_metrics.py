@@ -2,15 +2,24 @@
 
     python -m commands.eval_metrics --model runs/my-model/model --prompt-file prompts.txt \
         --clip-model path/to/clip --reference-dir my-images --inception-weights pt_inception.pth
+    accelerate launch --multi_gpu --num_processes 4 -m commands.eval_metrics ...   # the images drawn by 4
+
+Image k is drawn from prompt k with seed --seed + k by whichever process draws it, so the figures do
+not depend on how many processes share the work.
 """
 
 import json
 import sys
 from pathlib import Path
 
+from accelerate.utils import gather_object
+
 from commands.cli import Parser, fail
 from ldm.errors import UserError
 from ldm.eval.metrics import clip_score, fid, read_images
+from pipelines.devices import start_processes
+from pipelines.jobs import generate_jobs, plan
+from pipelines.settings import GenerationConfig
 from pipelines.text_to_image import TextToImagePipeline
 
 
@@ -32,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 where the CPU or GPU has it), fp32, fp16, bf16")
     try:
         args = parser.parse_args(argv)
         if not (args.clip_model or args.reference_dir):
@@ -40,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--clip-model {args.clip_model}: no such folder (a local transformers CLIPModel)")
         prompts = [line.strip() for line in read_text(args.prompt_file).splitlines() if line.strip()]
         reference = read_images(args.reference_dir) if args.reference_dir else None
-        pipe = TextToImagePipeline.from_pretrained(args.model)
-        images = pipe(
-            prompts, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size
-        )
+        state, device = start_processes()  # one process, or those a launcher started: each draws its share
+        pipe = TextToImagePipeline.from_pretrained(args.model, device=str(device), dtype=args.dtype)
+        config = GenerationConfig(steps=args.steps, guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                                  progress=state.is_main_process)  # fmt: skip
+        with state.split_between_processes(plan(prompts, 1, args.seed)) as share:  # image k: seed + k
+            drawn = [(job.index, generated.image) for job, generated in generate_jobs(pipe, share, config)]
+        images = [image for _, image in sorted(gather_object(drawn), key=lambda pair: pair[0])]
+        if not state.is_main_process:
+            return 0
         results = {"images": len(images)}
         if args.clip_model:
             results["clip_score"] = round(clip_score(images, prompts, args.clip_model), 3)

@@ -21,6 +21,7 @@ from typing import Any
 import diffusers
 import torch
 import yaml
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, SchedulerMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -331,7 +332,8 @@ def _scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
 
 
 def _load_unet(folder: Path) -> UNet:
-    unet = UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")))
+    with init_empty_weights():  # no random weights first: the file's take their place (load_exactly)
+        unet = UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")))
     try:
         if (folder / WEIGHTS_FILE).is_file():
             state = load_file(folder / WEIGHTS_FILE)
@@ -342,7 +344,7 @@ def _load_unet(folder: Path) -> UNet:
     except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
         raise ModelLoadError(f"unet: unreadable weights, truncated or damaged ({str(error).splitlines()[0]})") from None
     load_exactly(unet, state, "unet")
-    return unet
+    return unet.float()  # fp16 files too: parts live in fp32; pipelines and trainers pick the run precision
 
 
 def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], part: str) -> None:

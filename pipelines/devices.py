@@ -6,11 +6,15 @@ import os
 from collections.abc import Iterator
 from copy import deepcopy
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from ldm.errors import UserError
 from ldm.model import DTYPES, LatentDiffusion
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 
 class DeviceError(UserError):
@@ -29,6 +33,16 @@ def pick_device(name: str = "auto") -> torch.device:
     if not available[kind] or index and int(index) >= torch.cuda.device_count():
         raise DeviceError(f"device={name!r} is not available on this machine")
     return torch.device(name)
+
+
+def start_processes(name: str = "auto") -> tuple["PartialState", torch.device]:
+    """This process's place among those a launcher started (`accelerate launch`, torchrun; one process
+    alone otherwise), and its device: one GPU per process, or the CPU, where processes talk over gloo."""
+    from accelerate import PartialState
+
+    device = pick_device(name)
+    state = PartialState(cpu=device.type == "cpu")
+    return state, state.device if device.type == "cuda" else device
 
 
 def memory_of(device: torch.device) -> int:

@@ -8,7 +8,15 @@ would write.
 """
 
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, NamedTuple
+
+from PIL import Image
+
+from pipelines.settings import Generated, GenerationConfig
+
+if TYPE_CHECKING:
+    from pipelines.text_to_image import TextToImagePipeline
 
 
 class Job(NamedTuple):
@@ -33,3 +41,19 @@ def runs_of_seeds(jobs: list[Job]) -> Iterator[list[Job]]:
         piece.append(job)
     if piece:
         yield piece
+
+
+def generate_jobs(
+    pipe: "TextToImagePipeline",
+    jobs: list[Job],
+    config: GenerationConfig,
+    init_image: Image.Image | None = None,
+    mask: Image.Image | None = None,
+) -> Iterator[tuple[Job, Generated]]:
+    """Each job's image as soon as its batch is done: one pipeline call per run of consecutive seeds,
+    `config.batch_size` images at a time."""
+    for piece in runs_of_seeds(jobs):
+        options = asdict(replace(config, num_images=1, seed=piece[0].seed))
+        yield from zip(
+            piece, pipe.generate_each([job.prompt for job in piece], init_image, mask, **options), strict=True
+        )

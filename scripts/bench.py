@@ -13,8 +13,8 @@ job, and loading an SDXL single file in fp16. Not a test: a benchmark prints fig
 """
 
 import argparse
-import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,12 +26,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from ldm.model import LatentDiffusion  # noqa: E402
+from commands.cli import quiet_libraries  # noqa: E402
+from ldm.model import DTYPES, LatentDiffusion  # noqa: E402
 from pipelines.devices import describe_device, pick_device, pick_dtype  # noqa: E402
 from scripts.benchlib import unet_config  # noqa: E402
 
-BEGIN, END = "<!-- bench.py: begin -->", "<!-- bench.py: end -->"
+HEADING = "## Speed and memory beside diffusers (scripts/bench.py)"
 PROMPT = "a photograph of an astronaut riding a horse"
+TITLES = {"pipeline": "SD 1.5, prompt to PNG", "sdxl": "SDXL UNet step", "memory": "Peak memory"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, kind in DTYPES.items() if kind == dtype)
 
 
 def machine() -> str:
@@ -93,7 +99,7 @@ def pipeline_table(folder: Path, args: argparse.Namespace) -> str:
     calls = {
         "diffusers, its defaults (fp32)": diffusers_png(torch.float32),
         "diffusers, bf16 weights": diffusers_png(torch.bfloat16),
-        f"ours, its defaults ({str(ours.dtype).removeprefix('torch.')})": ours_png,
+        f"ours, its defaults ({dtype_name(ours.dtype)})": ours_png,
     }
     best = best_of(args.rounds, calls)
     base, half = best["diffusers, its defaults (fp32)"], best["diffusers, bf16 weights"]
@@ -150,7 +156,7 @@ def sdxl_table(args: argparse.Namespace) -> str:
     ]
     return "\n".join([
         f"SDXL-shaped UNet, {width} ({parameters:,} parameters), random weights, {args.sdxl_size}², one guided "
-        f"step (batch 2); ours at `--dtype auto` ({str(dtype).removeprefix('torch.')}); best of {args.rounds} "
+        f"step (batch 2); ours at `--dtype auto` ({dtype_name(dtype)}); best of {args.rounds} "
         "interleaved rounds.",
         "",
         "| run | seconds per step | speed vs diffusers fp32 | speed vs diffusers bf16 |",
@@ -159,13 +165,27 @@ def sdxl_table(args: argparse.Namespace) -> str:
     ])  # fmt: skip
 
 
-def peak_memory(command: list[str]) -> float:
-    """The peak resident memory of a command's process, in GB."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{process.stderr.read().decode()}")
-    return usage.ru_maxrss * 1024 / 1e9  # Linux counts kB
+# The process's own peak (VmHWM), printed as it exits: the peak a parent reads with getrusage also
+# counts the parent's memory at the moment it forked.
+PEAK = """import atexit, sys
+def _peak():
+    kb = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print("peak-kB", kb, file=sys.stderr)
+atexit.register(_peak)
+"""
+SAMPLE_JOB = """import runpy, sys
+sys.argv = ["sample.py", *sys.argv[1:]]
+runpy.run_path("sample.py", run_name="__main__")
+"""
+
+
+def peak_memory(code: str, arguments: list[str]) -> float:
+    """The peak resident memory, in GB, of a fresh Python process running `code` with `arguments`."""
+    done = subprocess.run([sys.executable, "-c", PEAK + code, *arguments], cwd=ROOT, capture_output=True, text=True)
+    found = re.search(r"peak-kB (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"{code.strip().splitlines()[-1]} failed:\n{done.stderr[-2000:]}")
+    return int(found.group(1)) * 1024 / 1e9
 
 
 DIFFUSERS_JOB = """
@@ -178,25 +198,26 @@ image.images[0].save(sys.argv[5])
 """
 
 LOAD_JOB = """
-import sys
+import sys, torch
 from ldm.single_file import load_single_file
-load_single_file(sys.argv[1])
+model = load_single_file(sys.argv[1])
+with torch.no_grad():  # every weight read once: resident, not only mapped from the file
+    print(sum(float(p.sum()) for part in model.parts().values() for p in part.parameters()))
 """
 
 
 def memory_table(folder: Path, args: argparse.Namespace) -> str:
     out = Path(tempfile.mkdtemp())
-    python, job = sys.executable, DIFFUSERS_JOB.format(prompt=PROMPT)
-    size, steps = str(args.size), str(args.memory_steps)
-    ours = ["sample.py", "--model", str(folder), "--prompt", PROMPT, "--seed", "0", "--steps", steps,
-            "--height", size, "--width", size]  # fmt: skip
+    job, size, steps = DIFFUSERS_JOB.format(prompt=PROMPT), str(args.size), str(args.memory_steps)
+    ours = ["--model", str(folder), "--prompt", PROMPT, "--seed", "0", "--steps", steps, "--height", size,
+            "--width", size]  # fmt: skip
     jobs = {
-        "sample.py, its defaults (`--dtype auto`)": [python, *ours, "--outdir", str(out / "auto")],
-        "sample.py `--dtype fp32`": [python, *ours, "--dtype", "fp32", "--outdir", str(out / "fp32")],
-        "diffusers, its defaults (fp32)": [python, "-c", job, str(folder), size, steps, "float32", str(out / "a.png")],
-        "diffusers, bf16 weights": [python, "-c", job, str(folder), size, steps, "bfloat16", str(out / "b.png")],
+        "sample.py, its defaults (`--dtype auto`)": (SAMPLE_JOB, [*ours, "--outdir", str(out / "auto")]),
+        "sample.py `--dtype fp32`": (SAMPLE_JOB, [*ours, "--dtype", "fp32", "--outdir", str(out / "fp32")]),
+        "diffusers, its defaults (fp32)": (job, [str(folder), size, steps, "float32", str(out / "a.png")]),
+        "diffusers, bf16 weights": (job, [str(folder), size, steps, "bfloat16", str(out / "b.png")]),
     }
-    rows = [f"| {name} | {peak_memory(command):.2f} GB |" for name, command in jobs.items()]
+    rows = [f"| {name} | {peak_memory(code, arguments):.2f} GB |" for name, (code, arguments) in jobs.items()]
     lines = [
         f"Peak resident memory of one process: the SD 1.5-shaped model, {args.size}², {args.memory_steps} steps "
         "(more steps need no more memory), from start to PNG file.",
@@ -206,10 +227,11 @@ def memory_table(folder: Path, args: argparse.Namespace) -> str:
         *rows,
     ]
     sdxl_file = sdxl_single_file(Path(args.cache) / "sdxl-fp16.safetensors")
-    peak, size_gb = peak_memory([python, "-c", LOAD_JOB, str(sdxl_file)]), sdxl_file.stat().st_size / 1e9
+    peak, size_gb = peak_memory(LOAD_JOB, [str(sdxl_file)]), sdxl_file.stat().st_size / 1e9
     lines += [
         "",
-        f"Loading the SDXL preset's single file in fp16 ({size_gb:.2f} GB, random weights): peak {peak:.2f} GB, "
+        f"Loading the SDXL preset's single file in fp16 ({size_gb:.2f} GB, random weights) and reading every weight "
+        f"once: peak {peak:.2f} GB, "
         f"{peak / size_gb:.2f}x the file's size.",
     ]
     return "\n".join(lines)
@@ -232,12 +254,16 @@ def sdxl_single_file(path: Path) -> Path:
     return path
 
 
-def write_into(markdown: Path, section: str) -> None:
-    """Replace what lies between the bench.py markers (appended the first time)."""
+def write_into(markdown: Path, table: str, block: str) -> None:
+    """Put the table's block between its markers, under HEADING (both made the first time): a run
+    of one table leaves the others as they were."""
+    begin, end = f"<!-- bench.py {table}: begin -->", f"<!-- bench.py {table}: end -->"
     text = markdown.read_text()
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    if HEADING not in text:
+        text = text.rstrip() + f"\n\n{HEADING}\n"
+    block = f"{begin}\n{block}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     markdown.write_text(text)
@@ -255,10 +281,10 @@ def main() -> None:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "ldm-bench"), help="the models made")
     parser.add_argument("--write", action="store_true", help="put the tables into BENCHMARKS.md")
     args = parser.parse_args()
+    quiet_libraries()  # diffusers warns at every cast of its weights
     tables = args.only or ["pipeline", "sdxl", "memory"]
-    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
-    sections = [f"## Speed and memory beside diffusers ({time.strftime('%Y-%m-%d')})", "",
-                f"```bash\n{command.strip()}\n```", "", f"Machine: {machine()}."]  # fmt: skip
+    command = ("python scripts/bench.py " + " ".join(sys.argv[1:])).strip()
+    stamp = f"{time.strftime('%Y-%m-%d')}, `{command}`, {machine()}"
     folder = sd15_folder(Path(args.cache) / "sd15")
     for table in tables:
         print(f"running the {table} table", file=sys.stderr)
@@ -267,11 +293,10 @@ def main() -> None:
             "sdxl": lambda: sdxl_table(args),
             "memory": lambda: memory_table(folder, args),
         }[table]()
-        sections += ["", made]
-    section = "\n".join(sections)
-    print(section)
-    if args.write:
-        write_into(ROOT / "BENCHMARKS.md", section)
+        block = f"### {TITLES[table]}\n\n{stamp}.\n\n{made}"
+        print(block + "\n")
+        if args.write:
+            write_into(ROOT / "BENCHMARKS.md", table, block)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from ldm.model import LatentDiffusion
+from ldm.text import clip_tokenizer
 from pipelines import devices
 
 
@@ -109,3 +111,22 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("models") / "sdxl-tiny"
     perturbed_tiny_model("sdxl-tiny").save(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A CLIP model of a few thousand weights and its processor, saved: what CLIP score reads."""
+    torch.manual_seed(0)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    vision = dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=clip_tokenizer(),
+    )
+    folder = tmp_path_factory.mktemp("clip")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder, model, processor

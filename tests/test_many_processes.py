@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import sample
+from commands.eval_metrics import main as eval_metrics
 from pipelines.outputs import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,11 +45,12 @@ def arguments(model: Path, prompts: Path, outdir: Path) -> list[str]:
             "--seed", "5", "--steps", "2", "--scheduler", "euler-ancestral", "--outdir", str(outdir)]  # fmt: skip
 
 
-def launch(processes: int, argv: list[str]) -> subprocess.CompletedProcess:
+def launch(processes: int, program: list[str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` as a user types it on a machine without GPUs."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command += ["sample.py", *argv]
+    command += program
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -80,7 +82,7 @@ def test_two_processes_write_the_files_one_process_writes(tiny_model_dir, prompt
     """An ancestral sampler (fresh noise each step) and two images per prompt: seeds and noise follow
     the image's index in the run, not the process or the batch that drew it."""
     assert sample.main(arguments(tiny_model_dir, prompt_file, tmp_path / "one")) == 0
-    done = launch(2, arguments(tiny_model_dir, prompt_file, tmp_path / "two"))
+    done = launch(2, ["sample.py", *arguments(tiny_model_dir, prompt_file, tmp_path / "two")])
     names = [f"{k:05d}-{5 + k}.png" for k in range(6)] + ["00006-grid.png"]
     assert sorted(p.name for p in (tmp_path / "one").glob("*.png")) == names
     assert_same_files(tmp_path / "one", tmp_path / "two")
@@ -108,7 +110,7 @@ def test_a_rerun_after_a_kill_draws_only_the_missing_images(tiny_model_dir, prom
     monkeypatch.setattr(RunWriter, "write", write)
     kept = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("*.png")}
     assert sorted(kept) == ["00000-5.png", "00001-6.png"]
-    done = launch(2, [*run, "--skip-existing"])  # the rest, shared by two processes
+    done = launch(2, ["sample.py", *run, "--skip-existing"])  # the rest, shared by two processes
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("0000[01]-*.png")} == kept
     assert_same_files(tmp_path / "whole", tmp_path / "resumed")
     assert len(manifest(tmp_path / "resumed")) == 6
@@ -120,3 +122,13 @@ def test_a_rerun_after_a_kill_draws_only_the_missing_images(tiny_model_dir, prom
 def test_skip_existing_needs_the_folder_and_the_seed(prompt_file, capsys):
     assert sample.main(["--prompt-file", str(prompt_file), "--skip-existing", "--seed", "1"]) == 2
     assert "--skip-existing needs --outdir and --seed" in capsys.readouterr().err
+
+
+def test_the_metrics_are_the_same_with_their_images_drawn_by_two_processes(tiny_model_dir, tiny_clip, prompt_file,
+                                                                           capsys):  # fmt: skip
+    argv = ["--model", str(tiny_model_dir), "--prompt-file", str(prompt_file), "--clip-model", str(tiny_clip[0]),
+            "--steps", "2", "--seed", "3", "--dtype", "fp32"]  # fmt: skip
+    assert eval_metrics(argv) == 0
+    alone = json.loads(capsys.readouterr().out)
+    shared = json.loads(launch(2, ["-m", "commands.eval_metrics", *argv]).stdout)
+    assert alone == shared and alone["images"] == len(PROMPTS)

@@ -62,7 +62,8 @@ def clip_score(images: list[Image.Image], prompts: list[str], clip_model: str) -
         model, processor = CLIPModel.from_pretrained(clip_model), CLIPProcessor.from_pretrained(clip_model)
     except OSError as error:
         raise UserError(f"{clip_model}: not a local CLIP model folder ({str(error).splitlines()[0]})") from None
-    metric = CLIPScore(model_name_or_path=lambda: (FeaturesAsTensors(model), processor))  # a loader, not a hub name
+    # a loader, not a hub name; all the images are here (gathered from every process first), so no sync
+    metric = CLIPScore(model_name_or_path=lambda: (FeaturesAsTensors(model), processor), sync_on_compute=False)
     metric.update(as_uint8(images), prompts)
     return float(metric.compute())
 
@@ -72,7 +73,7 @@ def fid(
 ) -> float:
     """`feature` is the Inception feature width (torch-fidelity's network), or a module of one's own."""
     try:
-        metric = FrechetInceptionDistance(feature=feature, **options)
+        metric = FrechetInceptionDistance(feature=feature, sync_on_compute=False, **options)  # images gathered
     except (ModuleNotFoundError, OSError) as error:  # torch-fidelity missing, or its weights file
         raise UserError(
             f"FID: {str(error).splitlines()[0]} (pip install torch-fidelity; --inception-weights)"

@@ -4,28 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from ldm.eval.metrics import as_uint8, clip_score, fid
-from ldm.text import clip_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    torch.manual_seed(0)
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    vision = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
-    processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=clip_tokenizer(),
-    )
-    folder = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder, model, processor
 
 
 def images(seed: int, n: int = 4) -> list[Image.Image]:
