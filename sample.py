@@ -200,6 +200,7 @@ class Run(NamedTuple):
 
     jobs: list["Job"]  # every image of the run
     share: list["Job"]  # those this process draws: all of them, or its part of those not on file yet
+    process: str  # "" alone; "process 1 of 2: " when several share the run
     init_image: Image.Image | None
     mask: Image.Image | None
     config: "GenerationConfig"
@@ -257,7 +258,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     (writer.first,) = broadcast_object_list([writer.first_number(jobs, args.skip_existing)])
     done = writer.done(jobs) if args.skip_existing else {}
     with state.split_between_processes([job for job in jobs if job.index not in done]) as share:
-        return pipe, writer, Run(jobs, share, init_image, mask, config)
+        process = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
+        return pipe, writer, Run(jobs, share, process, init_image, mask, config)
 
 
 def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:
@@ -273,18 +275,19 @@ def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started: Ctrl-C is KeyboardInterrupt again
     one_line_warnings("sample.py")
-    writer = None
+    writer, process = None, ""
     try:
         pipe, writer, run = prepare(parse(argv))
+        process = run.process
         draw(pipe, writer, run)
     except UserError as error:
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         kept = f"{writer.written} finished image(s) kept in {writer.outdir}" if writer else "nothing written"
-        print(f"sample.py: interrupted; {kept}", file=sys.stderr)
+        print(f"sample.py: {process}interrupted; {kept}", file=sys.stderr)
         return 130
-    print(f"wrote {writer.written} image(s) to {writer.outdir}")
+    print(f"{process}wrote {writer.written} image(s) to {writer.outdir}")
     return 0
 
 

@@ -114,7 +114,7 @@ def test_a_rerun_after_a_kill_draws_only_the_missing_images(tiny_model_dir, prom
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resumed").glob("0000[01]-*.png")} == kept
     assert_same_files(tmp_path / "whole", tmp_path / "resumed")
     assert len(manifest(tmp_path / "resumed")) == 6
-    assert "wrote 2 image(s)" in done.stdout  # the main process's share of the four
+    assert "process 0 of 2: wrote 2 image(s)" in done.stdout  # the main process's share of the four
     assert sample.main([*run, "--skip-existing"]) == 0  # nothing left: nothing drawn, no second grid
     assert_same_files(tmp_path / "whole", tmp_path / "resumed")
 
