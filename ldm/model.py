@@ -136,8 +136,10 @@ class LatentDiffusion:
         return model
 
     @classmethod
-    def load(cls, source: str | Path) -> "LatentDiffusion":
-        """Load a diffusers-layout folder, or download one from the Hugging Face hub by id."""
+    def load(cls, source: str | Path, dtype: torch.dtype = torch.float32) -> "LatentDiffusion":
+        """Load a diffusers-layout folder, or download one from the Hugging Face hub by id. `dtype`: the
+        precision of the UNet and text encoders (a pipeline asks for the one it runs in, so the file's
+        fp32 is never held whole beside it); the VAE loads in fp32, as a pipeline may keep it there."""
         folder = Path(source)
         if not folder.is_dir():
             folder = download(str(source), extra=(SAMPLING_FILE,))
@@ -158,15 +160,15 @@ class LatentDiffusion:
                 raise ModelLoadError(f"{folder}: {part} is {declared!r}; only {class_name} is supported")
         model = cls(
             tokenizer=None if refiner else CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder=None if refiner else _load_pretrained(CLIPTextModel, folder / "text_encoder"),
-            unet=_load_unet(folder / "unet"),
-            vae=_load_pretrained(AutoencoderKL, folder / "vae", low_cpu_mem_usage=False),
+            text_encoder=None if refiner else _load_pretrained(CLIPTextModel, folder / "text_encoder", dtype),
+            unet=_load_unet(folder / "unet", dtype),
+            vae=_load_pretrained(AutoencoderKL, folder / "vae", torch.float32, low_cpu_mem_usage=False),
             scheduler=_scheduler_from_config(read_json(folder / "scheduler" / "scheduler_config.json")),
             sampling=SamplingDefaults.read(folder / SAMPLING_FILE) if (folder / SAMPLING_FILE).is_file() else None,
         )
         if sdxl:
             model.tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
-            model.text_encoder_2 = _load_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2")
+            model.text_encoder_2 = _load_pretrained(CLIPTextModelWithProjection, folder / "text_encoder_2", dtype)
             model.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", not refiner))
         check_text_widths(model)
         return model
@@ -331,20 +333,55 @@ def _scheduler_from_config(config: dict[str, Any]) -> SchedulerMixin:
         return scheduler_class.from_config(config)
 
 
-def _load_unet(folder: Path) -> UNet:
+def _load_unet(folder: Path, dtype: torch.dtype) -> UNet:
     with init_empty_weights():  # no random weights first: the file's take their place (load_exactly)
         unet = UNet(UNetConfig.from_diffusers(read_json(folder / "config.json")))
     try:
         if (folder / WEIGHTS_FILE).is_file():
-            state = load_file(folder / WEIGHTS_FILE)
+            state = read_weights(folder / WEIGHTS_FILE, dtype)
         elif (folder / "diffusion_pytorch_model.bin").is_file():
             state = torch.load(folder / "diffusion_pytorch_model.bin", map_location="cpu", weights_only=True)
         else:
             raise ModelLoadError(f"unet: no {WEIGHTS_FILE} (or .bin) in {folder}")
-    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError) as error:
         raise ModelLoadError(f"unet: unreadable weights, truncated or damaged ({str(error).splitlines()[0]})") from None
     load_exactly(unet, state, "unet")
-    return unet.float()  # fp16 files too: parts live in fp32; pipelines and trainers pick the run precision
+    return unet.to(dtype)  # fp16 files too: in the precision asked for (fp32 unless a pipeline asks)
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}  # fmt: skip
+
+
+def read_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors, each read on its own and its floats cast to `dtype` at once. So
+    a file in another precision never sits whole in memory beside the cast copy, as it does when
+    safetensors maps the whole file and the cast reads it all (the layout: an 8-byte little-endian
+    header length, a JSON header of dtype, shape and byte offsets, then the data;
+    huggingface/safetensors docs, "Format")."""
+    if dtype == torch.float32:
+        return load_file(path)  # mapped, read as used: nothing to cast
+    with path.open("rb") as file:
+        header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+        start = file.tell()
+        tensors = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            file.seek(start + begin)
+            data = bytearray(end - begin)
+            if file.readinto(data) != len(data):
+                raise SafetensorError(f"{path}: truncated at {key}")
+            kind = SAFETENSORS_DTYPES[entry["dtype"]]
+            tensor = (
+                torch.frombuffer(data, dtype=kind).reshape(entry["shape"])
+                if data
+                else torch.empty(entry["shape"], dtype=kind)
+            )
+            tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
 
 
 def load_exactly(module: nn.Module, state: dict[str, torch.Tensor], part: str) -> None:
@@ -369,11 +406,11 @@ def refuse_misfits(part: str, missing: Any, unexpected: Any, mismatched: Any) ->
         raise ModelLoadError(f"{part}: {key} has shape {tuple(found)} but the config needs {tuple(needed)}")
 
 
-def _load_pretrained(model_class: Any, folder: Path, **options: Any) -> nn.Module:
+def _load_pretrained(model_class: Any, folder: Path, dtype: torch.dtype, **options: Any) -> nn.Module:
     """transformers/diffusers from_pretrained, refusing what they would re-initialise: missing or misshapen weights."""
     try:
         model, info = model_class.from_pretrained(
-            folder, output_loading_info=True, ignore_mismatched_sizes=True, **options
+            folder, output_loading_info=True, ignore_mismatched_sizes=True, torch_dtype=dtype, **options
         )
     except OSError as error:  # no config or no weights file
         raise ModelLoadError(f"{folder.name}: {str(error).strip().splitlines()[0]}") from None
@@ -382,4 +419,4 @@ def _load_pretrained(model_class: Any, folder: Path, **options: Any) -> nn.Modul
             f"{folder.name}: unreadable weights, truncated or damaged ({str(error).strip().splitlines()[0]})"
         ) from None
     refuse_misfits(folder.name, info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"])
-    return model.float()  # fp16 files too: parts live in fp32; pipelines and trainers pick the run precision
+    return model.to(dtype)  # fp16 files too: in the precision asked for (fp32 unless a pipeline asks)

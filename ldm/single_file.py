@@ -71,11 +71,12 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     raise ModelLoadError(f"{path}: a single-file checkpoint must be .safetensors or .ckpt")
 
 
-def load_model(source: str | Path, preset: str | None = None) -> LatentDiffusion:
-    """A diffusers-layout folder or hub id, or a single file (built from `preset`, see load_single_file)."""
+def load_model(source: str | Path, preset: str | None = None, dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    """A diffusers-layout folder or hub id (its UNet and text encoders in `dtype`), or a single file (built
+    from `preset`, in the file's precision: see load_single_file)."""
     if str(source).endswith(SINGLE_FILE_SUFFIXES):
         return load_single_file(source, preset)
-    return LatentDiffusion.load(source)
+    return LatentDiffusion.load(source, dtype)
 
 
 def load_single_file(path: str | Path, preset: str | None = None) -> LatentDiffusion:

@@ -92,9 +92,10 @@ class TextToImagePipeline:
     @classmethod
     def from_pretrained(cls, source: str | Path, **options) -> "TextToImagePipeline":
         """A diffusers-layout folder or hub id, or an original single-file .safetensors/.ckpt checkpoint."""
-        model = load_model(source)
-        device, dtype = pick_device(options.get("device", "auto")), options.get("dtype", "auto")
-        return cls(on_device(model, device, pick_dtype(dtype, device), copy=False), **options)  # ours: no copy needed
+        device = pick_device(options.get("device", "auto"))
+        dtype = pick_dtype(options.get("dtype", "auto"), device)
+        model = load_model(source, dtype=dtype)  # read in the run's precision: no fp32 copy beside it
+        return cls(on_device(model, device, dtype, copy=False), **options)  # ours: no copy needed
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a LoRA file (diffusers/peft or kohya format) into the weights, `scale` times its strength."""
@@ -105,7 +106,7 @@ class TextToImagePipeline:
         runs the last steps of every image, from GenerationConfig.refiner_switch on."""
         if not self.model.is_sdxl:
             raise GenerationError("a refiner finishes an SDXL model's images; this model is not SDXL")
-        refiner = load_model(source)
+        refiner = load_model(source, dtype=self.dtype)
         if not refiner.is_sdxl:
             raise GenerationError(f"{source}: not an SDXL model, so it cannot refine SDXL latents")
         self.refiner = on_device(refiner, self.device, self.dtype, copy=False)

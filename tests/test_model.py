@@ -225,3 +225,28 @@ def test_half_precision_files_load_in_fp32(tiny_model, tmp_path):
         for key, value in part.state_dict().items():
             assert value.dtype == torch.float32, (name, key)
             assert torch.equal(value, expected[key].float()), (name, key)
+
+
+def test_a_folder_loads_in_the_precision_asked_each_weight_cast_as_it_is_read(tiny_model_dir, tmp_path):
+    """What a bf16 pipeline asks for: the UNet and text encoder read tensor by tensor into bf16 (the
+    whole fp32 file is never held beside its copy), the VAE in fp32; the same numbers as casting after."""
+    full, half = LatentDiffusion.load(tiny_model_dir), LatentDiffusion.load(tiny_model_dir, torch.bfloat16)
+    for name in ("unet", "text_encoder"):
+        ours, cast = getattr(half, name).state_dict(), getattr(full, name).to(torch.bfloat16).state_dict()
+        assert ours.keys() == cast.keys() and all(torch.equal(ours[k], cast[k]) for k in ours), name
+    assert next(half.vae.parameters()).dtype == torch.float32
+    weights = {"a": torch.randn(3, 4), "ids": torch.arange(5), "empty": torch.zeros(0, 2)}
+    save_file(weights, tmp_path / "w.safetensors")
+    read = ldm.model.read_weights(tmp_path / "w.safetensors", torch.bfloat16)
+    assert torch.equal(read["a"], weights["a"].bfloat16()) and torch.equal(read["ids"], weights["ids"])
+    assert read["empty"].shape == (0, 2) and read["empty"].dtype == torch.bfloat16
+
+
+def test_a_truncated_unet_file_is_one_line_in_any_precision(tiny_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ModelLoadError, match="unet: unreadable weights, truncated or damaged"):
+            LatentDiffusion.load(folder, dtype)
