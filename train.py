@@ -40,12 +40,12 @@ def sampler(config: TrainConfig) -> Validate | None:
         return None
 
     def validate(model: LatentDiffusion, step: int, device: torch.device) -> Image.Image:
-        from ldm.model import DTYPES
+        from ldm.model import dtype_name
         from pipelines.outputs import grid
         from pipelines.text_to_image import TextToImagePipeline
 
         # in the UNet's own precision: a LoRA run's frozen half-precision weights are not copied to fp32
-        dtype = next(name for name, kind in DTYPES.items() if kind == model.unet.conv_in.weight.dtype)
+        dtype = dtype_name(model.unet.conv_in.weight.dtype)
         pipe = TextToImagePipeline(model, device=str(device.type), dtype=dtype)
         images = pipe(
             validation.prompts,

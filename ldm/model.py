@@ -52,6 +52,11 @@ SAMPLING_FILE = "sampling.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # by the names configs use
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A precision by the name configs and flags use: torch.bfloat16 -> "bf16"."""
+    return next(name for name, kind in DTYPES.items() if kind == dtype)
+
+
 class ModelLoadError(UserError):
     """A model folder, hub id or preset that cannot be loaded; the message says which part and why."""
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ldm.errors import UserError
-from ldm.model import DTYPES, LatentDiffusion
+from ldm.model import DTYPES, LatentDiffusion, dtype_name
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -85,8 +85,7 @@ def describe_device(device: torch.device, dtype: torch.dtype) -> str:
         where = f"{flags.get('cpu_name') or 'CPU'}, {torch.get_num_threads()} threads, {bf16}"
     else:
         where = device.type
-    name = next(name for name, kind in DTYPES.items() if kind == dtype)
-    return f"{device.type} ({where}): {name} weights"
+    return f"{device.type} ({where}): {dtype_name(dtype)} weights"
 
 
 def on_device(model: LatentDiffusion, device: torch.device, dtype: torch.dtype, copy: bool) -> LatentDiffusion:

@@ -27,17 +27,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from commands.cli import quiet_libraries  # noqa: E402
-from ldm.model import DTYPES, LatentDiffusion  # noqa: E402
+from ldm.model import LatentDiffusion, dtype_name  # noqa: E402
 from pipelines.devices import describe_device, pick_device, pick_dtype  # noqa: E402
 from scripts.benchlib import unet_config  # noqa: E402
 
 HEADING = "## Speed and memory beside diffusers (scripts/bench.py)"
 PROMPT = "a photograph of an astronaut riding a horse"
 TITLES = {"pipeline": "SD 1.5, prompt to PNG", "sdxl": "SDXL UNet step", "memory": "Peak memory"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, kind in DTYPES.items() if kind == dtype)
 
 
 def machine() -> str:

@@ -24,7 +24,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionMod
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from commands.cli import quiet_libraries  # noqa: E402
-from ldm.model import LatentDiffusion  # noqa: E402
+from ldm.model import LatentDiffusion, dtype_name  # noqa: E402
 from ldm.unet import UNet  # noqa: E402
 from pipelines.devices import describe_device  # noqa: E402
 from pipelines.text_to_image import TextToImagePipeline  # noqa: E402
@@ -175,10 +175,6 @@ def training_row(label: str, config, mode: str, size: int, device: str) -> str:
 
     spent, memory = seconds_per_call(one, 2), peak_gb(one)
     return f"| {label}, {size}², batch 1, {type(optimizer).__name__} | {spent:.2f} s, peak {memory:.2f} GB |"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
 def main(argv: list[str] | None = None) -> int:
