@@ -255,8 +255,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     config, _ = pipe.resolve(asked, init_image, mask)
     settings = RunSettings(source, model_hash(source), loras, refiner, refiner and model_hash(refiner))
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
-    (writer.first,) = broadcast_object_list([writer.first_number(jobs, args.skip_existing)])
     done = writer.done(jobs) if args.skip_existing else {}
+    (writer.first,) = broadcast_object_list([writer.first_number(done)])
     with state.split_between_processes([job for job in jobs if job.index not in done]) as share:
         process = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
         return pipe, writer, Run(jobs, share, process, init_image, mask, config)

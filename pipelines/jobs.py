@@ -2,9 +2,9 @@
 
 Image k of a run (k counts over every prompt's images, in order) draws prompt k // num_images with
 seed S + k, and is written under number first + k. Nothing about an image depends on which process
-draws it or what else is in its batch, so `accelerate launch --num_processes N sample.py ...` splits
-the jobs with Accelerate's `PartialState.split_between_processes` and writes the files one process
-would write.
+draws it, so `accelerate launch --num_processes N sample.py ...` splits the jobs with Accelerate's
+`PartialState.split_between_processes` and writes the files one process would write (pixel for pixel
+at batch size 1; in larger batches a CPU kernel may round an image otherwise beside other images).
 """
 
 from collections.abc import Iterator

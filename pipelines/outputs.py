@@ -172,12 +172,11 @@ class RunWriter:
         """The PNG text chunks (and manifest fields) of a job's image."""
         return png_fields(job.prompt, job.seed, self.config, self.settings)
 
-    def first_number(self, jobs: list[Job], resume: bool) -> int:
-        """The run's first number: the folder's next free one; resuming, the one the run's images
-        already on file were written under."""
-        if resume:
-            for index, path in self.done(jobs).items():
-                return int(_NUMBERED.match(path.name).group(1)) - index
+    def first_number(self, done: dict[int, Path]) -> int:
+        """The run's first number: the one its images already on file (`done`) were written under,
+        else the folder's next free one."""
+        for index, path in done.items():
+            return int(_NUMBERED.match(path.name).group(1)) - index
         return next_number(self.outdir) if self.outdir.is_dir() else 0
 
     def done(self, jobs: list[Job]) -> dict[int, Path]:
