@@ -32,27 +32,24 @@ if __name__ == "__main__":  # before torch, diffusers and transformers load
 import argparse
 import random
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from PIL import Image, UnidentifiedImageError
 
 from ldm.errors import UserError
 from ldm.files import SINGLE_FILE_SUFFIXES
-from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING
 from pipelines.infotext import InfotextError, settings_from_png
+from pipelines.settings import MAX_SEED, SDXL, GenerationConfig, declared, value_type
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
     from pipelines.jobs import Job
     from pipelines.outputs import RunWriter
-    from pipelines.settings import GenerationConfig
     from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
-FROM_PNG = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "guidance_scale", "emphasis", "model",
-            "height", "width", "strength", "lora", "prompt_2", "negative_prompt_2", "refiner", "refiner_switch",
-            *SIZE_CONDITIONING)  # fmt: skip
+FROM_PNG = ("prompt", "model", "lora", "refiner", *(item.name for item, setting in declared() if setting.png))
 
 
 def make_parser() -> Parser:
@@ -62,27 +59,12 @@ def make_parser() -> Parser:
     prompts.add_argument("--prompt-file", type=Path, help="one prompt per line")
     parser.add_argument("--from-png", type=Path, help="the settings of a PNG made here (or by A1111); flags override")
     parser.add_argument("--model", help="model folder, hub id, or SD .safetensors/.ckpt (default: the shipped model)")
-    parser.add_argument("--negative-prompt", help="what to steer away from")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--batch-size", type=int, default=1, help="images generated at once")
-    parser.add_argument("--steps", type=int, help="default: the model's sampling.json, else 30")
-    parser.add_argument("--guidance-scale", type=float, help="default: the model's sampling.json, else 7.5")
-    parser.add_argument(
-        "--scheduler",
-        choices=list(SCHEDULERS),
-        metavar="NAME",
-        help=f"{', '.join(SCHEDULERS)} (default: the model's own; lcm is for LCM-distilled models)",
-    )
-    parser.add_argument("--seed", type=int, help="image k uses seed+k (default or -1: random, recorded in the PNG)")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--emphasis", choices=EMPHASIS_MODES, help="how (word:1.2) weights apply (default: original)")
+    groups = add_settings(parser)
     parser.add_argument("--outdir", type=Path, help="default: a new folder under outputs/")
     parser.add_argument(
         "--skip-existing", action="store_true", help="rerun into --outdir: draw only the images not on file yet"
     )
     parser.add_argument("--init-image", type=Path, help="start from this picture (image-to-image)")
-    parser.add_argument("--strength", type=float, help="how far to move from the init image, 0..1 (default 0.8)")
     parser.add_argument("--mask", type=Path, help="inpaint: white is repainted, black kept (needs --init-image)")
     parser.add_argument(
         "--lora",
@@ -91,17 +73,7 @@ def make_parser() -> Parser:
         metavar="F[:SCALE]",
         help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
     )
-    parser.add_argument("--attention-maps", action="store_true", help="write a heatmap per prompt token")
-    parser.add_argument(
-        "--truncate-prompts", dest="truncate", action="store_true", help="cut prompts at 75 tokens instead of chunking"
-    )
-    sdxl = parser.add_argument_group("SDXL: second prompts, size conditioning (default: the output size, crop 0 0)")
-    sdxl.add_argument("--prompt-2", help="what the second text encoder reads (default: the prompt)")
-    sdxl.add_argument("--negative-prompt-2", help="the same for the negative prompt")
-    for name, metavar in zip(SIZE_CONDITIONING, [("H", "W"), ("TOP", "LEFT"), ("H", "W")] * 2, strict=True):
-        sdxl.add_argument("--" + name.replace("_", "-"), type=int, nargs=2, metavar=metavar)
-    sdxl.add_argument("--refiner", help="an SDXL refiner (folder, hub id or file) that runs the last steps")
-    sdxl.add_argument("--refiner-switch", type=float, help="the noise schedule's fraction the base runs (0.8)")
+    groups[SDXL].add_argument("--refiner", help="an SDXL refiner (folder, hub id or file) that runs the last steps")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument(
         "--dtype", default="auto", help="auto (bf16 on GPUs and CPUs with bf16 instructions), fp32, fp16 or bf16"
@@ -111,6 +83,28 @@ def make_parser() -> Parser:
     return parser
 
 
+def add_settings(parser: Parser) -> dict[str, Any]:
+    """A flag per GenerationConfig setting that has one, as its declaration types and describes it
+    (default None: a flag left out keeps the config's default, or a PNG's value); the --help sections."""
+    groups: dict[str, Any] = {}
+    for item, setting in declared():
+        if setting.flag is None:
+            continue
+        if setting.group and setting.group not in groups:
+            groups[setting.group] = parser.add_argument_group(setting.group)
+        kind = value_type(item)
+        options: dict[str, Any] = {"dest": item.name, "help": setting.help}
+        if kind is bool:
+            options["action"] = "store_true"
+        else:
+            options |= {"type": int if kind is tuple else kind, "metavar": setting.metavar}
+            options |= {"nargs": 2} if kind is tuple else {}
+            options |= {"choices": setting.choices} if setting.choices else {}
+        flag = "--" + (setting.flag or item.name.replace("_", "-"))
+        groups.get(setting.group, parser).add_argument(flag, default=None, **options)
+    return groups
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with a PNG's settings filled in and the combinations checked."""
     args = make_parser().parse_args(argv)
@@ -118,15 +112,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         apply_png_settings(args)
     if args.prompt is None and args.prompt_file is None:
         raise UsageError("one of --prompt, --prompt-file or --from-png is required")
-    if args.seed is not None and args.seed < -1:
-        raise UsageError(f"--seed {args.seed}: use a seed of 0 or more, or -1 for a random one")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image: it says how far to move from that picture")
     if args.refiner_switch is not None and args.refiner is None:
         raise UsageError("--refiner-switch needs --refiner: it says when the refiner takes over")
     if args.refiner is not None and (args.init_image or args.attention_maps):
         raise UsageError("--refiner: text-to-image only, not with --init-image or --attention-maps")
-    if args.skip_existing and (args.outdir is None or args.seed in (None, -1)):
+    args.config = generation_config(args)  # every setting checked, before the libraries load
+    if args.skip_existing and (args.outdir is None or args.config.seed is None):
         raise UsageError("--skip-existing needs --outdir and --seed: the folder and the seeds of the run to finish")
     return args
 
@@ -206,12 +199,10 @@ class Run(NamedTuple):
     config: "GenerationConfig"
 
 
-def generation_config(args: argparse.Namespace) -> "GenerationConfig":
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The flags named as GenerationConfig's fields, as one object; flags left out keep its defaults."""
-    from pipelines.settings import GenerationConfig
-
-    given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig) if getattr(args, f.name, None) is not None}
-    return GenerationConfig(**given | {"seed": None if args.seed == -1 else args.seed})
+    given = {item.name: getattr(args, item.name, None) for item, _ in declared()}
+    return GenerationConfig(**{name: value for name, value in given.items() if value is not None})
 
 
 def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter", Run]:
@@ -235,12 +226,12 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     from pipelines.devices import describe_device, start_processes
     from pipelines.jobs import plan
     from pipelines.outputs import RunSettings, RunWriter, model_hash
-    from pipelines.text_to_image import MAX_SEED, TextToImagePipeline
+    from pipelines.text_to_image import TextToImagePipeline
 
     quiet_libraries()
     state, device = start_processes(args.device)  # this process, and the others a launcher started, if any
-    outdir, seed = args.outdir or new_outdir(), args.seed
-    seed = random.randrange(MAX_SEED + 1 - len(prompts) * args.num_images) if seed in (None, -1) else seed
+    outdir, seed, images = args.outdir or new_outdir(), args.config.seed, len(prompts) * args.config.num_images
+    seed = random.randrange(MAX_SEED + 1 - images) if seed is None else seed
     outdir, seed = broadcast_object_list([outdir, seed])  # the main process's
     pipe = TextToImagePipeline.from_pretrained(
         source, device=str(device), dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
@@ -251,7 +242,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         pipe.load_lora(path, scale)
     if refiner is not None:
         pipe.load_refiner(refiner)
-    asked = replace(generation_config(args), seed=seed, progress=state.is_main_process)
+    asked = replace(args.config, seed=seed, progress=state.is_main_process)
     config, _ = pipe.resolve(asked, init_image, mask)
     settings = RunSettings(source, model_hash(source), loras, refiner, refiner and model_hash(refiner))
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ldm.errors import UserError
-from pipelines.choices import SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
+from pipelines.settings import GenerationConfig, declared, from_text
 
 
 class InfotextError(UserError):
@@ -85,47 +85,54 @@ def settings_from_png(path: Path) -> dict[str, Any]:
 
 
 def _ours(chunks: dict[str, str]) -> dict[str, Any]:
-    settings: dict[str, Any] = {
-        "prompt": chunks["prompt"],
-        "negative_prompt": chunks.get("negative_prompt", ""),
-        "seed": int(chunks["seed"]),
-        "steps": int(chunks["steps"]),
-        "scheduler": chunks["scheduler"],
-        "guidance_scale": float(chunks["guidance_scale"]),
-        "emphasis": chunks.get("emphasis", "original"),
-        "model": chunks.get("model"),
-        "height": int(chunks["height"]),
-        "width": int(chunks["width"]),
-        "strength": float(chunks["strength"]) if "strength" in chunks else None,
-    }
-    sdxl = {name: [int(v) for v in chunks[name].split(",")] for name in SIZE_CONDITIONING if name in chunks}
-    sdxl |= {name: chunks[name] for name in ("prompt_2", "negative_prompt_2", "refiner") if name in chunks}
-    sdxl |= {"refiner_switch": float(chunks["refiner_switch"])} if "refiner_switch" in chunks else {}
+    """Every recorded setting, by its declaration's type; the run's model, LoRAs and refiner."""
+    settings: dict[str, Any] = {"prompt": chunks["prompt"], "model": chunks.get("model")}
+    for item, declaration in declared():
+        if declaration.png and item.name in chunks:
+            settings[item.name] = from_text(item, chunks[item.name])
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
-    return settings | sdxl | {"lora": [(path, float(scale)) for path, _, scale in loras]}
+    settings["lora"] = [(path, float(scale)) for path, _, scale in loras]
+    return settings | ({"refiner": chunks["refiner"]} if "refiner" in chunks else {})
+
+
+def infotext_pairs(config: GenerationConfig) -> dict[str, Any]:
+    """A resolved config's settings under A1111's infotext keys, in A1111's names for their values."""
+    pairs = {}
+    for item, declaration in declared():
+        value = getattr(config, item.name)
+        if declaration.infotext is None or value is None:
+            continue
+        if declaration.infotext == "Size":  # A1111's one composite: width x height
+            value = f"{config.width}x{config.height}"
+        pairs[declaration.infotext] = (declaration.webui or {}).get(value, value)
+    return pairs
 
 
 def _webui(fields: dict[str, str]) -> dict[str, Any]:
-    sampler = fields.get("Sampler", "")
-    if fields.get("Schedule type") == "Karras" and not sampler.endswith("Karras"):
-        sampler += " Karras"  # A1111 1.9+ writes the schedule apart from the sampler
-    names = {s.webui_name: name for name, s in SCHEDULERS.items()}
-    if sampler and sampler not in names:
-        raise InfotextError(f"sampler {sampler!r} has no match here ({', '.join(names)}); pass --scheduler")
-    emphasis = {webui: ours for ours, webui in WEBUI_EMPHASIS.items()}.get(fields.get("Emphasis", "Original"))
+    """The settings an A1111 infotext names, by our names and values."""
+    if fields.get("Schedule type") == "Karras" and not fields.get("Sampler", "Karras").endswith("Karras"):
+        fields["Sampler"] += " Karras"  # A1111 1.9+ writes the schedule apart from the sampler
+    settings: dict[str, Any] = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"]}
     width, _, height = fields.get("Size", "").partition("x")
     try:
-        return {
-            "prompt": fields["Prompt"],
-            "negative_prompt": fields["Negative prompt"],
-            "seed": int(fields["Seed"]) if "Seed" in fields else None,
-            "steps": int(fields["Steps"]) if "Steps" in fields else None,
-            "scheduler": names.get(sampler),
-            "guidance_scale": float(fields["CFG scale"]) if "CFG scale" in fields else None,
-            "emphasis": emphasis,
-            "height": int(height) if height else None,
-            "width": int(width) if width else None,
-            "strength": float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
-        }
+        for item, declaration in declared():
+            key = declaration.infotext
+            if key is None or key not in fields:
+                continue
+            if key == "Size":
+                settings[item.name] = int(height if item.name == "height" else width)
+            elif declaration.webui:
+                settings[item.name] = _ours_named(declaration.webui, key, fields[key], item.name)
+            else:
+                settings[item.name] = from_text(item, fields[key])
     except ValueError as error:
         raise InfotextError(f"A1111 parameters: {error}") from None
+    return settings
+
+
+def _ours_named(names: dict[str, str], key: str, text: str, name: str) -> str:
+    ours = {webui: our for our, webui in names.items()}
+    if text not in ours:
+        flag = name.replace("_", "-")
+        raise InfotextError(f"{key.lower()} {text!r} has no match here ({', '.join(ours)}); pass --{flag}")
+    return ours[text]

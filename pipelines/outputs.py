@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,9 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from ldm.files import DiskFull, OutputExists, is_disk_full, writing
-from pipelines.choices import SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
-from pipelines.infotext import format_infotext
+from pipelines.infotext import format_infotext, infotext_pairs
 from pipelines.jobs import Job
-from pipelines.settings import Generated, GenerationConfig
+from pipelines.settings import Generated, GenerationConfig, declared, to_text
 
 _NUMBERED = re.compile(r"^(\d{5})-")
 MANIFEST = "manifest.jsonl"  # a line per image written into the folder: its file, index in the run, settings
@@ -58,51 +57,35 @@ def model_hash(source: str) -> str | None:
 
 
 def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSettings) -> dict[str, str]:
-    """An image's text chunks: one per parameter (what --from-png reads), and `parameters` in the
-    A1111 form. `config` is resolved: it knows the size."""
-    fields = {
-        "prompt": prompt,
-        "negative_prompt": config.negative_prompt,
-        "seed": str(seed),
-        "steps": str(config.steps),
-        "scheduler": config.scheduler,
-        "guidance_scale": str(config.guidance_scale),
-        "emphasis": config.emphasis,
-        "model": settings.model,
-        "width": str(config.width),
-        "height": str(config.height),
-    }
+    """An image's text chunks: one per recorded setting (what --from-png reads), and `parameters` in
+    the A1111 form. `config` is resolved: it knows the size."""
+    config = replace(config, seed=seed)  # the image's own
+    fields = {"prompt": prompt, "model": settings.model}
+    for item, declaration in declared():
+        if declaration.png and getattr(config, item.name) is not None:
+            fields[item.name] = to_text(getattr(config, item.name))
     if settings.model_hash:
         fields["model_hash"] = settings.model_hash
-    if config.strength is not None:
-        fields["strength"] = str(config.strength)
-    for name in ("prompt_2", "negative_prompt_2"):
-        if getattr(config, name) is not None:
-            fields[name] = getattr(config, name)
-    for name in SIZE_CONDITIONING:  # SDXL's, resolved; None for other models
-        if getattr(config, name) is not None:
-            fields[name] = ",".join(map(str, getattr(config, name)))
     if settings.loras:
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
     if settings.refiner:
-        fields |= {"refiner": settings.refiner, "refiner_switch": str(config.refiner_switch)}
+        fields["refiner"] = settings.refiner
+    settings_pairs = infotext_pairs(config)
+    if not _emphasised(prompt, config):
+        settings_pairs.pop("Emphasis", None)
+    size = list(settings_pairs).index("Size") + 1  # A1111 names the model right after the size
     refiner = settings.refiner and Path(settings.refiner).name
-    sampler = SCHEDULERS[config.scheduler].webui_name if config.scheduler in SCHEDULERS else config.scheduler
-    pairs = {
-        "Steps": config.steps,
-        "Sampler": sampler,
-        "CFG scale": config.guidance_scale,
-        "Seed": seed,
-        "Size": f"{config.width}x{config.height}",
+    pairs = dict(list(settings_pairs.items())[:size]) | {
         "Model hash": settings.model_hash,
         "Model": Path(settings.model).name or settings.model,
-        "Denoising strength": config.strength,
-        "Emphasis": WEBUI_EMPHASIS[config.emphasis] if _emphasised(prompt, config) else None,
+    }
+    switch = settings_pairs.pop("Refiner switch at", None)
+    pairs |= dict(list(settings_pairs.items())[size:]) | {
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
         # A1111's refiner fields (modules/processing_scripts/refiner.py); A1111 switches after that
         # fraction of the steps, diffusers and we at that fraction of the noise schedule
         "Refiner": f"{refiner} [{settings.refiner_hash}]" if settings.refiner_hash else refiner,
-        "Refiner switch at": config.refiner_switch,
+        "Refiner switch at": switch,
     }
     fields["parameters"] = format_infotext(prompt, config.negative_prompt, pairs)
     return fields

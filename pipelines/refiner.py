@@ -11,7 +11,6 @@ image=latents)` (pipeline_stable_diffusion_xl.py, `__call__`; pipeline_stable_di
 
 from torch import Tensor
 
-DEFAULT_SWITCH = 0.8
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's time ids, as diffusers' defaults
 
 

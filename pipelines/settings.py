@@ -1,15 +1,29 @@
-"""One generation run's settings: what a person asks (GenerationConfig, None where the pipeline or
-the model decides), the checks that refuse a bad request in one line, and what each image comes
-out with (Generated, carrying the resolved settings the PNG metadata records)."""
+"""One generation run's settings, declared once: what a person asks (GenerationConfig, None where
+the pipeline or the model decides), and what each image comes out with (Generated, carrying the
+resolved settings its PNG records).
 
-from dataclasses import dataclass, field
+Each field of GenerationConfig carries a `Setting`: its help, its sample.py flag, its bounds, whether
+our PNG chunk records it, its key in A1111's infotext and its field in A1111's API. sample.py's flags,
+the checks, the PNG text, the infotext writer and reader and the server's requests are all read
+from there: a new setting is one field here. This module stays free of torch, so that sample.py
+builds its flags and checks them before the libraries load.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import Field, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, get_args
 
 from PIL import Image
-from torch import Tensor
 
 from ldm.errors import UserError
-from pipelines.choices import SIZE_CONDITIONING
-from pipelines.refiner import DEFAULT_SWITCH
+from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+MAX_SEED = 2**32 - 1  # A1111 draws and writes seeds in 0..2**32-1
+DEFAULT_SWITCH = 0.8  # an SDXL refiner takes over for the last 20% of the noise schedule
 
 
 class GenerationError(UserError):
@@ -17,41 +31,179 @@ class GenerationError(UserError):
 
 
 @dataclass(frozen=True)
+class Setting:
+    """How one setting is asked for, checked and recorded."""
+
+    help: str
+    flag: str | None = ""  # sample.py's --flag: "" for the field's name with dashes, None for none
+    metavar: str | tuple[str, ...] | None = None
+    group: str = ""  # the --help section ("SDXL"); "" for the main one
+    choices: tuple[str, ...] = ()
+    low: float | None = None  # the bounds, inclusive; every float must also be finite
+    high: float | None = None
+    valid: str = ""  # what the error says is valid, where the bounds alone do not say it
+    png: bool = True  # our PNG text records it (and --from-png reads it back)
+    infotext: str | None = None  # its key in A1111's `parameters` text
+    webui: dict[str, str] | None = None  # our value -> A1111's, where the names differ
+    api: str | None = None  # its field in A1111's /sdapi/v1/txt2img request
+
+
+def setting(default: Any, help: str, **declared: Any) -> Any:
+    """A GenerationConfig field with its Setting."""
+    return field(default=default, metadata={"setting": Setting(help, **declared)})
+
+
+def declared() -> Iterator[tuple[Field, Setting]]:
+    """GenerationConfig's fields with their Settings, in order."""
+    for item in fields(GenerationConfig):
+        yield item, item.metadata["setting"]
+
+
+def value_type(item: Field) -> type:
+    """A field's type without its None: int, float, str, bool or tuple (SDXL's sizes)."""
+    types = [t for t in get_args(item.type) or (item.type,) if t is not type(None)]
+    return getattr(types[0], "__origin__", types[0])
+
+
+def to_text(value: Any) -> str:
+    """A value as our PNG text records it: SDXL's sizes as "H,W"."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def from_text(item: Field, text: str) -> Any:
+    """A field's value back from its PNG text (ValueError if it is not one)."""
+    kind = value_type(item)
+    return tuple(int(v) for v in text.split(",")) if kind is tuple else kind(text)
+
+
+class SettingError(GenerationError):
+    """One setting out of its bounds: `name=value: what is valid`."""
+
+
+SDXL = "SDXL: second prompts, size conditioning (default: the output size, crop 0 0)"
+SAMPLERS = {name: sampler.webui_name for name, sampler in SCHEDULERS.items()}
+SEEDS = f"use a seed of 0 to {MAX_SEED}, as A1111 writes them, or -1 for a random one"
+
+
+def _sizes(default_help: str, metavar: tuple[str, str], low: int) -> Any:
+    return setting(None, default_help, metavar=metavar, group=SDXL, low=low)
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     """One run's settings: as asked (None where the pipeline or the model decides), then resolved by
     the pipeline into the same class with every value known. Each result carries the resolved one,
-    and the PNG metadata reads it."""
+    and the PNG metadata reads it. Made, it has passed every check that needs no model."""
 
-    negative_prompt: str = ""
+    negative_prompt: str = setting("", "what to steer away from")
     # SDXL: what its second text encoder reads instead of each prompt, and of the negative prompt
     # (diffusers' names); None: the same text as the first encoder.
-    prompt_2: str | None = None
-    negative_prompt_2: str | None = None
-    num_images: int = 1  # per prompt
-    batch_size: int = 1
-    steps: int | None = None  # None: the model's sampling.json, else DEFAULT_STEPS
-    guidance_scale: float | None = None  # None: the model's sampling.json, else DEFAULT_GUIDANCE
-    scheduler: str | None = None  # None: the model's own
-    seed: int | None = None  # image k uses seed + k; None: a random one
-    height: int | None = None  # None: the init image's size, else the model's
-    width: int | None = None
-    strength: float | None = None  # image-to-image and inpainting only; None there: DEFAULT_STRENGTH
-    attention_maps: bool = False
-    truncate: bool = False  # one chunk per prompt, with a warning, instead of chunking
-    emphasis: str = "original"  # how (word:1.2) weights apply: one of pipelines.prompts.EMPHASIS_MODES
+    prompt_2: str | None = setting(None, "what the second text encoder reads (default: the prompt)", group=SDXL)
+    negative_prompt_2: str | None = setting(None, "the same for the negative prompt", group=SDXL)
+    num_images: int = setting(1, "images per prompt", metavar="N", low=1, png=False)
+    batch_size: int = setting(1, "images generated at once", metavar="B", low=1, png=False)
+    steps: int | None = setting(None, "default: the model's sampling.json, else 30", low=1, infotext="Steps")
+    scheduler: str | None = setting(
+        None,
+        f"{', '.join(SCHEDULERS)} (default: the model's own; lcm is for LCM-distilled models)",
+        metavar="NAME",
+        choices=tuple(SCHEDULERS),
+        infotext="Sampler",
+        webui=SAMPLERS,
+    )
+    guidance_scale: float | None = setting(None, "default: the model's sampling.json, else 7.5", infotext="CFG scale")
+    seed: int | None = setting(
+        None,
+        "image k uses seed+k (default or -1: random, recorded in the PNG)",
+        low=-1,
+        high=MAX_SEED,
+        valid=SEEDS,
+        infotext="Seed",
+    )
+    height: int | None = setting(None, "default: the init image's, else the model's", infotext="Size")
+    width: int | None = setting(None, "default: the init image's, else the model's", infotext="Size")
+    strength: float | None = setting(  # image-to-image and inpainting only; None there: 0.8
+        None,
+        "how far to move from the init image, 0..1 (default 0.8)",
+        low=0,
+        high=1,
+        infotext="Denoising strength",
+    )
+    emphasis: str = setting(
+        "original",
+        "how (word:1.2) weights apply (default: original)",
+        choices=EMPHASIS_MODES,
+        infotext="Emphasis",
+        webui=WEBUI_EMPHASIS,
+    )
+    attention_maps: bool = setting(False, "write a heatmap per prompt token", png=False)
+    # one chunk per prompt, with a warning, instead of chunking
+    truncate: bool = setting(False, "cut prompts at 75 tokens instead of chunking", flag="truncate-prompts", png=False)
     # SDXL's size conditioning, each (height, width); None: the output size, (0, 0), the output size.
     # The negative ones condition the unguided prediction; as in diffusers, the two negative sizes come
     # together (the crop then defaults to (0, 0)), and without them the negative ones are the positive ones.
-    original_size: tuple[int, int] | None = None
-    crop_top_left: tuple[int, int] | None = None
-    target_size: tuple[int, int] | None = None
-    negative_original_size: tuple[int, int] | None = None
-    negative_crop_top_left: tuple[int, int] | None = None
-    negative_target_size: tuple[int, int] | None = None
+    original_size: tuple[int, int] | None = _sizes("the size the model is told the image had", ("H", "W"), 1)
+    crop_top_left: tuple[int, int] | None = _sizes("the crop it is told the image had", ("TOP", "LEFT"), 0)
+    target_size: tuple[int, int] | None = _sizes("the size it is told to draw", ("H", "W"), 1)
+    negative_original_size: tuple[int, int] | None = _sizes("the same, for the negative side", ("H", "W"), 1)
+    negative_crop_top_left: tuple[int, int] | None = _sizes("the same, for the negative side", ("TOP", "LEFT"), 0)
+    negative_target_size: tuple[int, int] | None = _sizes("the same, for the negative side", ("H", "W"), 1)
     # With a refiner: the fraction of the noise schedule the base runs before the refiner takes over
     # (diffusers' denoising_end / denoising_start); None there: DEFAULT_SWITCH.
-    refiner_switch: float | None = None
-    progress: bool = True
+    refiner_switch: float | None = setting(
+        None,
+        f"the noise schedule's fraction the base runs ({DEFAULT_SWITCH})",
+        group=SDXL,
+        low=0,
+        high=1,
+        valid="the fraction of the noise schedule the base runs, in (0, 1)",
+        infotext="Refiner switch at",
+    )
+    progress: bool = setting(True, "a progress bar", flag=None, png=False)
+
+    def __post_init__(self) -> None:
+        for item, declaration in declared():
+            value = getattr(self, item.name)
+            if isinstance(value, list):  # SDXL's sizes from a command line, a PNG or JSON
+                value = tuple(value)
+                object.__setattr__(self, item.name, value)
+            check(item, declaration, value)
+        if self.seed == -1:  # A1111's "random"
+            object.__setattr__(self, "seed", None)
+        last_seed = (self.seed or 0) + self.num_images - 1
+        if self.seed is not None and last_seed > MAX_SEED:
+            raise SettingError(
+                f"seed={self.seed}: with {self.num_images} image(s) the seeds run to {last_seed}; {SEEDS}"
+            )
+        if self.refiner_switch in (0, 1):
+            raise SettingError(f"refiner_switch={self.refiner_switch}: the fraction of the noise schedule the "
+                               "base runs, in (0, 1)")  # fmt: skip
+
+
+KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false", tuple: "(height, width)"}
+
+
+def check(item: Field, declaration: Setting, value: Any) -> None:
+    """One value against its field's type and its Setting's bounds and choices."""
+    name, kind = item.name, value_type(item)
+    if value is None:
+        return
+    right_type = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        right_type = True
+    if kind is tuple:
+        right_type = isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value)
+    if not right_type:
+        raise SettingError(f"{name}={value!r}: must be {KINDS[kind]}")
+    if kind is float and not math.isfinite(value):
+        raise SettingError(f"{name}={value}: must be a finite number")
+    if declaration.choices and value not in declaration.choices:
+        raise SettingError(f"{name}={value!r}: use one of {', '.join(declaration.choices)}")
+    low, high = declaration.low, declaration.high
+    smallest, largest = (min(value), max(value)) if kind is tuple else (value, value)
+    if (low is not None and smallest < low) or (high is not None and largest > high):
+        valid = declaration.valid or (f"must be {low} to {high}" if high is not None else f"must be at least {low}")
+        raise SettingError(f"{name}={value}: {valid}")
 
 
 @dataclass
@@ -60,7 +212,7 @@ class Generated:
     prompt: str
     seed: int
     config: GenerationConfig  # the run's settings, resolved: what the PNG metadata records
-    attention_maps: list[tuple[str, Tensor]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
+    attention_maps: list[tuple[str, "Tensor"]] = field(default_factory=list)  # (token, (H, W) map in [0, 1])
 
 
 def size_conditioning(config: GenerationConfig, sdxl: bool, height: int, width: int) -> dict:
@@ -73,37 +225,28 @@ def size_conditioning(config: GenerationConfig, sdxl: bool, height: int, width: 
         if config.prompt_2 is not None or config.negative_prompt_2 is not None:
             raise GenerationError("prompt_2, negative_prompt_2: only SDXL models have a second text encoder")
         return {}
-    for name in given:
-        value = getattr(config, name)
-        if len(value) != 2 or min(value) < 0 or name.endswith("size") and min(value) < 1:
-            raise GenerationError(f"{name}={value}: give (height, width), positive sizes or a crop of 0 or more")
     positive = {
-        "original_size": tuple(config.original_size or (height, width)),
-        "crop_top_left": tuple(config.crop_top_left or (0, 0)),
-        "target_size": tuple(config.target_size or (height, width)),
+        "original_size": config.original_size or (height, width),
+        "crop_top_left": config.crop_top_left or (0, 0),
+        "target_size": config.target_size or (height, width),
     }
     if (config.negative_original_size is None) != (config.negative_target_size is None):
         raise GenerationError("negative_original_size and negative_target_size go together, as in diffusers")
     if config.negative_original_size is None:  # diffusers: then the negative ids are the positive ones
         return positive | {f"negative_{n}": positive[n] for n in names}
-    negative_crop = tuple(config.negative_crop_top_left or (0, 0))
     return positive | {
-        "negative_original_size": tuple(config.negative_original_size),
-        "negative_crop_top_left": negative_crop,
-        "negative_target_size": tuple(config.negative_target_size),
+        "negative_original_size": config.negative_original_size,
+        "negative_crop_top_left": config.negative_crop_top_left or (0, 0),
+        "negative_target_size": config.negative_target_size,
     }
 
 
 def refiner_switch(config: GenerationConfig, refiner: bool, init_image: bool) -> float | None:
-    """The refiner's switch, checked; None without a refiner."""
-    switch = config.refiner_switch
+    """The refiner's switch, checked against the run; None without a refiner."""
     if not refiner:
-        if switch is not None:
+        if config.refiner_switch is not None:
             raise GenerationError("refiner_switch: there is no refiner to switch to")
         return None
     if init_image or config.attention_maps:
         raise GenerationError("a refiner runs with text-to-image only: not with an init image or attention maps")
-    switch = DEFAULT_SWITCH if switch is None else switch
-    if not 0 < switch < 1:
-        raise GenerationError(f"refiner_switch={switch}: the fraction of the noise schedule the base runs, in (0, 1)")
-    return switch
+    return DEFAULT_SWITCH if config.refiner_switch is None else config.refiner_switch

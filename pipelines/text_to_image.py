@@ -14,7 +14,6 @@ by default the output size, crop (0, 0) and the output size, as in diffusers. An
 
 import contextlib
 import inspect
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import fields, replace
@@ -33,7 +32,7 @@ from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_model
 from pipelines.attention_maps import AttentionMapAccumulator
-from pipelines.choices import EMPHASIS_MODES, SIZE_CONDITIONING
+from pipelines.choices import SIZE_CONDITIONING
 from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
 from pipelines.devices import evaluating, memory_of, on_device, pick_device, pick_dtype
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
@@ -45,10 +44,16 @@ from pipelines.refiner import (
     switch_timestep,
 )
 from pipelines.samplers import check_scheduler, make_scheduler, scheduler_name
-from pipelines.settings import Generated, GenerationConfig, GenerationError, refiner_switch, size_conditioning
+from pipelines.settings import (
+    MAX_SEED,
+    Generated,
+    GenerationConfig,
+    GenerationError,
+    refiner_switch,
+    size_conditioning,
+)
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
-MAX_SEED = 2**32 - 1  # A1111 draws and writes seeds in 0..2**32-1
 
 
 class Text(NamedTuple):
@@ -158,12 +163,9 @@ class TextToImagePipeline:
     def resolve(
         self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
     ) -> tuple[GenerationConfig, Images]:
-        """Check the settings a person gave; fill in every default (size, steps, guidance, scheduler,
-        strength, seed) and make the pictures tensors at the output size."""
-        if config.num_images < 1 or config.batch_size < 1:
-            raise GenerationError(
-                f"num_images={config.num_images}, batch_size={config.batch_size}: both must be at least 1"
-            )
+        """Check the settings against this model and the pictures given (the config checked the rest
+        when it was made); fill in every default (size, steps, guidance, scheduler, strength, seed)
+        and make the pictures tensors at the output size."""
         height, width = self._size(config, init_image)
         sampling = self.model.sampling
         steps, guidance_scale, strength = config.steps, config.guidance_scale, config.strength
@@ -171,21 +173,11 @@ class TextToImagePipeline:
         if guidance_scale is None:
             guidance_scale = sampling.guidance_scale if sampling else DEFAULT_GUIDANCE
         trained_steps = self.model.scheduler.config.num_train_timesteps
-        if not 1 <= steps <= trained_steps:
+        if steps > trained_steps:
             raise GenerationError(f"steps={steps}: must be 1 to {trained_steps}, the model's training timesteps")
-        if not math.isfinite(guidance_scale):
-            raise GenerationError(f"guidance_scale={guidance_scale}: must be a finite number")
-        last_seed = (config.seed or 0) + config.num_images - 1
-        if config.seed is not None and not (0 <= config.seed and last_seed <= MAX_SEED):
-            raise GenerationError(f"seed={config.seed}: with {config.num_images} image(s) the seeds run to "
-                                  f"{last_seed}; seeds are 0 to {MAX_SEED}, as A1111 writes them")  # fmt: skip
-        if config.emphasis not in EMPHASIS_MODES:
-            raise GenerationError(f"emphasis={config.emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
         if strength is not None and init_image is None:
             raise GenerationError("a strength needs an init image: it says how far to move from that picture")
         strength = DEFAULT_STRENGTH if init_image is not None and strength is None else strength
-        if strength is not None and not 0 <= strength <= 1:
-            raise GenerationError(f"strength={strength}: must be between 0 and 1")
         if mask is not None and init_image is None:
             raise GenerationError("a mask needs an init image: the picture whose masked part is repainted")
         if self.model.unet.config.in_channels == 9 and mask is None:

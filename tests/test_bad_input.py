@@ -15,7 +15,7 @@ from conftest import perturbed_tiny_model
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--seed", "18446744073709551615", "--num-images", "2"], "seeds are 0 to 4294967295, as A1111 writes them"),
+        (["--seed", "18446744073709551615", "--num-images", "2"], "use a seed of 0 to 4294967295, as A1111"),
         (["--seed", "4294967295", "--num-images", "2"], "the seeds run to 4294967296"),
         (["--guidance-scale", "nan"], "guidance_scale=nan: must be a finite number"),
         (["--guidance-scale", "inf"], "guidance_scale=inf: must be a finite number"),

@@ -104,7 +104,7 @@ def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, 
         (["--prompt", "x", "--init-image", "{tmp}/notes.txt"], "--init-image {tmp}/notes.txt: not a readable image"),
         (
             ["--prompt", "x", "--strength", "2", "--init-image", "{tmp}/photo.png"],
-            "strength=2.0: must be between 0 and 1",
+            "strength=2.0: must be 0 to 1",
         ),
         (["--prompt", "x", "--device", "tpu"], "device='tpu': use one of auto, cuda, cuda:N, mps, cpu"),
         (["--prompt-file", "{tmp}/empty.txt"], "--prompt-file {tmp}/empty.txt: no prompts in it"),
@@ -170,7 +170,8 @@ def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch
     [
         (["--prompt", "x", "--strength", "0.5"], "--strength needs --init-image: it says how far to move from that "
                                                  "picture"),
-        (["--prompt", "x", "--seed", "-2"], "--seed -2: use a seed of 0 or more, or -1 for a random one"),
+        (["--prompt", "x", "--seed", "-2"], "seed=-2: use a seed of 0 to 4294967295, as A1111 writes them, or -1 "
+                                            "for a random one"),
         (
             ["--prompt", "x", "--lora", "{tmp}/style.safetensors:abc"],
             "argument --lora: {tmp}/style.safetensors:abc: 'abc' is not a scale (write FILE or FILE:0.8)",
