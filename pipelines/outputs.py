@@ -172,8 +172,9 @@ class RunWriter:
                 found[index] = path
         return found
 
-    def write(self, generated: Generated, job: Job) -> None:
-        """The image (with its parameters), its attention overlays, and its manifest line."""
+    def write(self, generated: Generated, job: Job) -> Path:
+        """The image (with its parameters), its attention overlays, and its manifest line; the
+        image's path."""
         self.outdir.mkdir(parents=True, exist_ok=True)  # made only when there is an image to write
         fields = png_fields(generated.prompt, generated.seed, generated.config, self.settings)
         stem = self._claim(self.first + job.index, f"-{generated.seed}", generated.image, png_info(fields))
@@ -182,6 +183,7 @@ class RunWriter:
             save_png(overlay(generated.image, heatmap), self.outdir / f"{stem}-attention-{i:02d}-{name}.png")
         append_line(self.outdir / MANIFEST, {"index": job.index, "file": f"{stem}.png", **fields})
         self.written += 1
+        return self.outdir / f"{stem}.png"
 
     def finish(self, jobs: list[Job]) -> None:
         """A grid of the run's images, numbered after its last, once all are on file: by whichever

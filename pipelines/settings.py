@@ -95,14 +95,16 @@ class GenerationConfig:
     the pipeline into the same class with every value known. Each result carries the resolved one,
     and the PNG metadata reads it. Made, it has passed every check that needs no model."""
 
-    negative_prompt: str = setting("", "what to steer away from")
+    negative_prompt: str = setting("", "what to steer away from", api="negative_prompt")
     # SDXL: what its second text encoder reads instead of each prompt, and of the negative prompt
     # (diffusers' names); None: the same text as the first encoder.
     prompt_2: str | None = setting(None, "what the second text encoder reads (default: the prompt)", group=SDXL)
     negative_prompt_2: str | None = setting(None, "the same for the negative prompt", group=SDXL)
     num_images: int = setting(1, "images per prompt", metavar="N", low=1, png=False)
-    batch_size: int = setting(1, "images generated at once", metavar="B", low=1, png=False)
-    steps: int | None = setting(None, "default: the model's sampling.json, else 30", low=1, infotext="Steps")
+    batch_size: int = setting(1, "images generated at once", metavar="B", low=1, png=False, api="batch_size")
+    steps: int | None = setting(
+        None, "default: the model's sampling.json, else 30", low=1, infotext="Steps", api="steps"
+    )
     scheduler: str | None = setting(
         None,
         f"{', '.join(SCHEDULERS)} (default: the model's own; lcm is for LCM-distilled models)",
@@ -111,7 +113,9 @@ class GenerationConfig:
         infotext="Sampler",
         webui=SAMPLERS,
     )
-    guidance_scale: float | None = setting(None, "default: the model's sampling.json, else 7.5", infotext="CFG scale")
+    guidance_scale: float | None = setting(
+        None, "default: the model's sampling.json, else 7.5", infotext="CFG scale", api="cfg_scale"
+    )
     seed: int | None = setting(
         None,
         "image k uses seed+k (default or -1: random, recorded in the PNG)",
@@ -119,15 +123,17 @@ class GenerationConfig:
         high=MAX_SEED,
         valid=SEEDS,
         infotext="Seed",
+        api="seed",
     )
-    height: int | None = setting(None, "default: the init image's, else the model's", infotext="Size")
-    width: int | None = setting(None, "default: the init image's, else the model's", infotext="Size")
+    height: int | None = setting(None, "default: the init image's, else the model's", infotext="Size", api="height")
+    width: int | None = setting(None, "default: the init image's, else the model's", infotext="Size", api="width")
     strength: float | None = setting(  # image-to-image and inpainting only; None there: 0.8
         None,
         "how far to move from the init image, 0..1 (default 0.8)",
         low=0,
         high=1,
         infotext="Denoising strength",
+        api="denoising_strength",
     )
     emphasis: str = setting(
         "original",

@@ -15,7 +15,7 @@ by default the output size, crop (0, 0) and the output size, as in diffusers. An
 import contextlib
 import inspect
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -53,6 +53,7 @@ from pipelines.settings import (
     size_conditioning,
 )
 
+OnStep = Callable[[int, int, Tensor], None]  # (steps done, steps of the batch, latents for a preview)
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
 
 
@@ -138,11 +139,13 @@ class TextToImagePipeline:
         prompt: str | list[str],
         init_image: Image.Image | None = None,
         mask: Image.Image | None = None,
+        on_step: OnStep | None = None,
         **options,
     ) -> Iterator[Generated]:
         """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`.
         `options` are GenerationConfig's fields. Every setting is checked before the first image;
-        each batch's images come out as soon as they are done."""
+        each batch's images come out as soon as they are done. `on_step(step, steps, latents)` is
+        called after each denoising step (a server's progress and preview; raising in it stops the run)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         unknown = sorted(set(options) - {f.name for f in fields(GenerationConfig)})
         if unknown:
@@ -150,15 +153,18 @@ class TextToImagePipeline:
         config, images = self.resolve(GenerationConfig(**options), init_image, mask)
         refining = evaluating(self.refiner, False) if self.refiner else contextlib.nullcontext()
         with evaluating(self.model, self.vae_tiling), refining:
-            yield from self._generate_all(prompts, config, images)
+            yield from self._generate_all(prompts, config, images, on_step)
 
-    def _generate_all(self, prompts: list[str], config: GenerationConfig, images: Images) -> Iterator[Generated]:
+    def _generate_all(
+        self, prompts: list[str], config: GenerationConfig, images: Images, on_step: OnStep | None
+    ) -> Iterator[Generated]:
         jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
         guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
         negatives = [self._negative(model, config) if guided else None for model in self.models]  # once per run
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
-            yield from self._generate_batch([p for p, _ in batch], [s for _, s in batch], negatives, config, images)
+            prompts_seeds = [p for p, _ in batch], [s for _, s in batch]
+            yield from self._generate_batch(*prompts_seeds, negatives, config, images, on_step)
 
     def resolve(
         self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
@@ -241,6 +247,7 @@ class TextToImagePipeline:
         negatives: list[Conditioning | None],
         config: GenerationConfig,
         images: Images,
+        on_step: OnStep | None,
     ) -> list[Generated]:
         """`negatives`: the negative prompt's conditioning for one image, for the model (and the
         refiner); None without guidance."""
@@ -249,10 +256,10 @@ class TextToImagePipeline:
         latent_size = (config.height // factor, config.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
         if maps is None:
-            latents = self._denoise(texts, seeds, config, images, latent_size, maps)
+            latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step)
         else:
             with capture_attention_probs(self.model.unet, maps):
-                latents = self._denoise(texts, seeds, config, images, latent_size, maps)
+                latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step)
         if not torch.isfinite(latents).all():  # else a black picture, as if nothing were wrong
             raise GenerationError(
                 "the denoised latents are not finite (NaN or infinity): the model's weights hold NaN or infinity, "
@@ -330,6 +337,7 @@ class TextToImagePipeline:
         images: Images,
         latent_size: tuple[int, int],
         maps: AttentionMapAccumulator | None,
+        on_step: OnStep | None,
     ) -> Tensor:
         """The sampling loop: start latents, then one guided UNet prediction and scheduler step per
         timestep; with a refiner, the base's steps down to the switch, then the refiner's (`texts`:
@@ -351,24 +359,37 @@ class TextToImagePipeline:
             if inpaint_input is not None:
                 x = torch.cat([x, inpaint_input], dim=1)
             prediction = self._predict(self.unet, x, t, texts[0], config.guidance_scale, maps)
-            latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
+            stepped = scheduler.step(prediction, t, latents, **step_options)
+            latents = stepped.prev_sample
             if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
                 later = timesteps[i + 1 : i + 2]
                 outside = scheduler.add_noise(original, noise, later) if len(later) else original
                 latents = latent_mask * latents + (1 - latent_mask) * outside
-        return self._refine(latents, texts[1], cutoff, config, generators) if self.refiner else latents
+            if on_step is not None:
+                on_step(i + 1, len(timesteps), _preview(stepped))
+        return self._refine(latents, texts[1], cutoff, config, generators, on_step) if self.refiner else latents
 
     def _refine(
-        self, latents: Tensor, text: Text, cutoff: int, config: GenerationConfig, generators: list[torch.Generator]
+        self,
+        latents: Tensor,
+        text: Text,
+        cutoff: int,
+        config: GenerationConfig,
+        generators: list[torch.Generator],
+        on_step: OnStep | None,
     ) -> Tensor:
         """The refiner's steps, below the cutoff, with its own scheduler of the same kind."""
         scheduler = make_scheduler(config.scheduler, self.refiner.scheduler)
         scheduler.set_timesteps(config.steps, device=self.device)
         step_options = _step_options(scheduler, generators)
-        for t in tqdm(refiner_timesteps(scheduler, cutoff), disable=not config.progress, desc="refining", leave=False):
+        timesteps = refiner_timesteps(scheduler, cutoff)
+        for i, t in enumerate(tqdm(timesteps, disable=not config.progress, desc="refining", leave=False)):
             x = scheduler.scale_model_input(latents, t)
             prediction = self._predict(self.refiner.unet, x, t, text, config.guidance_scale, None)
-            latents = scheduler.step(prediction, t, latents, **step_options).prev_sample
+            stepped = scheduler.step(prediction, t, latents, **step_options)
+            latents = stepped.prev_sample
+            if on_step is not None:
+                on_step(i + 1, len(timesteps), _preview(stepped))
         return latents
 
     def _prepare_latents(
@@ -408,6 +429,12 @@ class TextToImagePipeline:
         chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
+
+
+def _preview(stepped) -> Tensor:
+    """A step's estimate of the clean latents where the sampler gives one, else its next latents."""
+    estimate = getattr(stepped, "pred_original_sample", None)
+    return stepped.prev_sample if estimate is None else estimate
 
 
 def _step_options(scheduler, generators: list[torch.Generator]) -> dict:

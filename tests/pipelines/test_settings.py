@@ -136,3 +136,11 @@ def test_a_bad_value_is_one_line_naming_the_setting(options, message):
 
 def test_seed_minus_one_means_random_as_in_a1111():
     assert GenerationConfig(seed=-1).seed is None and replace(GenerationConfig(), seed=5).seed == 5
+
+
+def test_the_servers_requests_take_every_declared_api_field():
+    from server.a1111 import Img2ImgRequest, Txt2ImgRequest
+
+    declared_api = {setting.api for _, setting in declared() if setting.api}
+    assert declared_api <= set(Img2ImgRequest.model_fields)
+    assert declared_api - {"denoising_strength"} <= set(Txt2ImgRequest.model_fields)
