@@ -148,8 +148,8 @@ def _check_scripts(scripts: dict[str, Any]) -> None:
     """Extensions' scripts: accepted when they send nothing or switch themselves off (args [] or
     [False, ...]), as clients do for the extensions they know of."""
     for name, script in scripts.items():
-        args = script.get("args", []) if isinstance(script, dict) else script
-        if args and args[0] is not False:
+        args = script.get("args", []) if isinstance(script, dict) else None
+        if not isinstance(args, list) or args and args[0] is not False:
             raise Unsupported(f"alwayson_scripts.{name}: extensions' scripts are not supported here")
 
 

@@ -115,7 +115,8 @@ def test_img2img_with_a_mask_keeps_the_unmasked_pixels(served):
     [("enable_hr", True), ("restore_faces", True), ("styles", ["cinematic"]), ("subseed_strength", 0.5),
      ("alwayson_scripts", {"ControlNet": {"args": [{"enabled": True}]}}), ("script_name", "x/y/z plot"),
      ("override_settings", {"CLIP_stop_at_last_layers": 2}), ("eta", 0.5), ("prompt", "<hypernet:x:1>"),
-     ("sampler_name", "DPM2 a"), ("scheduler", "exponential")],
+     ("sampler_name", "DPM2 a"), ("scheduler", "exponential"), ("alwayson_scripts", {"x": 5}),
+     ("alwayson_scripts", {"x": {"args": 5}})],
 )  # fmt: skip
 def test_a_field_that_would_change_the_picture_is_a_422_naming_it(served, field, value):
     client, _ = served
@@ -243,3 +244,16 @@ def test_a_password_guards_every_route(tiny_model_dir, tmp_path):
 def test_listen_without_a_password_is_refused(tiny_model_dir, capsys):
     assert serve.main(["--model", str(tiny_model_dir), "--listen"]) == 2
     assert "--listen serves every address: give --api-auth" in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_load_is_a_422_and_the_server_goes_on(tiny_model_dir, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "broken.safetensors").write_bytes(b"not a checkpoint")
+    app = serve.build(serve.parse(["--model", str(tiny_model_dir), "--models-dir", str(models), "--outdir",
+                                   str(tmp_path / "o"), "--device", "cpu"]))  # fmt: skip
+    client = TestClient(app)
+    payload = {"prompt": "x", "steps": 1, "width": 16, "height": 16}
+    broken = client.post("/sdapi/v1/txt2img", json=payload | {"override_settings": {"sd_model_checkpoint": "broken"}})
+    assert broken.status_code == 422 and "broken.safetensors" in broken.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json=payload).status_code == 200

@@ -29,15 +29,17 @@ def page(live):
         browser.close()
 
 
-def test_generate_see_the_gallery_reuse_a_seed_and_send_settings_back(page, live, tmp_path):
+def generate(page, sampler: str = "", **fields: str) -> None:
+    """Fill the form's fields (by id), pick the sampler, and press Generate."""
     page.wait_for_selector("#sampler option >> nth=1", state="attached")
-    page.fill("#prompt", "a large red circle")
-    page.fill("#steps", "2")
-    page.fill("#width", "16")
-    page.fill("#height", "24")
-    page.fill("#seed", "7")
-    page.select_option("#sampler", "Euler a|Uniform")
+    for name, value in fields.items():
+        page.fill(f"#{name}", value)
+    page.select_option("#sampler", sampler)
     page.click("#generate")
+
+
+def test_generate_see_the_gallery_reuse_a_seed_and_send_settings_back(page, live, tmp_path):
+    generate(page, "Euler a|Uniform", prompt="a large red circle", steps="2", width="16", height="24", seed="7")
     page.wait_for_selector("#results figure img")
     assert page.inner_text("#status") == "1 image(s), seed 7"
     caption = page.inner_text("#gallery figure figcaption >> nth=0")
@@ -56,13 +58,7 @@ def test_generate_see_the_gallery_reuse_a_seed_and_send_settings_back(page, live
 
 
 def test_cancel_stops_a_run_and_keeps_its_finished_images(page):
-    page.wait_for_selector("#sampler option >> nth=1", state="attached")
-    page.fill("#prompt", "a blue square")
-    page.fill("#steps", "20")
-    page.fill("#width", "16")
-    page.fill("#height", "16")
-    page.fill("#n_iter", "16")
-    page.click("#generate")
+    generate(page, prompt="a blue square", steps="20", width="16", height="16", n_iter="16")
     page.wait_for_function("parseFloat(document.getElementById('fill').style.width) > 0")
     page.click("#cancel")
     page.wait_for_function("!document.getElementById('generate').disabled")
@@ -72,9 +68,21 @@ def test_cancel_stops_a_run_and_keeps_its_finished_images(page):
 
 
 def test_an_error_is_shown_in_one_line(page):
-    page.wait_for_selector("#sampler option >> nth=1", state="attached")
-    page.fill("#prompt", "x")
-    page.fill("#width", "12")
-    page.click("#generate")
+    generate(page, prompt="x", width="12")
     page.wait_for_function("document.getElementById('error').textContent !== ''")
     assert page.inner_text("#error") == "width=12: must be a positive multiple of 8"
+
+
+def test_a_dropped_png_fills_the_form_with_its_settings(page, live):
+    generate(page, prompt="a small blue square", steps="3", seed="12", width="16", height="16")
+    page.wait_for_selector("#gallery figure img")
+    page.fill("#prompt", "")
+    page.fill("#seed", "-1")
+    page.evaluate("""async () => {
+        const blob = await (await fetch(document.querySelector('#gallery figure img').src)).blob();
+        const files = new DataTransfer();
+        files.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+        document.dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true, cancelable: true}));
+    }""")
+    page.wait_for_function("document.getElementById('prompt').value === 'a small blue square'")
+    assert (page.input_value("#seed"), page.input_value("#steps")) == ("12", "3")
