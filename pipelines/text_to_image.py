@@ -52,16 +52,10 @@ from pipelines.settings import (
     refiner_switch,
     size_conditioning,
 )
+from pipelines.step_texts import StepTexts, Text, check_texts, edited
 
 OnStep = Callable[[int, int, Tensor], None]  # (steps done, steps of the batch, latents for a preview)
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_STRENGTH = 30, 7.5, 0.8  # where neither the user nor the model says
-
-
-class Text(NamedTuple):
-    """A batch's conditioning: the prompts', and the negative prompt's (None without guidance)."""
-
-    conditional: Conditioning
-    unconditional: Conditioning | None  # its text may have another number of tokens
 
 
 class Images(NamedTuple):
@@ -151,6 +145,10 @@ class TextToImagePipeline:
         if unknown:
             raise GenerationError(f"unknown option(s) {unknown}: use {[f.name for f in fields(GenerationConfig)]}")
         config, images = self.resolve(GenerationConfig(**options), init_image, mask)
+        for text in [*prompts, config.negative_prompt]:
+            check_texts(text, config.steps, config.emphasis)
+            if config.attention_maps and edited(text, config.steps):
+                raise GenerationError("attention maps: not with prompt editing ([a:b:5], [a|b]); its tokens change")
         refining = evaluating(self.refiner, False) if self.refiner else contextlib.nullcontext()
         with evaluating(self.model, self.vae_tiling), refining:
             yield from self._generate_all(prompts, config, images, on_step)
@@ -160,7 +158,7 @@ class TextToImagePipeline:
     ) -> Iterator[Generated]:
         jobs = [(p, config.seed + k) for k, p in enumerate(p for p in prompts for _ in range(config.num_images))]
         guided = config.guidance_scale > 1  # as diffusers: no unconditional pass at scale <= 1
-        negatives = [self._negative(model, config) if guided else None for model in self.models]  # once per run
+        negatives = [{} if guided else None for _ in self.models]  # each model's, by text: encoded once per run
         for start in range(0, len(jobs), config.batch_size):
             batch = jobs[start : start + config.batch_size]
             prompts_seeds = [p for p, _ in batch], [s for _, s in batch]
@@ -244,14 +242,14 @@ class TextToImagePipeline:
         self,
         prompts: list[str],
         seeds: list[int],
-        negatives: list[Conditioning | None],
+        negatives: list[dict[str, Conditioning] | None],
         config: GenerationConfig,
         images: Images,
         on_step: OnStep | None,
     ) -> list[Generated]:
-        """`negatives`: the negative prompt's conditioning for one image, for the model (and the
-        refiner); None without guidance."""
-        texts = [self._text(m, prompts, config, negative) for m, negative in zip(self.models, negatives, strict=True)]
+        """`negatives`: the negative prompts' conditioning encoded so far in the run, by text, for the
+        model (and the refiner); None without guidance."""
+        texts = [self._texts(m, prompts, config, negative) for m, negative in zip(self.models, negatives, strict=True)]
         factor = downsampling_factor(self.model.vae)
         latent_size = (config.height // factor, config.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
@@ -277,25 +275,38 @@ class TextToImagePipeline:
                 results[-1].attention_maps = self._token_maps(prompt, config.emphasis, heatmaps[i])
         return results
 
-    def _text(
-        self, model: LatentDiffusion, prompts: list[str], config: GenerationConfig, negative: Conditioning | None
-    ) -> Text:
-        """The batch's conditioning for `model` (the base or the refiner). The refiner's one encoder
-        reads the prompt, not prompt_2, as in diffusers' refiner pipeline."""
+    def _texts(
+        self,
+        model: LatentDiffusion,
+        prompts: list[str],
+        config: GenerationConfig,
+        negatives: dict[str, Conditioning] | None,
+    ) -> StepTexts:
+        """The batch's conditioning for `model` (the base or the refiner) at each step. The refiner's
+        one encoder reads the prompt, not prompt_2, as in diffusers' refiner pipeline."""
         prompt_2 = config.prompt_2 if model is self.model else None
         ids = self._time_ids(model, config, "")
-        conditional = encode_batch(model, prompts, config.emphasis, config.truncate, ids, prompt_2)
-        return Text(conditional, None if negative is None else negative.repeat(len(prompts)))
 
-    def _negative(self, model: LatentDiffusion, config: GenerationConfig) -> Conditioning:
-        """The negative prompt's conditioning; zeros for an empty one (both prompts empty) where the
-        model asks for that."""
+        def encode(texts: list[str]) -> Conditioning:
+            return encode_batch(model, texts, config.emphasis, config.truncate, ids, prompt_2)
+
+        def negative(text: str) -> Conditioning:
+            if text not in negatives:
+                negatives[text] = self._negative(model, config, text)
+            return negatives[text]
+
+        guided = negatives is not None
+        return StepTexts(prompts, config.negative_prompt if guided else None, config.steps, encode, negative)
+
+    def _negative(self, model: LatentDiffusion, config: GenerationConfig, text: str) -> Conditioning:
+        """A negative text's conditioning; zeros where no negative prompt is given and the model asks
+        for that."""
         ids = self._time_ids(model, config, "negative_")
         empty = not config.negative_prompt and not config.negative_prompt_2
         if model.is_sdxl and model.force_zeros_for_empty_prompt and empty:
             return zero_negative(model, ids)
         prompt_2 = config.negative_prompt_2 if model is self.model else None
-        return encode_batch(model, [config.negative_prompt], config.emphasis, config.truncate, ids, prompt_2)
+        return encode_batch(model, [text], config.emphasis, config.truncate, ids, prompt_2)
 
     def _time_ids(self, model: LatentDiffusion, config: GenerationConfig, prefix: str) -> Tensor | None:
         if not model.is_sdxl:
@@ -331,7 +342,7 @@ class TextToImagePipeline:
 
     def _denoise(
         self,
-        texts: list[Text],
+        texts: list[StepTexts],
         seeds: list[int],
         config: GenerationConfig,
         images: Images,
@@ -358,7 +369,7 @@ class TextToImagePipeline:
             x = scheduler.scale_model_input(latents, t)
             if inpaint_input is not None:
                 x = torch.cat([x, inpaint_input], dim=1)
-            prediction = self._predict(self.unet, x, t, texts[0], config.guidance_scale, maps)
+            prediction = self._predict(self.unet, x, t, texts[0].at(i), config.guidance_scale, maps)
             stepped = scheduler.step(prediction, t, latents, **step_options)
             latents = stepped.prev_sample
             if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
@@ -367,12 +378,15 @@ class TextToImagePipeline:
                 latents = latent_mask * latents + (1 - latent_mask) * outside
             if on_step is not None:
                 on_step(i + 1, len(timesteps), _preview(stepped))
-        return self._refine(latents, texts[1], cutoff, config, generators, on_step) if self.refiner else latents
+        if not self.refiner:
+            return latents
+        return self._refine(latents, texts[1], len(timesteps), cutoff, config, generators, on_step)
 
     def _refine(
         self,
         latents: Tensor,
-        text: Text,
+        texts: StepTexts,
+        first_step: int,
         cutoff: int,
         config: GenerationConfig,
         generators: list[torch.Generator],
@@ -385,7 +399,7 @@ class TextToImagePipeline:
         timesteps = refiner_timesteps(scheduler, cutoff)
         for i, t in enumerate(tqdm(timesteps, disable=not config.progress, desc="refining", leave=False)):
             x = scheduler.scale_model_input(latents, t)
-            prediction = self._predict(self.refiner.unet, x, t, text, config.guidance_scale, None)
+            prediction = self._predict(self.refiner.unet, x, t, texts.at(first_step + i), config.guidance_scale, None)
             stepped = scheduler.step(prediction, t, latents, **step_options)
             latents = stepped.prev_sample
             if on_step is not None:
