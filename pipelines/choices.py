@@ -34,6 +34,8 @@ SCHEDULERS: dict[str, Sampler] = {
 EMPHASIS_MODES = ("original", "no-norm", "comfy", "none")
 WEBUI_EMPHASIS = {"original": "Original", "no-norm": "No norm", "comfy": "comfy", "none": "None"}
 
+HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}  # ours: A1111's names
+
 SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), by GenerationConfig's names
     "original_size",
     "crop_top_left",

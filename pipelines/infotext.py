@@ -127,6 +127,9 @@ def _webui(fields: dict[str, str]) -> dict[str, Any]:
                 settings[item.name] = from_text(item, fields[key])
     except ValueError as error:
         raise InfotextError(f"A1111 parameters: {error}") from None
+    # One key, two settings: "Denoising strength" is the hires pass's when there is one (A1111's
+    # txt2img writes it only then), else the init image's.
+    settings.pop("strength" if "Hires upscale" in fields else "hires_denoise", None)
     return settings
 
 

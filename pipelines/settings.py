@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from PIL import Image
 
 from ldm.errors import UserError
-from pipelines.choices import EMPHASIS_MODES, SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
+from pipelines.choices import EMPHASIS_MODES, HIRES_UPSCALERS, SCHEDULERS, SIZE_CONDITIONING, WEBUI_EMPHASIS
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -81,6 +81,7 @@ class SettingError(GenerationError):
 
 
 SDXL = "SDXL: second prompts, size conditioning (default: the output size, crop 0 0)"
+HIRES = "hires fix: draw, upscale, then draw again at the larger size from the upscaled picture"
 SAMPLERS = {name: sampler.webui_name for name, sampler in SCHEDULERS.items()}
 SEEDS = f"use a seed of 0 to {MAX_SEED}, as A1111 writes them, or -1 for a random one"
 
@@ -165,6 +166,27 @@ class GenerationConfig:
         valid="the fraction of the noise schedule the base runs, in (0, 1)",
         infotext="Refiner switch at",
     )
+    # Hires fix (pipelines/hires.py); the other three need hires_scale. None there: latent, the first
+    # pass's steps, 0.7.
+    hires_scale: float | None = setting(
+        None, "upscale by this factor (e.g. 2)", metavar="X", group=HIRES, low=1, high=8, infotext="Hires upscale"
+    )
+    hires_upscaler: str | None = setting(
+        None,
+        "latent (default) or lanczos",
+        group=HIRES,
+        choices=tuple(HIRES_UPSCALERS),
+        infotext="Hires upscaler",
+        webui=HIRES_UPSCALERS,
+    )
+    hires_steps: int | None = setting(
+        None, "the second pass's steps (default: the first pass's)", metavar="N", group=HIRES, low=1,
+        infotext="Hires steps",
+    )  # fmt: skip
+    hires_denoise: float | None = setting(
+        None, "the second pass's strength, 0..1 (default 0.7)", metavar="X", group=HIRES, low=0, high=1,
+        infotext="Denoising strength",
+    )  # fmt: skip
     progress: bool = setting(True, "a progress bar", flag=None, png=False)
 
     def __post_init__(self) -> None:
@@ -174,6 +196,8 @@ class GenerationConfig:
                 value = tuple(value)
                 object.__setattr__(self, item.name, value)
             check(item, declaration, value)
+            if value_type(item) is float and type(value) is int:  # 2 and 2.0: one setting, one text
+                object.__setattr__(self, item.name, float(value))
         if self.seed == -1:  # A1111's "random"
             object.__setattr__(self, "seed", None)
         last_seed = (self.seed or 0) + self.num_images - 1

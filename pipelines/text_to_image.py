@@ -35,6 +35,7 @@ from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.choices import SIZE_CONDITIONING
 from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
 from pipelines.devices import evaluating, memory_of, on_device, pick_device, pick_dtype
+from pipelines.hires import DEFAULT_DENOISE, hires_size, schedule_length, upscale_latents
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
 from pipelines.prompts import split_into_chunks
 from pipelines.refiner import (
@@ -63,6 +64,7 @@ class Images(NamedTuple):
 
     init: Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
+    latents: Tensor | None = None  # instead of `init`, already encoded, one per image: a hires pass's start
 
 
 class TextToImagePipeline:
@@ -190,6 +192,7 @@ class TextToImagePipeline:
         check_scheduler(scheduler, self.model.scheduler)
         sizes = size_conditioning(config, self.model.is_sdxl, height, width)
         switch = refiner_switch(config, self.refiner is not None, init_image is not None)
+        hires = self._check_hires(config, init_image is not None, height, width)
         if self.refiner:
             check_scheduler(scheduler, self.refiner.scheduler)
         resolved = replace(
@@ -203,6 +206,7 @@ class TextToImagePipeline:
             seed=random.randrange(MAX_SEED + 1 - config.num_images) if config.seed is None else config.seed,
             refiner_switch=switch,
             **sizes,
+            **hires,
         )
         return resolved, Images(
             None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
@@ -223,6 +227,22 @@ class TextToImagePipeline:
                 raise GenerationError(f"{name}={value}: must be a positive multiple of {multiple}")
         self._check_memory(height, width)
         return height, width
+
+    def _check_hires(self, config: GenerationConfig, init_image: bool, height: int, width: int) -> dict:
+        """The hires fix's settings, resolved; {} without one."""
+        if config.hires_scale is None:
+            given = [n for n in ("hires_upscaler", "hires_steps", "hires_denoise") if getattr(config, n) is not None]
+            if given:
+                raise GenerationError(f"{', '.join(given)}: set with hires_scale, the hires fix's upscale factor")
+            return {}
+        if init_image or config.attention_maps or self.refiner:
+            raise GenerationError("hires fix: text-to-image only, not with an init image, attention maps or a refiner")
+        multiple = max(8, downsampling_factor(self.model.vae))
+        larger = hires_size(height, width, config.hires_scale, multiple)
+        self._check_memory(*larger)
+        upscaler = config.hires_upscaler or "latent"
+        denoise = DEFAULT_DENOISE if config.hires_denoise is None else config.hires_denoise
+        return {"hires_upscaler": upscaler, "hires_denoise": denoise}
 
     def _check_memory(self, height: int, width: int) -> None:
         """Refuse a size that cannot fit, by two lower bounds on what one image needs: the UNet's first
@@ -258,6 +278,8 @@ class TextToImagePipeline:
         else:
             with capture_attention_probs(self.model.unet, maps):
                 latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step)
+        if config.hires_scale is not None:
+            latents = self._hires_pass(latents, prompts, seeds, negatives[0] is not None, config, on_step)
         if not torch.isfinite(latents).all():  # else a black picture, as if nothing were wrong
             raise GenerationError(
                 "the denoised latents are not finite (NaN or infinity): the model's weights hold NaN or infinity, "
@@ -274,6 +296,34 @@ class TextToImagePipeline:
             if heatmaps is not None:
                 results[-1].attention_maps = self._token_maps(prompt, config.emphasis, heatmaps[i])
         return results
+
+    def _hires_pass(
+        self, latents: Tensor, prompts: list[str], seeds: list[int], guided: bool, config: GenerationConfig,
+        on_step: OnStep | None,
+    ) -> Tensor:  # fmt: skip
+        """The hires fix's second pass (pipelines/hires.py): upscale, then image-to-image at the larger size."""
+        factor = downsampling_factor(self.model.vae)
+        height, width = hires_size(config.height, config.width, config.hires_scale, max(8, factor))
+        if config.hires_upscaler == "latent":
+            start = upscale_latents(latents, height, width, factor)
+        else:
+            pictures = [tensor_to_image(picture) for picture in self._decode(latents).float()]
+            start = torch.cat([self._encode_image(image_to_tensor(p, width, height)) for p in pictures])
+        if config.hires_denoise == 0:  # nothing to redraw: the upscaled picture itself
+            return start
+        steps = config.hires_steps or config.steps
+        larger = {
+            name: (height, width)
+            for name in SIZE_CONDITIONING
+            if getattr(config, name) == (config.height, config.width)
+        }
+        second = replace(config, height=height, width=width, steps=schedule_length(steps, config.hires_denoise),
+                         strength=config.hires_denoise, hires_scale=None, hires_upscaler=None, hires_steps=None,
+                         hires_denoise=None, **larger)  # fmt: skip
+        # A1111 schedules edited prompts over the steps the pass runs; a fresh cache: SDXL's size ids changed
+        texts = [self._texts(self.model, prompts, replace(second, steps=steps), {} if guided else None)]
+        latent_size = (height // factor, width // factor)
+        return self._denoise(texts, seeds, second, Images(None, None, start), latent_size, None, on_step)
 
     def _texts(
         self,
@@ -412,9 +462,12 @@ class TextToImagePipeline:
         """(start latents, the timesteps to run, the init image's latents or None). From pure noise;
         or, with an init image, from that image noised to the level of the first step run."""
         timesteps = scheduler.timesteps
-        if images.init is None:
+        if images.init is None and images.latents is None:
             return noise * scheduler.init_noise_sigma, timesteps, None
-        original = self._encode_image(images.init).expand(len(noise), -1, -1, -1)
+        if images.latents is not None:
+            original = images.latents
+        else:
+            original = self._encode_image(images.init).expand(len(noise), -1, -1, -1)
         skip = config.steps - min(int(config.steps * config.strength), config.steps)
         timesteps = timesteps[skip * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):

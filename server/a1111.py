@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, create_model
 
 from ldm.errors import UserError
-from pipelines.choices import SCHEDULERS, WEBUI_EMPHASIS
+from pipelines.choices import HIRES_UPSCALERS, SCHEDULERS, WEBUI_EMPHASIS
 from pipelines.extra_networks import lora_tags
 from pipelines.settings import GenerationConfig, declared, value_type
 
@@ -29,7 +29,6 @@ SCHEDULES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras"}
 
 # A1111's fields we do not implement, with the values at which A1111 draws what we draw.
 NEUTRAL: dict[str, tuple] = {
-    "enable_hr": (False,),
     "restore_faces": (False,),
     "tiling": (False,),
     "styles": ([],),
@@ -51,13 +50,14 @@ NEUTRAL: dict[str, tuple] = {
 # Read by A1111 only with a mask: no blur, start from the original, repaint at the image's resolution.
 MASKED = {"mask_blur": (0,), "inpainting_fill": (1,), "inpaint_full_res": (False, 0)}
 NEUTRAL_OPTIONS = {"CLIP_stop_at_last_layers": (1,), "sd_vae": ("Automatic", "None")}
-IGNORED = (  # A1111 fields that change nothing here: saving is always on, hires fields need enable_hr
+HIRES = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
+         "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")  # fmt: skip
+IGNORED = (  # A1111 fields that change nothing here (saving is always on), or that are read apart (HIRES)
     "prompt", "sampler_name", "sampler_index", "scheduler", "n_iter", "override_settings",
     "override_settings_restore_afterwards", "send_images", "save_images", "do_not_save_samples", "do_not_save_grid",
     "alwayson_scripts", "script_args", "s_tmax", "eta", "subseed", "comments", "force_task_id", "image_cfg_scale",
-    "include_init_images", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
-    "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
-    "hr_negative_prompt", "hr_additional_modules", "refiner_switch_at", "init_images", "mask",
+    "include_init_images", "firstphase_width", "firstphase_height", "hr_additional_modules", "refiner_switch_at",
+    "init_images", "mask", *HIRES,
 )  # fmt: skip
 
 
@@ -69,8 +69,6 @@ def request_model(name: str, img2img: bool) -> type[BaseModel]:
     """The txt2img or img2img request: GenerationConfig's declared API fields, A1111's own, and
     every field of NEUTRAL, each optional; unknown fields are ignored, as A1111 does."""
     ours = {s.api: (value_type(item) | None, None) for item, s in declared() if s.api}
-    if not img2img:
-        ours.pop("denoising_strength")  # in txt2img A1111 reads it for the hires pass only
     theirs: dict[str, Any] = {
         "prompt": (str, ""),
         "sampler_name": (str | None, None),
@@ -120,8 +118,10 @@ def translate(request: BaseModel, max_pixels: int) -> Translated:
     prompt, loras = lora_tags(fields["prompt"])
     negative, negative_loras = lora_tags(fields.get("negative_prompt") or "")
     given = {item.name: fields.get(s.api) for item, s in declared() if s.api and fields.get(s.api) is not None}
+    if init_images is None:  # txt2img: A1111 reads denoising_strength for the hires pass only
+        given.pop("strength", None)
     batch = fields.get("batch_size") or 1
-    config = GenerationConfig(**given | {
+    config = GenerationConfig(**given | _hires(fields, img2img=init_images is not None) | {
         "negative_prompt": negative,
         "num_images": batch * fields["n_iter"],
         "scheduler": sampler(fields["sampler_name"] or fields["sampler_index"], fields["scheduler"]),
@@ -135,6 +135,28 @@ def translate(request: BaseModel, max_pixels: int) -> Translated:
         init = decode_image(init_images[0], "init_images[0]", max_pixels)
     return Translated(prompt, config, checkpoint, loras + negative_loras, init,
                       None if not mask else decode_image(mask, "mask", max_pixels))  # fmt: skip
+
+
+def _hires(fields: dict[str, Any], img2img: bool) -> dict[str, Any]:
+    """A1111's hires fix (`enable_hr` and the `hr_*` fields) in our settings; {} when it is off."""
+    if not fields.get("enable_hr") or img2img:
+        return {}
+    for name in ("hr_resize_x", "hr_resize_y"):
+        if fields.get(name) not in (None, 0):
+            raise Unsupported(f"{name}={fields[name]!r}: give hr_scale instead")
+    for name in ("hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt"):
+        if fields.get(name) not in (None, "") and not str(fields[name]).startswith("Use same"):
+            raise Unsupported(f"{name}={fields[name]!r}: the hires pass uses the first pass's here")
+    upscalers = {webui: ours for ours, webui in HIRES_UPSCALERS.items()}
+    upscaler = fields.get("hr_upscaler") or "Latent"
+    if upscaler not in upscalers:
+        raise Unsupported(f"hr_upscaler={upscaler!r}: use one of {', '.join(upscalers)}")
+    return {
+        "hires_scale": fields.get("hr_scale") or 2.0,
+        "hires_upscaler": upscalers[upscaler],
+        "hires_steps": fields.get("hr_second_pass_steps") or None,
+        "hires_denoise": fields.get("denoising_strength"),
+    }
 
 
 def _check_neutral(fields: dict[str, Any], masked: bool) -> None:
@@ -241,7 +263,8 @@ def info(prompt: str, config: GenerationConfig, seeds: list[int], infotexts: lis
         "cfg_scale": config.guidance_scale, "steps": config.steps, "batch_size": config.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model, "sd_model_hash": model_hash,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": config.strength, "extra_generation_params": {}, "index_of_first_image": 0,
+        "denoising_strength": config.strength or config.hires_denoise, "extra_generation_params": {},
+        "index_of_first_image": 0,
         "infotexts": infotexts, "styles": [], "job_timestamp": "", "clip_skip": 1,
         "is_using_inpainting_conditioning": False, "version": "ldm-toolkit",
     })  # fmt: skip

@@ -37,6 +37,9 @@ EVERY = GenerationConfig(
     negative_target_size=(48, 80),
     refiner_switch=0.7,
 )
+# The hires fix is text-to-image only: no init image's strength beside it.
+HIRES = replace(EVERY, strength=None, refiner_switch=None, hires_scale=1.5, hires_upscaler="lanczos", hires_steps=9,
+                hires_denoise=0.45)  # fmt: skip
 RUN = RunSettings("models/x", "0123456789", (("style.safetensors", 0.8),), "models/refiner", "abcdef0123")
 
 
@@ -46,26 +49,33 @@ def saved(tmp_path: Path, prompt: str, config: GenerationConfig) -> Path:
     return path
 
 
-def test_every_recorded_setting_reads_back_from_our_png_text(tmp_path):
-    recorded = [item.name for item, setting in declared() if setting.png]
-    assert all(getattr(EVERY, item.name) != item.default for item, _ in declared() if item.name in recorded)
-    settings = settings_from_png(saved(tmp_path, "a (red) lighthouse", EVERY))
-    assert {name: settings[name] for name in recorded} == {name: getattr(EVERY, name) for name in recorded}
+def test_the_two_configs_give_every_recorded_setting_a_value_of_its_own():
+    for item, setting in declared():
+        if setting.png:
+            assert {getattr(EVERY, item.name), getattr(HIRES, item.name)} - {None, item.default}, item.name
+
+
+@pytest.mark.parametrize("config", [EVERY, HIRES])
+def test_every_recorded_setting_reads_back_from_our_png_text(tmp_path, config):
+    recorded = [item.name for item, setting in declared() if setting.png and getattr(config, item.name) is not None]
+    settings = settings_from_png(saved(tmp_path, "a (red) lighthouse", config))
+    assert {name: settings[name] for name in recorded} == {name: getattr(config, name) for name in recorded}
     assert (settings["prompt"], settings["model"], settings["refiner"]) == ("a (red) lighthouse", "models/x",
                                                                            "models/refiner")  # fmt: skip
     assert settings["lora"] == [("style.safetensors", 0.8)]
 
 
-def test_every_infotext_setting_reads_back_from_the_a1111_text_alone(tmp_path):
-    path = saved(tmp_path, "a (red) lighthouse", EVERY)
+@pytest.mark.parametrize("config", [EVERY, HIRES])
+def test_every_infotext_setting_reads_back_from_the_a1111_text_alone(tmp_path, config):
+    path = saved(tmp_path, "a (red) lighthouse", config)
     with Image.open(path) as image:
         parameters = image.text["parameters"]
     only_a1111 = tmp_path / "a1111.png"
     Image.new("RGB", (8, 8)).save(only_a1111, pnginfo=png_info({"parameters": parameters}))
     settings = settings_from_png(only_a1111)
-    named = [item.name for item, setting in declared() if setting.infotext]
-    assert {name: settings[name] for name in named} == {name: getattr(EVERY, name) for name in named}
-    assert settings["negative_prompt"] == EVERY.negative_prompt
+    named = [item.name for item, setting in declared() if setting.infotext and getattr(config, item.name) is not None]
+    assert {name: settings[name] for name in named} == {name: getattr(config, name) for name in named}
+    assert settings["negative_prompt"] == config.negative_prompt
     assert parameters.splitlines()[-1].startswith("Steps: 12, Sampler: DPM++ 2M Karras, CFG scale: 4.5, Seed: 77, "
                                                   "Size: 80x48, Model hash: 0123456789, Model: x, ")  # fmt: skip
 
@@ -124,7 +134,7 @@ def test_each_bound_is_checked_when_the_config_is_made(item, setting):
         ({"guidance_scale": math.nan}, "guidance_scale=nan: must be a finite number"),
         ({"scheduler": "karras"}, "scheduler='karras': use one of ddim, "),
         ({"original_size": (64,)}, "original_size=(64,): must be (height, width)"),
-        ({"refiner_switch": 1}, "refiner_switch=1: the fraction of the noise schedule the base runs, in (0, 1)"),
+        ({"refiner_switch": 1}, "refiner_switch=1.0: the fraction of the noise schedule the base runs, in (0, 1)"),
         ({"seed": 2**32 - 2, "num_images": 3}, "the seeds run to 4294967296"),
     ],
 )

@@ -88,6 +88,25 @@ def test_a_lora_tag_draws_what_sample_py_draws_with_lora(served, tiny_model_dir)
     assert 'Lora: "style:0.7"' in image.text["parameters"]
 
 
+def test_hires_fix_draws_what_sample_py_draws_with_hires_scale(served, tiny_model_dir):
+    """A1111's enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps and denoising_strength."""
+    client, tmp_path = served
+    payload = {"prompt": "a circle", "steps": 3, "seed": 5, "width": 16, "height": 16, "enable_hr": True,
+               "hr_scale": 2, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 2,
+               "denoising_strength": 0.6}  # fmt: skip
+    body = client.post("/sdapi/v1/txt2img", json=payload).json()
+    image = decode(body["images"][0])
+    expected = sample_py(tmp_path, "--model", tiny_model_dir, "--prompt", "a circle", "--steps", 3, "--seed", 5,
+                         "--width", 16, "--height", 16, "--hires-scale", 2, "--hires-upscaler", "lanczos",
+                         "--hires-steps", 2, "--hires-denoise", 0.6)  # fmt: skip
+    assert image.size == (32, 32) and list(image.getdata()) == list(expected.convert(image.mode).getdata())
+    assert image.text["parameters"] == expected.text["parameters"]
+    assert (
+        "Hires upscale: 2.0, Hires upscaler: Lanczos, Hires steps: 2, Denoising strength: 0.6"
+        in (image.text["parameters"])
+    )
+
+
 def test_img2img_with_a_mask_keeps_the_unmasked_pixels(served):
     client, _ = served
     start = Image.new("RGB", (16, 16), (200, 30, 30))
@@ -112,7 +131,8 @@ def test_img2img_with_a_mask_keeps_the_unmasked_pixels(served):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("enable_hr", True), ("restore_faces", True), ("styles", ["cinematic"]), ("subseed_strength", 0.5),
+    [("hr_upscaler", "R-ESRGAN 4x+"), ("hr_resize_x", 1024),
+     ("restore_faces", True), ("styles", ["cinematic"]), ("subseed_strength", 0.5),
      ("alwayson_scripts", {"ControlNet": {"args": [{"enabled": True}]}}), ("script_name", "x/y/z plot"),
      ("override_settings", {"CLIP_stop_at_last_layers": 2}), ("eta", 0.5), ("prompt", "<hypernet:x:1>"),
      ("sampler_name", "DPM2 a"), ("scheduler", "exponential"), ("alwayson_scripts", {"x": 5}),
@@ -120,7 +140,8 @@ def test_img2img_with_a_mask_keeps_the_unmasked_pixels(served):
 )  # fmt: skip
 def test_a_field_that_would_change_the_picture_is_a_422_naming_it(served, field, value):
     client, _ = served
-    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, field: value})
+    payload = {"prompt": "x", "steps": 1, field: value} | ({"enable_hr": True} if field.startswith("hr_") else {})
+    response = client.post("/sdapi/v1/txt2img", json=payload)
     assert response.status_code == 422
     named = field if field not in ("override_settings", "prompt", "alwayson_scripts") else ""
     assert named in response.json()["detail"] and "\n" not in response.json()["detail"]
