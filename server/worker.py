@@ -50,7 +50,6 @@ class Drawn:
     config: GenerationConfig
     images: list[tuple[Generated, Path]]
     settings: RunSettings
-    interrupted: bool = False
 
 
 @dataclass
@@ -119,7 +118,7 @@ class Worker:
                 drawn.images.append((generated, writer.write(generated, job)))
                 self.progress.job_no += 1
         except Interrupted:
-            drawn.interrupted = True
+            pass  # the images finished so far are written and returned, as A1111 returns them
         finally:
             self.progress = Progress()  # idle, as A1111's state.end()
         return drawn
