@@ -52,9 +52,10 @@ def diffusion_loss(
         return per_sample.mean()
     alphas = noise_schedule.alphas_cumprod.to(latents.device)[timesteps]
     snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=snr_gamma) / snr
     if noise_schedule.config.prediction_type == "v_prediction":
         weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)  # the v target already carries SNR + 1
+    else:  # a zero-terminal-SNR schedule's last step has SNR 0: weight 1 there, not 0/0 (as diffusers' scripts)
+        weight = torch.where(snr == 0, 1.0, torch.clamp(snr, max=snr_gamma) / snr)
     return (weight * per_sample).mean()
 
 

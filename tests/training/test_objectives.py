@@ -45,6 +45,44 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
     torch.testing.assert_close(loss, expected)
 
 
+def test_min_snr_for_v_prediction_weights_by_min_snr_gamma_over_snr_plus_one():
+    """diffusers' train_text_to_image.py and kohya's apply_snr_weight: min(SNR, γ) / (SNR + 1)."""
+    schedule = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+    )
+    latents, unet = torch.randn(4, 4, 8, 8), Recorder()
+    torch.manual_seed(3)
+    loss = diffusion_loss(unet, schedule, latents, torch.zeros(4, 7, 8), snr_gamma=5.0)
+    torch.manual_seed(3)
+    noise = torch.randn_like(latents)
+    alpha = schedule.alphas_cumprod[unet.timesteps]
+    snr, a = alpha / (1 - alpha), alpha.view(-1, 1, 1, 1)
+    v = a.sqrt() * noise - (1 - a).sqrt() * latents
+    expected = (torch.clamp(snr, max=5.0) / (snr + 1) * v.square().mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_min_snr_on_a_zero_terminal_snr_schedule_stays_finite():
+    """The last timestep of a rescaled schedule has SNR 0: epsilon's weight there is 1, not 0/0."""
+    schedule = DDPMScheduler(rescale_betas_zero_snr=True, num_train_timesteps=4)
+    unet = Recorder()
+    torch.manual_seed(0)
+    loss = diffusion_loss(unet, schedule, torch.randn(64, 1, 2, 2), torch.zeros(64, 1, 1), snr_gamma=5.0)
+    assert (unet.timesteps == 3).any() and torch.isfinite(loss)
+
+
+def test_noise_offset_adds_a_constant_per_image_and_channel_to_the_noise():
+    """kohya's and diffusers' noise offset: ε + offset · N(0, 1) drawn per (image, channel)."""
+    schedule, unet = DDPMScheduler(), Recorder()
+    latents = torch.randn(2, 3, 4, 4)
+    torch.manual_seed(4)
+    diffusion_loss(unet, schedule, latents, torch.zeros(2, 7, 8), noise_offset=0.1)
+    torch.manual_seed(4)
+    noise = torch.randn_like(latents) + 0.1 * torch.randn(2, 3, 1, 1)
+    alpha = schedule.alphas_cumprod[unet.timesteps].view(-1, 1, 1, 1)
+    torch.testing.assert_close(unet.noisy, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise)
+
+
 def test_high_noise_bias_draws_the_noisiest_quarter_that_many_times_as_often():
     schedule, unet = DDPMScheduler(), Recorder()
     torch.manual_seed(2)
