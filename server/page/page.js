@@ -35,9 +35,15 @@ function number(id) {
   return value === "" ? undefined : Number(value);
 }
 
-function payload() {
+async function payload() {
   const [sampler, schedule] = $("sampler").value ? $("sampler").value.split("|") : [undefined, undefined];
+  const init = $("init_image").files[0];
+  const extra = init  // image-to-image from the chosen file, else the hires fix when a scale is given
+    ? { init_images: [await base64Of(init)], denoising_strength: number("strength") ?? 0.8 }
+    : number("hr_scale") ? { enable_hr: true, hr_scale: number("hr_scale"), hr_upscaler: "Latent",
+                             denoising_strength: number("hr_denoise") ?? 0.7 } : {};
   return {
+    ...extra,
     prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
     sampler_name: sampler, scheduler: schedule, steps: number("steps"), cfg_scale: number("cfg_scale"),
     width: number("width"), height: number("height"), seed: number("seed") ?? -1,
@@ -55,7 +61,8 @@ async function generate(event) {
   running = true;
   const polling = setInterval(poll, 500);
   try {
-    const result = await api("/sdapi/v1/txt2img", payload());
+    const request = await payload();
+    const result = await api(request.init_images ? "/sdapi/v1/img2img" : "/sdapi/v1/txt2img", request);
     const info = JSON.parse(result.info);
     lastSeed = info.all_seeds.length ? info.all_seeds[info.all_seeds.length - 1] : lastSeed;
     $("results").replaceChildren(...result.images.map((image, i) =>

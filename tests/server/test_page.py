@@ -6,6 +6,7 @@ where it is missing the test says so and skips."""
 import shutil
 
 import pytest
+from PIL import Image
 
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium")
@@ -86,3 +87,18 @@ def test_a_dropped_png_fills_the_form_with_its_settings(page, live):
     }""")
     page.wait_for_function("document.getElementById('prompt').value === 'a small blue square'")
     assert (page.input_value("#seed"), page.input_value("#steps")) == ("12", "3")
+
+
+def test_the_hires_fix_and_image_to_image_from_the_page(page, tmp_path):
+    generate(page, prompt="a circle", steps="2", width="16", height="16", seed="3", hr_scale="2", hr_denoise="0.5")
+    page.wait_for_selector("#results figure img")
+    assert page.evaluate("document.querySelector('#results figure img').naturalWidth") == 32
+    assert "Hires upscale: 2.0, Hires upscaler: Latent, Denoising strength: 0.5" in page.inner_text("#results")
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "start.png")
+    page.fill("#hr_scale", "")
+    page.set_input_files("#init_image", str(tmp_path / "start.png"))
+    page.fill("#strength", "0.4")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('results').innerText.includes('Denoising strength: 0.4')")
+    assert "Denoising strength: 0.4" in page.inner_text("#results") and "Hires" not in page.inner_text("#results")
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
