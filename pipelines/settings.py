@@ -39,8 +39,9 @@ class Setting:
     metavar: str | tuple[str, ...] | None = None
     group: str = ""  # the --help section ("SDXL"); "" for the main one
     choices: tuple[str, ...] = ()
-    low: float | None = None  # the bounds, inclusive; every float must also be finite
+    low: float | None = None  # the bounds, inclusive unless `open`; every float must also be finite
     high: float | None = None
+    open: bool = False  # the bounds themselves are outside
     valid: str = ""  # what the error says is valid, where the bounds alone do not say it
     png: bool = True  # our PNG text records it (and --from-png reads it back)
     infotext: str | None = None  # its key in A1111's `parameters` text
@@ -163,6 +164,7 @@ class GenerationConfig:
         group=SDXL,
         low=0,
         high=1,
+        open=True,
         valid="the fraction of the noise schedule the base runs, in (0, 1)",
         infotext="Refiner switch at",
     )
@@ -195,9 +197,10 @@ class GenerationConfig:
             if isinstance(value, list):  # SDXL's sizes from a command line, a PNG or JSON
                 value = tuple(value)
                 object.__setattr__(self, item.name, value)
-            check(item, declaration, value)
             if value_type(item) is float and type(value) is int:  # 2 and 2.0: one setting, one text
-                object.__setattr__(self, item.name, float(value))
+                value = float(value)
+                object.__setattr__(self, item.name, value)
+            check(item, declaration, value)
         if self.seed == -1:  # A1111's "random"
             object.__setattr__(self, "seed", None)
         last_seed = (self.seed or 0) + self.num_images - 1
@@ -205,9 +208,6 @@ class GenerationConfig:
             raise SettingError(
                 f"seed={self.seed}: with {self.num_images} image(s) the seeds run to {last_seed}; {SEEDS}"
             )
-        if self.refiner_switch in (0, 1):
-            raise SettingError(f"refiner_switch={self.refiner_switch}: the fraction of the noise schedule the "
-                               "base runs, in (0, 1)")  # fmt: skip
 
 
 KINDS = {int: "a whole number", float: "a number", str: "text", bool: "true or false", tuple: "(height, width)"}
@@ -231,7 +231,9 @@ def check(item: Field, declaration: Setting, value: Any) -> None:
         raise SettingError(f"{name}={value!r}: use one of {', '.join(declaration.choices)}")
     low, high = declaration.low, declaration.high
     smallest, largest = (min(value), max(value)) if kind is tuple else (value, value)
-    if (low is not None and smallest < low) or (high is not None and largest > high):
+    below = low is not None and (smallest <= low if declaration.open else smallest < low)
+    above = high is not None and (largest >= high if declaration.open else largest > high)
+    if below or above:
         valid = declaration.valid or (f"must be {low} to {high}" if high is not None else f"must be at least {low}")
         raise SettingError(f"{name}={value}: {valid}")
 

@@ -32,34 +32,25 @@ def test_the_target_is_the_noise_or_the_velocity(prediction_type):
     torch.testing.assert_close(loss, target.square().mean())
 
 
-def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
-    schedule = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    latents, unet = torch.randn(4, 4, 8, 8), Recorder()
-    torch.manual_seed(1)
-    loss = diffusion_loss(unet, schedule, latents, torch.zeros(4, 7, 8), snr_gamma=5.0)
-    torch.manual_seed(1)
-    noise = torch.randn_like(latents)
-    alpha = schedule.alphas_cumprod[unet.timesteps]
-    snr = alpha / (1 - alpha)
-    expected = (torch.clamp(snr, max=5.0) / snr * noise.square().mean(dim=(1, 2, 3))).mean()
-    torch.testing.assert_close(loss, expected)
-
-
-def test_min_snr_for_v_prediction_weights_by_min_snr_gamma_over_snr_plus_one():
-    """diffusers' train_text_to_image.py and kohya's apply_snr_weight: min(SNR, γ) / (SNR + 1)."""
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_each_sample_as_diffusers_and_kohya_do(prediction_type):
+    """min(SNR, γ) / SNR for epsilon, min(SNR, γ) / (SNR + 1) for v-prediction (diffusers'
+    train_text_to_image.py and kohya's apply_snr_weight)."""
     schedule = DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction"
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
     )
     latents, unet = torch.randn(4, 4, 8, 8), Recorder()
-    torch.manual_seed(3)
+    torch.manual_seed(1)
     loss = diffusion_loss(unet, schedule, latents, torch.zeros(4, 7, 8), snr_gamma=5.0)
-    torch.manual_seed(3)
+    torch.manual_seed(1)
     noise = torch.randn_like(latents)
     alpha = schedule.alphas_cumprod[unet.timesteps]
     snr, a = alpha / (1 - alpha), alpha.view(-1, 1, 1, 1)
-    v = a.sqrt() * noise - (1 - a).sqrt() * latents
-    expected = (torch.clamp(snr, max=5.0) / (snr + 1) * v.square().mean(dim=(1, 2, 3))).mean()
-    torch.testing.assert_close(loss, expected)
+    if prediction_type == "epsilon":
+        target, weight = noise, torch.clamp(snr, max=5.0) / snr
+    else:
+        target, weight = a.sqrt() * noise - (1 - a).sqrt() * latents, torch.clamp(snr, max=5.0) / (snr + 1)
+    torch.testing.assert_close(loss, (weight * target.square().mean(dim=(1, 2, 3))).mean())
 
 
 def test_min_snr_on_a_zero_terminal_snr_schedule_stays_finite():
