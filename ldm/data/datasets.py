@@ -8,6 +8,10 @@ Optionally, for the grounding loss, boxes of caption words beside each image: NA
 beside NAME.png (formats 1 and 2), or a .boxes.json member (3), holding {"word": [[x0, y0, x1,
 y1], ...]} in the source image's pixels; they follow the image's resize, crop and flip.
 
+With `ImageOptions.masks` (the masked loss), each item also has a "mask" (1, H, W) in [0, 1]: the
+grey level of NAME_mask.png beside NAME.png (a `mask.png` member in shards), else the image's
+alpha channel, else all ones. A NAME_mask.png beside NAME.png is never a training image itself.
+
 A bad item (unreadable, truncated or empty image, missing or unreadable caption, too small) is
 not an error: it comes out as a `Skipped` record, which the collate function sets aside for the
 training loop to warn about and count. For folders and metadata files, every image's header is
@@ -31,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from ldm.data.transforms import BadItem, Placement, prepare_image
+from ldm.data.transforms import BadItem, Placement, alpha_of, prepare_image, prepare_mask
 from ldm.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -49,6 +53,7 @@ class ImageOptions:
     random_flip: bool = False
     seed: int = 0
     upscale: bool = False  # images smaller than their training size: enlarged instead of skipped
+    masks: bool = False  # each item gets a "mask": its NAME_mask.png, its alpha channel, or ones
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,21 @@ class Skipped:
 
 def boxes_file(image: Path) -> Path:
     return image.with_name(image.stem + ".boxes.json")
+
+
+def mask_file(image: Path) -> Path:
+    return image.with_name(image.stem + "_mask.png")
+
+
+def has_mask(image: Path) -> bool:
+    """Whether the image has a NAME_mask.png or an alpha channel (its header is read, not its pixels)."""
+    if mask_file(image).is_file():
+        return True
+    try:
+        with Image.open(image) as file:
+            return "A" in file.getbands() or "transparency" in file.info
+    except UNREADABLE:
+        return False
 
 
 def read_boxes(text: str | bytes, placement: Placement) -> list[list]:
@@ -85,10 +105,12 @@ def load_item(
     key: list[int],
     boxes: str | bytes | None = None,
     size: tuple[int, int] | None = None,
+    mask: Path | bytes | None = None,
 ):
-    """One example as {"pixels", "caption", "size_ids"} (and "boxes" when given), or Skipped. `key`
-    seeds this item's crop and flip; `size` (width, height) is its bucket's, else the square
-    resolution. "size_ids" are SDXL's six size and crop numbers (Placement.size_ids)."""
+    """One example as {"pixels", "caption", "size_ids"} (and "boxes" when given, "mask" with
+    options.masks), or Skipped. `key` seeds this item's crop and flip; `size` (width, height) is
+    its bucket's, else the square resolution. "size_ids" are SDXL's six size and crop numbers
+    (Placement.size_ids). `mask` is the mask file's path or bytes; without it, the alpha channel."""
     try:
         if caption is None or not caption.strip():
             raise BadItem("no caption")
@@ -98,7 +120,16 @@ def load_item(
                 file, size or (options.resolution, options.resolution), options.center_crop, options.random_flip,
                 np.random.default_rng(key), options.upscale,
             )  # fmt: skip
+            alpha = alpha_of(file) if options.masks and mask is None else None
         item = {"pixels": pixels, "caption": caption.strip(), "size_ids": torch.tensor(placement.size_ids()).float()}
+        if options.masks and mask is not None:
+            try:
+                with Image.open(io.BytesIO(mask) if isinstance(mask, bytes) else mask) as file:
+                    item["mask"] = prepare_mask(file, placement)
+            except UNREADABLE as error:
+                raise BadItem(f"unreadable mask ({type(error).__name__}: {error})") from None
+        elif options.masks:
+            item["mask"] = prepare_mask(alpha, placement)
         if boxes is not None:
             item["boxes"] = read_boxes(boxes, placement)
         return item
@@ -142,7 +173,9 @@ class CaptionedImages(Dataset):
         except OSError as error:
             return Skipped(str(image), f"unreadable boxes ({boxes.name}: {type(error).__name__})")
         size = self.sizes[index] if self.sizes else None
-        return load_item(image, caption, str(image), self.options, [self.options.seed, epoch, index], boxes, size)
+        mask = mask_file(image) if self.options.masks and mask_file(image).is_file() else None
+        key = [self.options.seed, epoch, index]
+        return load_item(image, caption, str(image), self.options, key, boxes, size, mask)
 
 
 class EpochSampler(Sampler):
@@ -212,7 +245,8 @@ class TarShards(IterableDataset):
                 yield Skipped(source, "no image file")
                 continue
             key = [self.options.seed, epoch, shard_index, number]
-            yield load_item(image, self._caption(files), source, self.options, key, files.get("boxes.json"))
+            boxes, mask = files.get("boxes.json"), files.get("mask.png")
+            yield load_item(image, self._caption(files), source, self.options, key, boxes, mask=mask)
 
     def _caption(self, files: dict[str, bytes]) -> str | None:
         try:
@@ -262,11 +296,18 @@ def open_dataset(
         if (path / name).is_file():
             return checked_images(*read_metadata(path / name, caption_column), options)
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    stems = {image.with_suffix("") for image in images}
+    images = [image for image in images if not _is_mask(image, stems)]
     if not images:
         raise DatasetError(
             f"data.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}), metadata file or .tar shards"
         )
     return checked_images([(image, image.with_suffix(caption_extension)) for image in images], {}, options)
+
+
+def _is_mask(image: Path, stems: set[Path]) -> bool:
+    """NAME_mask.png beside an image named NAME is that image's loss mask."""
+    return image.name.endswith("_mask.png") and image.with_name(image.name[: -len("_mask.png")]) in stems
 
 
 def checked_images(entries: list, bad: dict[str, str], options: ImageOptions) -> CaptionedImages:

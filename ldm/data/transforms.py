@@ -1,7 +1,7 @@
 """From any image file to a training tensor: RGB, resized by the shorter side, cropped, maybe
 flipped, scaled to [-1, 1]. Randomness comes from a generator the caller seeds per item, so a
 resumed run sees exactly the crops and flips the uninterrupted run would have. Boxes drawn on
-the source image (grounding) follow the same resize, crop and flip."""
+the source image (grounding) and loss masks follow the same resize, crop and flip."""
 
 from dataclasses import dataclass
 
@@ -80,17 +80,41 @@ def prepare_image(
         raise BadItem(f"{width}x{height} is smaller than the training {wanted}")
     scale = max(target_width / width, target_height / height)
     scaled = (max(target_width, round(width * scale)), max(target_height, round(height * scale)))
-    image = image.resize(scaled, Image.BICUBIC)
     spare_x, spare_y = scaled[0] - target_width, scaled[1] - target_height
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
-    image = image.crop((left, top, left + target_width, top + target_height))
     flip = random_flip and rng.random() < 0.5
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(array).permute(2, 0, 1), Placement(
-        target_width, target_height, scale, left, top, flip, (width, height), scaled
-    )
+    placement = Placement(target_width, target_height, scale, left, top, flip, (width, height), scaled)
+    array = np.asarray(place(image, placement), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(array).permute(2, 0, 1), placement
+
+
+def place(image: Image.Image, placement: Placement, resample: int = Image.BICUBIC) -> Image.Image:
+    """The source image resized, cropped and maybe mirrored as `placement` says."""
+    left, top = placement.left, placement.top
+    image = image.resize(placement.scaled, resample)
+    image = image.crop((left, top, left + placement.width, top + placement.height))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if placement.flip else image
+
+
+def alpha_of(image: Image.Image) -> Image.Image | None:
+    """The image's transparency as a grey image (opaque: white), or None if it has none."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return None
+    return image.convert("RGBA").getchannel("A")
+
+
+def prepare_mask(mask: Image.Image | None, placement: Placement) -> Tensor:
+    """(1, height, width) in [0, 1]: the mask's grey level placed as the image was (a mask's white
+    trains, its black is ignored); all ones for None. Resized by area averaging (PIL's box filter,
+    as kohya's cv2.INTER_AREA), which keeps a mask within [0, 1] and its edges where they were."""
+    if mask is None:
+        return torch.ones(1, placement.height, placement.width)
+    if mask.size != placement.original:
+        raise BadItem(
+            f"the mask is {mask.size[0]}x{mask.size[1]}, the image {placement.original[0]}x{placement.original[1]}"
+        )
+    array = np.asarray(place(mask.convert("L"), placement, Image.BOX), dtype=np.float32) / 255
+    return torch.from_numpy(array)[None]

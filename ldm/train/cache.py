@@ -1,10 +1,11 @@
 """Latent caching: encode every training image with the frozen VAE once (and every caption with
 the frozen text encoders: SDXL's two, with the pooled embedding), store the results as
 safetensors, and train from those. Each image's size ids (SDXL's original size, crop and target)
-are kept with its latents, as the crop they record is the one cached.
+are kept with its latents, as the crop they record is the one cached; so are loss masks, averaged
+over each latent pixel's area (what the masked loss does with them).
 
 The cache file is named by a fingerprint of the dataset (files, sizes, modification times,
-captions, grounding boxes, resolution, crop) and of the encoders' weights, so it is reused
+captions, grounding boxes, masks, resolution, crop) and of the encoders' weights, so it is reused
 exactly while they are unchanged and rebuilt when anything changes. The VAE posterior is kept
 (mean and std), not one sample of it, so every step still draws a fresh latent, as without the
 cache.
@@ -15,11 +16,12 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ldm.data.datasets import CaptionedImages, Skipped, boxes_file, collate
+from ldm.data.datasets import CaptionedImages, Skipped, boxes_file, collate, mask_file
 from ldm.model import LatentDiffusion, save_safetensors
 from ldm.text import encode_captions
 
@@ -52,6 +54,8 @@ class CachedExamples(Dataset):
             return Skipped(*self.reasons[index])
         bucket, row = self.rows[index] if self.rows else ("", index)
         item = {name: self.tensors[name + bucket][row] for name in ("latent_mean", "latent_std")}
+        if "mask" + bucket in self.tensors:
+            item["mask"] = self.tensors["mask" + bucket][row]
         item["size_ids"] = self.tensors["size_ids"][index]
         for name in ("text", "pooled"):
             if name in self.tensors:
@@ -61,7 +65,7 @@ class CachedExamples(Dataset):
         return item | {"caption": self.captions[index]}
 
 
-CACHE_VERSION = 3  # 2: captions cleaned as CLIP cleans text before they are encoded; 3: size ids
+CACHE_VERSION = 4  # 2: captions cleaned as CLIP cleans text before they are encoded; 3: size ids; 4: masks
 
 
 def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
@@ -74,6 +78,9 @@ def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
         digest.update(text)
         boxes = boxes_file(image)
         digest.update(boxes.read_bytes() if boxes.is_file() else b"no boxes")
+        mask = mask_file(image)
+        if dataset.options.masks and mask.is_file():
+            digest.update(mask.read_bytes())
     if dataset.sizes:  # the buckets, too
         digest.update(json.dumps(dataset.sizes).encode())
     for encoder in encoders:
@@ -108,7 +115,7 @@ def build_cache(
     texts, pooled, size_ids = [None] * count, [None] * count, torch.zeros(count, 6)
     reasons: dict[int, list[str]] = {}
     for bucket, indices in groups.items():
-        means, stds = [], []
+        means, stds, masks = [], [], []
         for start in range(0, len(indices), batch):
             chunk = indices[start : start + batch]
             items = [dataset[(0, index)] for index in chunk]
@@ -125,18 +132,23 @@ def build_cache(
             good = collate(items)
             if not good["captions"]:
                 blank = torch.zeros(len(items))
-                means.append(blank), stds.append(blank)
+                means.append(blank), stds.append(blank), masks.append(blank)
                 continue
             posterior = model.vae.encode(good["pixels"].to(device)).latent_dist
             keep = [i for i, item in enumerate(items) if isinstance(item, dict)]
             means.append(_scatter(posterior.mean.cpu(), keep, len(items)))
             stds.append(_scatter(posterior.std.cpu(), keep, len(items)))
+            if "mask" in good:
+                pooled_mask = F.interpolate(good["mask"], size=posterior.mean.shape[-2:], mode="area")
+                masks.append(_scatter(pooled_mask, keep, len(items)))
             if cache_text:
                 text, pool = encode_captions(model.text_encoders(), good["captions"], model.is_sdxl)
                 for row, i in enumerate(keep):
                     texts[chunk[i]] = text[row].cpu()
                     pooled[chunk[i]] = None if pool is None else pool[row].cpu()
         tensors |= {"latent_mean" + bucket: _stack(means), "latent_std" + bucket: _stack(stds)}
+        if dataset.options.masks:
+            tensors["mask" + bucket] = _stack(masks)
     tensors["size_ids"] = size_ids
     if cache_text:
         empty_text, empty_pooled = encode_captions(model.text_encoders(), [""], model.is_sdxl)

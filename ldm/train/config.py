@@ -51,10 +51,17 @@ class DiffusionConfig:
     prediction_type: str | None = None  # epsilon or v_prediction; default: the model's scheduler's
     train_text_encoder: bool = False  # jointly (from scratch) or frozen (pretrained)
     caption_dropout: float = 0.1  # the empty prompt instead, so classifier-free guidance works
-    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is the paper's choice)
-    noise_offset: float = 0.0
     high_noise_bias: float = 1.0  # the noisiest quarter of timesteps drawn this many times as often
     grounding_loss: float = 0.0  # weight of the loss that puts words' attention in their .boxes.json boxes
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The diffusion loss's options, named as diffusers' and kohya's training scripts name them."""
+
+    min_snr_gamma: float | None = None  # Min-SNR weighting, min(SNR, γ)/SNR (5.0 is the paper's choice)
+    noise_offset: float = 0.0  # ε + noise_offset · N(0, 1) per image and channel: very dark and bright images
+    masked: bool = False  # weight each pixel by its mask: NAME_mask.png beside NAME.png, else the alpha channel
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
@@ -209,7 +217,17 @@ class TrainConfig:
             raise ConfigError("data.cache_latents=true: needs data.center_crop=true and data.random_flip=false")
         if not self.diffusion.high_noise_bias > 0:
             raise ConfigError(f"diffusion.high_noise_bias={self.diffusion.high_noise_bias}: must be above 0")
+        self._check_loss()
         self._check_optim()
+
+    def _check_loss(self) -> None:
+        loss = self.loss
+        if loss.min_snr_gamma is not None and not loss.min_snr_gamma > 0:
+            raise ConfigError(f"loss.min_snr_gamma={loss.min_snr_gamma}: must be above 0 (5.0 is usual), or null")
+        if not loss.noise_offset >= 0:
+            raise ConfigError(f"loss.noise_offset={loss.noise_offset}: must be 0 or more (0.05 to 0.1 is usual)")
+        if self.stage == "autoencoder" and (loss.min_snr_gamma is not None or loss.noise_offset or loss.masked):
+            raise ConfigError("loss: min_snr_gamma, noise_offset and masked are for the diffusion and lora stages")
 
     def _check_optim(self) -> None:
         optim = self.optim
@@ -295,6 +313,9 @@ def _yaml_problem(error: Exception) -> str:
     return f"{problem}, line {mark.line + 1}" if in_file else problem
 
 
+RENAMED = {"diffusion.snr_gamma": "loss.min_snr_gamma", "diffusion.noise_offset": "loss.noise_offset"}
+
+
 def describe_error(error: OmegaConfBaseException) -> str:
     """OmegaConf's multi-line report as one line: the key, and what was wrong with it."""
     key = getattr(error, "full_key", None) or "config"
@@ -302,6 +323,8 @@ def describe_error(error: OmegaConfBaseException) -> str:
     if "MissingMandatoryValue" in type(error).__name__ or "Missing mandatory value" in message:
         return f"{key}: required, and not set"
     if "not in" in message and "Key" in message:
+        if key in RENAMED:
+            return f"{key}: now {RENAMED[key]}"
         parent = key.rpartition(".")[0]
         node = OmegaConf.structured(TrainConfig)
         valid = sorted((OmegaConf.select(node, parent) if parent else node).keys())

@@ -142,7 +142,9 @@ class Trainer:
 
     def _dataset(self) -> CaptionedImages | TarShards:
         data, accelerator = self.config.data, self.accelerator
-        options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed, data.upscale)
+        options = ImageOptions(
+            data.resolution, data.center_crop, data.random_flip, self.config.seed, data.upscale, self.config.loss.masked
+        )
         dataset = open_dataset(
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes,
             data.caption_extension,

@@ -31,7 +31,7 @@ from ldm.attention import capture_attention_probs
 from ldm.autoencoder import images_to_latents
 from ldm.data.buckets import bucketed, table
 from ldm.data.captions import shuffle_tags
-from ldm.data.datasets import CaptionedImages, boxes_file
+from ldm.data.datasets import CaptionedImages, boxes_file, has_mask
 from ldm.errors import ConfigError
 from ldm.files import writing
 from ldm.lora import lora_file, merge_lora
@@ -166,6 +166,8 @@ class DiffusionStage(Stage):
             )
         if data.cache_latents and not folder:
             raise ConfigError("data.cache_latents=true: for folder or metadata datasets, not tar shards")
+        if config.loss.masked and folder and not any(has_mask(image) for image, _ in dataset.entries):
+            raise ConfigError(f"loss.masked=true: no image in {data.path} has an alpha channel or a NAME_mask.png")
         dreambooth = config.dreambooth
         if (dreambooth.instance_prompt or dreambooth.class_prompt) and not folder:
             raise ConfigError("dreambooth: for folder or metadata datasets, not tar shards")
@@ -243,10 +245,11 @@ class DiffusionStage(Stage):
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped, strict=True)]
         text, pooled = self._text(batch, captions, dropped, modules)
         options = dict(
-            snr_gamma=diffusion.snr_gamma,
-            noise_offset=diffusion.noise_offset,
+            min_snr_gamma=self.config.loss.min_snr_gamma,
+            noise_offset=self.config.loss.noise_offset,
             high_noise_bias=diffusion.high_noise_bias,
             weights=weights,
+            mask=batch["mask"].to(latents.device) if "mask" in batch else None,
         )
         if self.model.is_sdxl:  # the added conditioning: pooled text and the images' size ids
             options["added"] = {"pooled": pooled, "time_ids": batch["size_ids"].to(latents.device)}
@@ -368,8 +371,10 @@ class LoraStage(DiffusionStage):
             "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if config.optim.use_8bit_adam else "torch.optim.AdamW",
             "ss_mixed_precision": config.steps.mixed_precision,
             "ss_seed": config.seed,
-            "ss_noise_offset": config.diffusion.noise_offset,
-            "ss_min_snr_gamma": config.diffusion.snr_gamma,
+            "ss_noise_offset": config.loss.noise_offset,
+            "ss_min_snr_gamma": config.loss.min_snr_gamma,
+            # kohya's --masked_loss, by its name; kohya's train_network.py (48d368fa) writes no field for it
+            "ss_masked_loss": config.loss.masked,
             "ss_caption_dropout_rate": config.diffusion.caption_dropout,
             "ss_cache_latents": config.data.cache_latents,
             "ss_output_name": Path(self.RESULT).stem,

@@ -260,3 +260,64 @@ def test_bad_metadata_lines_are_skipped_and_named_by_line(tmp_path):
     file = tmp_path / "metadata.jsonl"
     assert sorted(dataset.skipped) == [f"{file}:2", f"{file}:3", f"{file}:5"]
     assert dataset.skipped[f"{file}:2"].startswith("not a JSON line")
+
+
+MASKED = ImageOptions(resolution=8, masks=True)
+
+
+def rgba_png(alpha: np.ndarray) -> bytes:
+    """A red image whose alpha channel is `alpha` (H, W) in 0..255."""
+    array = np.zeros((*alpha.shape, 4), dtype=np.uint8)
+    array[..., 0], array[..., 3] = 255, alpha
+    buffer = io.BytesIO()
+    Image.fromarray(array, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_loss_mask_is_the_mask_file_else_the_alpha_channel_else_ones(tmp_path):
+    """The masked loss's sources, as kohya reads them (alpha_mask, or a conditioning image's grey)."""
+    left_half = np.zeros((16, 16), dtype=np.uint8)
+    left_half[:, :8] = 255
+    (tmp_path / "alpha.png").write_bytes(rgba_png(left_half))
+    (tmp_path / "file.png").write_bytes(rgba_png(left_half))  # its mask file wins over its alpha
+    Image.new("L", (16, 16), 64).save(tmp_path / "file_mask.png")
+    (tmp_path / "plain.png").write_bytes(png(size=(16, 16)))
+    Image.new("L", (8, 8)).save(tmp_path / "wrong_mask.png")
+    (tmp_path / "wrong.png").write_bytes(png(size=(16, 16)))
+    for name in ("alpha", "file", "plain", "wrong"):
+        (tmp_path / f"{name}.txt").write_text("a red square")
+    dataset = open_dataset(tmp_path, MASKED)
+    assert [image.name for image, _ in dataset.entries] == ["alpha.png", "file.png", "plain.png", "wrong.png"]
+    alpha, file, plain, wrong = items(dataset)
+    expected = torch.zeros(1, 8, 8)
+    expected[..., :4] = 1
+    torch.testing.assert_close(alpha["mask"], expected)
+    torch.testing.assert_close(file["mask"], torch.full((1, 8, 8), 64 / 255))
+    assert torch.equal(plain["mask"], torch.ones(1, 8, 8))
+    assert wrong.reason == "the mask is 8x8, the image 16x16"
+    assert "mask" not in items(open_dataset(tmp_path, OPTIONS))[0]  # only when the masked loss asks
+    assert collate([alpha, plain])["mask"].shape == (2, 1, 8, 8)
+
+
+def test_a_mask_follows_the_resize_crop_and_flip(tmp_path):
+    """The same crop and mirror as the pixels: the alpha's opaque column lands where the red one does."""
+    alpha = np.zeros((20, 30), dtype=np.uint8)
+    alpha[:, 4:10] = 255
+    (tmp_path / "a.png").write_bytes(rgba_png(alpha))
+    (tmp_path / "a.txt").write_text("x")
+    options = ImageOptions(resolution=20, center_crop=False, random_flip=True, masks=True)
+    dataset = open_dataset(tmp_path, options)
+    for epoch in range(6):
+        item = dataset[(epoch, 0)]
+        red = (item["pixels"][0] > 0).float()  # red where opaque: composited on white elsewhere, so also > 0
+        opaque = item["mask"][0] > 0.5
+        green = item["pixels"][1] < 0  # white (transparent) has green; opaque red has none
+        assert torch.equal(opaque, green) and red.all()
+
+
+def test_masks_in_webdataset_shards(tmp_path):
+    mask = io.BytesIO()
+    Image.new("L", (8, 8), 255).save(mask, format="PNG")
+    write_shard(tmp_path / "0.tar", {"a": {"png": png(size=(8, 8)), "txt": b"a cat", "mask.png": mask.getvalue()}})
+    (item,) = items(open_dataset(tmp_path, MASKED))
+    assert torch.equal(item["mask"], torch.ones(1, 8, 8))

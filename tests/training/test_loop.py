@@ -4,6 +4,7 @@ import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 from training.conftest import Stop, recipe
 
@@ -23,7 +24,7 @@ def test_a_tiny_model_overfits_four_images(four_images, tmp_path):
 
 
 def test_a_resumed_run_reproduces_the_uninterrupted_one(four_images, tmp_path, monkeypatch):
-    options = ["optim.lr_scheduler=cosine", "optim.warmup_steps=5", "diffusion.snr_gamma=5.0"]
+    options = ["optim.lr_scheduler=cosine", "optim.warmup_steps=5", "loss.min_snr_gamma=5.0"]
     whole = Trainer(load_config(recipe(tmp_path / "whole", four_images), options))
     whole.run()
 
@@ -131,6 +132,11 @@ def test_mixed_precision_reads_as_written_in_yaml_and_on_the_command_line(four_i
         (["stage=autoencoder", "data.cache_latents=true"], "data.cache_latents=true: for the diffusion stage"),
         (["optim.use_8bit_adam=true"], "optim.use_8bit_adam=true: pip install bitsandbytes"),  # not installed here
         (["data.buckets=true", "data.bucket_step=4"], "data.bucket_step=4: between 8 and data.resolution"),
+        (["diffusion.snr_gamma=5"], "diffusion.snr_gamma: now loss.min_snr_gamma"),
+        (["loss.min_snr_gamma=0"], "loss.min_snr_gamma=0.0: must be above 0"),
+        (["loss.noise_offset=-0.1"], "loss.noise_offset=-0.1: must be 0 or more"),
+        (["stage=autoencoder", "loss.masked=true"], "loss: min_snr_gamma, noise_offset and masked are for the"),
+        (["loss.masked=true"], "loss.masked=true: no image in"),  # the shapes are opaque, with no mask files
     ],
 )
 def test_config_errors_are_one_line_before_any_work(four_images, tmp_path, capsys, monkeypatch, overrides, message):
@@ -206,6 +212,31 @@ def test_the_grounding_loss_adds_to_the_loss_and_its_boxes_survive_the_latent_ca
     assert cached == open_dataset(four_images, ImageOptions(16))[(0, 1)]["boxes"] and len(cached) >= 2
 
 
+def test_the_masked_loss_weights_pixels_and_its_masks_survive_the_latent_cache(four_images, tmp_path):
+    """An all-black mask file trains nothing (loss 0); a mask that keeps the left half gives the
+    cache the area-averaged mask at latent size, which equals the masked loss's own pooling."""
+    masked = tmp_path / "masked"
+    masked.mkdir()
+    for file in four_images.glob("0000[0-3].[pt]*"):
+        (masked / file.name).write_bytes(file.read_bytes())
+    for number in range(4):
+        Image.new("L", (16, 16), 0).save(masked / f"0000{number}_mask.png")
+    options = ["loss.masked=true", "steps.max=1"]
+    black = Trainer(load_config(recipe(tmp_path / "black", masked), options))
+    black.run()
+    assert black.losses == [0.0]
+    half = Image.new("L", (16, 16), 0)
+    half.paste(255, (0, 0, 8, 16))
+    for number in range(4):
+        half.save(masked / f"0000{number}_mask.png")
+    cached = Trainer(load_config(recipe(tmp_path / "c", masked), [*options, "data.cache_latents=true",
+                                                                  f"data.cache_dir={tmp_path}/cache"]))  # fmt: skip
+    cached.run()
+    expected = torch.zeros(1, 8, 8)
+    expected[..., :4] = 1
+    assert torch.equal(cached.dataset[(0, 0)]["mask"], expected) and cached.losses[0] > 0
+
+
 def test_the_grounding_loss_needs_boxes(four_images, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("ldm.train.loop.build_model", lambda config: pytest.fail("the model was built"))
     bare = tmp_path / "bare"
@@ -264,7 +295,7 @@ def test_bf16_mixed_precision_and_tensorboard_logs(four_images, tmp_path):
 
 def test_gradient_accumulation_and_checkpoint_rotation(four_images, tmp_path):
     path = recipe(tmp_path, four_images, steps={"max": 6, "batch_size": 2, "gradient_accumulation": 2})
-    trainer = Trainer(load_config(path, ["checkpoint.every=2", "checkpoint.keep=2", "diffusion.noise_offset=0.1"]))
+    trainer = Trainer(load_config(path, ["checkpoint.every=2", "checkpoint.keep=2", "loss.noise_offset=0.1"]))
     trainer.run()
     assert len(trainer.losses) == 6  # optimizer steps, each over two batches of two
     checkpoints = tmp_path / "run" / "checkpoints"

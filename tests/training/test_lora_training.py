@@ -46,7 +46,8 @@ def folder_hash(folder) -> str:
 
 def test_a_lora_run_trains_and_saves_only_adapters(tiny_model_dir, four_images, tmp_path):
     base = folder_hash(tiny_model_dir)
-    trainer = Trainer(load_config(lora_recipe(tmp_path, four_images, tiny_model_dir), []))
+    options = ["loss.min_snr_gamma=5", "loss.noise_offset=0.05"]
+    trainer = Trainer(load_config(lora_recipe(tmp_path, four_images, tiny_model_dir), options))
     trainer.run()
     run = tmp_path / "run"
     assert not (run / "model").exists() and folder_hash(tiny_model_dir) == base
@@ -59,6 +60,9 @@ def test_a_lora_run_trains_and_saves_only_adapters(tiny_model_dir, four_images, 
     }
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "8.0"
     assert metadata["ss_steps"] == "6" and metadata["ss_base_model_version"] == "sd_v1"
+    assert (metadata["ss_min_snr_gamma"], metadata["ss_noise_offset"], metadata["ss_masked_loss"]) == (
+        "5.0", "0.05", "False",
+    )  # fmt: skip
     # what trained: the adapters alone, in the optimizer and in every checkpoint
     trained = [p for m in trainer.wrapped for p in m.parameters() if p.requires_grad]
     assert len(trained) == 2 * ADAPTED

@@ -41,7 +41,7 @@ def test_min_snr_weights_each_sample_as_diffusers_and_kohya_do(prediction_type):
     )
     latents, unet = torch.randn(4, 4, 8, 8), Recorder()
     torch.manual_seed(1)
-    loss = diffusion_loss(unet, schedule, latents, torch.zeros(4, 7, 8), snr_gamma=5.0)
+    loss = diffusion_loss(unet, schedule, latents, torch.zeros(4, 7, 8), min_snr_gamma=5.0)
     torch.manual_seed(1)
     noise = torch.randn_like(latents)
     alpha = schedule.alphas_cumprod[unet.timesteps]
@@ -58,7 +58,7 @@ def test_min_snr_on_a_zero_terminal_snr_schedule_stays_finite():
     schedule = DDPMScheduler(rescale_betas_zero_snr=True, num_train_timesteps=4)
     unet = Recorder()
     torch.manual_seed(0)
-    loss = diffusion_loss(unet, schedule, torch.randn(64, 1, 2, 2), torch.zeros(64, 1, 1), snr_gamma=5.0)
+    loss = diffusion_loss(unet, schedule, torch.randn(64, 1, 2, 2), torch.zeros(64, 1, 1), min_snr_gamma=5.0)
     assert (unet.timesteps == 3).any() and torch.isfinite(loss)
 
 
@@ -72,6 +72,22 @@ def test_noise_offset_adds_a_constant_per_image_and_channel_to_the_noise():
     noise = torch.randn_like(latents) + 0.1 * torch.randn(2, 3, 1, 1)
     alpha = schedule.alphas_cumprod[unet.timesteps].view(-1, 1, 1, 1)
     torch.testing.assert_close(unet.noisy, alpha.sqrt() * latents + (1 - alpha).sqrt() * noise)
+
+
+def test_a_mask_weights_each_latent_pixel_by_its_area_average():
+    """kohya's apply_masked_loss (library/custom_train_functions.py, 48d368fa): the mask, area-resized
+    to the latents, multiplies the squared error, whose mean is still over every pixel."""
+    schedule, unet = DDPMScheduler(), Recorder()
+    latents = torch.randn(2, 4, 2, 2)
+    mask = torch.zeros(2, 1, 16, 16)  # pixels: 8 x 8 per latent pixel
+    mask[0, :, :, :8] = 1  # image 0: the left column of latent pixels
+    mask[1, :, :4, 8:] = 1  # image 1: half of the top-right latent pixel
+    torch.manual_seed(3)
+    loss = diffusion_loss(unet, schedule, latents, torch.zeros(2, 7, 8), mask=mask)
+    torch.manual_seed(3)
+    noise = torch.randn_like(latents)
+    weight = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]], [[[0.0, 0.5], [0.0, 0.0]]]])
+    torch.testing.assert_close(loss, (noise.square() * weight).mean())
 
 
 def test_high_noise_bias_draws_the_noisiest_quarter_that_many_times_as_often():
