@@ -49,7 +49,14 @@ if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once t
     from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
-FROM_PNG = ("prompt", "model", "lora", "refiner", *(item.name for item, setting in declared() if setting.png))
+FROM_PNG = (
+    "prompt",
+    "model",
+    "lora",
+    "refiner",
+    "embeddings",
+    *(item.name for item, setting in declared() if setting.png),
+)
 
 
 def make_parser() -> Parser:
@@ -72,6 +79,12 @@ def make_parser() -> Parser:
         action="append",
         metavar="F[:SCALE]",
         help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
+    )
+    parser.add_argument(
+        "--embeddings",
+        metavar="DIR",
+        help="textual-inversion embeddings (.pt, .safetensors): a prompt word naming a file here (its stem) reads "
+        "its vectors; default: embeddings/ beside the model, else ./embeddings",
     )
     groups[SDXL].add_argument("--refiner", help="an SDXL refiner (folder, hub id or file) that runs the last steps")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
@@ -108,6 +121,7 @@ def add_settings(parser: Parser) -> dict[str, Any]:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with a PNG's settings filled in and the combinations checked."""
     args = make_parser().parse_args(argv)
+    args.ti_hashes = None  # the embeddings a --from-png image used (A1111's "TI hashes")
     if args.from_png is not None:
         apply_png_settings(args)
     if args.prompt is None and args.prompt_file is None:
@@ -133,6 +147,7 @@ def apply_png_settings(args: argparse.Namespace) -> None:
     for name in FROM_PNG:
         if getattr(args, name) is None and settings.get(name) is not None:
             setattr(args, name, settings[name])
+    args.ti_hashes = settings.get("ti_hashes")
     if args.prompt_file is not None:
         args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
     if settings.get("strength") is not None and args.init_image is None:
@@ -171,6 +186,17 @@ def model_source(args: argparse.Namespace) -> str:
             raise UsageError("no default model is installed yet; pass --model PATH_OR_HUB_ID")
         return str(DEFAULT_MODEL)
     return checked_source(args.model, "--model")
+
+
+def embeddings_folder(args: argparse.Namespace, source: str) -> str | None:
+    """--embeddings (which must exist), else an embeddings/ folder beside the model, else ./embeddings."""
+    if args.embeddings is not None:
+        if not Path(args.embeddings).is_dir():
+            raise UsageError(f"--embeddings {args.embeddings}: no such folder")
+        return args.embeddings
+    beside = Path(source).expanduser().resolve().parent / "embeddings"
+    found = [folder for folder in (beside, Path("embeddings")) if folder.is_dir()]
+    return str(found[0]) if found else None
 
 
 def checked_source(value: str, flag: str) -> str:
@@ -218,17 +244,21 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         if not Path(path).is_file():
             raise UsageError(f"--lora {path}: no such file")
     source = model_source(args)
+    embeddings = embeddings_folder(args, source)
     refiner = None if args.refiner is None else checked_source(args.refiner, "--refiner")
     check_writable(args.outdir or Path("outputs"), f"--outdir {args.outdir or 'outputs'}")
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
     from accelerate.utils import broadcast_object_list
 
     from pipelines.devices import describe_device, start_processes
+    from pipelines.embeddings import EmbeddingFolder, check_hashes
     from pipelines.jobs import plan
     from pipelines.outputs import RunSettings, RunWriter, model_hash
     from pipelines.text_to_image import TextToImagePipeline
 
     quiet_libraries()
+    if args.ti_hashes:  # --from-png: the embeddings the image used must be here
+        check_hashes(embeddings and EmbeddingFolder(embeddings), args.ti_hashes)
     state, device = start_processes(args.device)  # this process, and the others a launcher started, if any
     outdir, seed, images = args.outdir or new_outdir(), args.config.seed, len(prompts) * args.config.num_images
     seed = random.randrange(MAX_SEED + 1 - images) if seed is None else seed
@@ -240,11 +270,14 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         print(f"sample.py: {describe_device(pipe.device, pipe.dtype)}")
     for path, scale in loras:
         pipe.load_lora(path, scale)
+    if embeddings is not None:
+        pipe.load_embeddings(embeddings)
     if refiner is not None:
         pipe.load_refiner(refiner)
     asked = replace(args.config, seed=seed, progress=state.is_main_process)
     config, _ = pipe.resolve(asked, init_image, mask)
-    settings = RunSettings(source, model_hash(source), loras, refiner, refiner and model_hash(refiner))
+    refined = refiner and model_hash(refiner)
+    settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes)
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
     done = writer.done(jobs) if args.skip_existing else {}
     (writer.first,) = broadcast_object_list([writer.first_number(done)])

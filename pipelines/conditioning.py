@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ldm.model import LatentDiffusion
 from pipelines.choices import SIZE_CONDITIONING
+from pipelines.embeddings import EmbeddingFolder
 from pipelines.prompts import Encoded, encode_weighted, pad_with_chunk
 
 
@@ -52,12 +53,16 @@ def encode_batch(
     truncate: bool,
     ids: Tensor | None,
     prompt_2: str | None = None,
+    embeddings: EmbeddingFolder | None = None,
 ) -> Conditioning:
     """The prompts' conditioning (`ids`: SDXL's time ids, one row; `prompt_2`: what its second
     encoder reads instead of each prompt), each prompt encoded at its own length; in a batch of
-    prompts of different lengths, the shorter ones are padded with the empty prompt's chunk."""
+    prompts of different lengths, the shorter ones are padded with the empty prompt's chunk.
+    `embeddings`: the textual-inversion embeddings the prompts may name."""
     encoders, sdxl = model.text_encoders(), model.is_sdxl
-    encoded = {prompt: encode_weighted(encoders, prompt, emphasis, truncate, prompt_2, sdxl) for prompt in prompts}
+    encoded = {
+        prompt: encode_weighted(encoders, prompt, emphasis, truncate, prompt_2, sdxl, embeddings) for prompt in prompts
+    }
     longest = max(e.text.shape[1] for e in encoded.values())
     if any(e.text.shape[1] < longest for e in encoded.values()):
         empty = encode_weighted(encoders, "", emphasis, truncate, penultimate=sdxl).text

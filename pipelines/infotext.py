@@ -74,13 +74,14 @@ def settings_from_png(path: Path) -> dict[str, Any]:
             chunks = dict(getattr(image, "text", {}))
     except OSError:
         raise InfotextError(f"{path}: not a readable image") from None
+    recorded = {"ti_hashes": parse_infotext(chunks["parameters"]).get("TI hashes")} if "parameters" in chunks else {}
     if "scheduler" in chunks and "seed" in chunks:
         try:
-            return _ours(chunks)
+            return _ours(chunks) | recorded
         except (KeyError, ValueError) as error:
             raise InfotextError(f"{path}: a malformed setting ({type(error).__name__}: {error})") from None
     if "parameters" in chunks:
-        return _webui(parse_infotext(chunks["parameters"]))
+        return _webui(parse_infotext(chunks["parameters"])) | recorded
     raise InfotextError(f"{path}: carries no generation settings (no 'parameters' text)")
 
 

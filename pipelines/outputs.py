@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,6 +41,9 @@ class RunSettings:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) merged into the model
     refiner: str | None = None  # SDXL: the refiner's folder or hub id
     refiner_hash: str | None = None
+    embeddings: str | None = None  # the textual-inversion embeddings folder
+    # (prompt, config) -> A1111's "TI hashes" value for that image: the pipeline's ti_hashes
+    ti_hashes: Callable[[str, GenerationConfig], str | None] | None = None
 
 
 def model_hash(source: str) -> str | None:
@@ -70,6 +74,8 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
     if settings.refiner:
         fields["refiner"] = settings.refiner
+    if settings.embeddings:
+        fields["embeddings"] = settings.embeddings
     settings_pairs = infotext_pairs(config)
     if not _emphasised(prompt, config):
         settings_pairs.pop("Emphasis", None)
@@ -81,6 +87,7 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
     }
     switch = settings_pairs.pop("Refiner switch at", None)
     pairs |= dict(list(settings_pairs.items())[size:]) | {
+        "TI hashes": settings.ti_hashes(prompt, config) if settings.ti_hashes else None,
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
         # A1111's refiner fields (modules/processing_scripts/refiner.py); A1111 switches after that
         # fraction of the steps, diffusers and we at that fraction of the noise schedule

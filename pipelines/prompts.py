@@ -38,9 +38,11 @@ import torch
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ldm.embeddings import Embedding, replaced_tokens
 from ldm.errors import UserError
 from ldm.text import clean_text, hidden_states
 from pipelines.choices import EMPHASIS_MODES
+from pipelines.embeddings import EmbeddingFolder
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
@@ -120,50 +122,105 @@ def chunk_size(tokenizer: CLIPTokenizer) -> int:
 @dataclass(frozen=True)
 class Chunks:
     """A prompt as the text encoder reads it: chunks of ids (start and end tokens included, padded
-    to the context) with a weight per id, and where each of the prompt's own tokens went."""
+    to the context) with a weight per id, and where each of the prompt's own tokens went. An
+    embedding's places hold id 0 (A1111's placeholder); `fixes` say where its vectors go."""
 
     ids: list[list[int]]
     weights: list[list[float]]
     positions: list[int]  # prompt token i sits at positions[i] in the concatenated chunks
-    tokens: list[str]  # prompt token i's text
+    tokens: list[str]  # prompt token i's text (an embedding's name for each of its places)
+    fixes: list[tuple[int, int, Embedding]] = ()  # (chunk, position in it, embedding) for each use
 
 
-def split_into_chunks(tokenizer: CLIPTokenizer, prompt: str, emphasis: str = "original") -> Chunks:
-    """Parse, clean and tokenize the prompt; cut it into chunks as A1111 does (BREAK, comma backtrack)."""
+class Unit(NamedTuple):
+    """One place in a chunk: a token id, or place `part` of an embedding's vectors (id 0)."""
+
+    id: int
+    weight: float
+    embedding: Embedding | None = None
+    part: int = 0
+
+
+def split_into_chunks(
+    tokenizer: CLIPTokenizer,
+    prompt: str,
+    emphasis: str = "original",
+    embeddings: EmbeddingFolder | None = None,
+    widths: list[int] = (),
+) -> Chunks:
+    """Parse, clean and tokenize the prompt; put in the embeddings it names (`widths`: the model's
+    text encoders', to check that they fit); cut it into chunks as A1111 does (BREAK, comma
+    backtrack, an embedding never split)."""
     parsed = [(prompt, 1.0)] if emphasis == "none" else parse_emphasis(prompt)
     pieces = [
-        None if (text, weight) == BREAK else (tokenizer(clean_text(text), add_special_tokens=False).input_ids, weight)
+        None if (text, weight) == BREAK else _units(tokenizer, clean_text(text), weight, embeddings, list(widths))
         for text, weight in parsed
     ]
     size = chunk_size(tokenizer)
     chunks = _cut(pieces, size, comma=tokenizer.convert_tokens_to_ids(",</w>"))
     start, end, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids = [[start, *(t for t, _ in chunk), end] + [pad] * (size - len(chunk)) for chunk in chunks]
-    weights = [[1.0, *(w for _, w in chunk), 1.0] + [1.0] * (size - len(chunk)) for chunk in chunks]
+    ids = [[start, *(u.id for u in chunk), end] + [pad] * (size - len(chunk)) for chunk in chunks]
+    weights = [[1.0, *(u.weight for u in chunk), 1.0] + [1.0] * (size - len(chunk)) for chunk in chunks]
     positions = [c * (size + 2) + 1 + j for c, chunk in enumerate(chunks) for j in range(len(chunk))]
-    tokens = tokenizer.convert_ids_to_tokens([t for chunk in chunks for t, _ in chunk])
-    return Chunks(ids, weights, positions, [token.replace("</w>", "") for token in tokens])
+    texts = tokenizer.convert_ids_to_tokens([u.id for chunk in chunks for u in chunk])
+    units = [u for chunk in chunks for u in chunk]
+    tokens = [u.embedding.name if u.embedding else t.replace("</w>", "") for u, t in zip(units, texts, strict=True)]
+    fixes = [
+        (c, 1 + j, u.embedding)
+        for c, chunk in enumerate(chunks)
+        for j, u in enumerate(chunk)
+        if u.embedding and not u.part
+    ]
+    return Chunks(ids, weights, positions, tokens, fixes)
 
 
-def _cut(pieces: list[tuple[list[int], float] | None], size: int, comma: int) -> list[list[tuple[int, float]]]:
-    """(ids, weight) pieces, None for BREAK -> chunks of at most `size` (id, weight) pairs."""
-    chunks: list[list[tuple[int, float]]] = []
-    current: list[tuple[int, float]] = []
+def _units(
+    tokenizer: CLIPTokenizer, text: str, weight: float, embeddings: EmbeddingFolder | None, widths: list[int]
+) -> list[Unit]:
+    """One weighted piece's places: its tokens, with each embedding name replaced by the
+    embedding's places (A1111 looks for names within a piece, not across pieces)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if embeddings is None:
+        return [Unit(token, weight) for token in ids]
+    units, position = [], 0
+    while position < len(ids):
+        found = embeddings.find(tokenizer, ids, position, widths)
+        if found is None:
+            units.append(Unit(ids[position], weight))
+            position += 1
+            continue
+        embedding, length = found
+        if embedding.count > chunk_size(tokenizer):
+            raise PromptError(f"embedding {embedding.name!r} has {embedding.count} vectors: more than a chunk holds")
+        units += [Unit(0, weight, embedding, part) for part in range(embedding.count)]
+        position += length
+    return units
+
+
+def _cut(pieces: list[list[Unit] | None], size: int, comma: int) -> list[list[Unit]]:
+    """Pieces of places, None for BREAK -> chunks of at most `size` places. An embedding that would
+    not fit in what is left of a chunk starts the next one. Where the comma backtrack moves the
+    text after a comma to the next chunk, an embedding in that text moves with its vectors
+    (A1111 leaves its vectors behind, over the end tokens: not followed)."""
+    chunks: list[list[Unit]] = []
+    current: list[Unit] = []
     last_comma = -1
     for piece in pieces:
         if piece is None:  # BREAK
             chunks, current, last_comma = [*chunks, current], [], -1
             continue
-        ids, weight = piece
-        for token in ids:
-            if token == comma:
+        for unit in piece:
+            if unit.part:  # the rest of an embedding: placed with its first
+                current.append(unit)
+                continue
+            if unit.id == comma and unit.embedding is None:
                 last_comma = len(current)
             elif len(current) == size and last_comma != -1 and len(current) - last_comma <= COMMA_BACKTRACK:
                 chunks.append(current[: last_comma + 1])  # end at the comma; carry the rest over
                 current, last_comma = current[last_comma + 1 :], -1
-            if len(current) == size:
+            if len(current) == size or (unit.embedding and len(current) + unit.embedding.count > size):
                 chunks, current, last_comma = [*chunks, current], [], -1
-            current.append((token, weight))
+            current.append(unit)
     if current or not chunks:
         chunks.append(current)
     return chunks
@@ -183,27 +240,31 @@ def encode_weighted(
     truncate: bool = False,
     prompt_2: str | None = None,
     penultimate: bool = False,
+    embeddings: EmbeddingFolder | None = None,
 ) -> Encoded:
     """A prompt -> its token embeddings, emphasis applied, by each (tokenizer, encoder) pair: one,
     or SDXL's two, which read the layer before the last (`penultimate`; the SDXL refiner's one
     encoder too). SDXL's second encoder reads `prompt_2` where one is given (diffusers' name). When
     the two prompts make different numbers of chunks, the shorter side is padded with its empty
     prompt's chunk, as ComfyUI's CLIPTextEncodeSDXL does (comfy_extras/nodes_clip_sdxl.py). With
-    `truncate`, the first chunk only, and a warning names what was cut."""
+    `truncate`, the first chunk only, and a warning names what was cut. Names of `embeddings` in
+    the prompt are replaced by their vectors (each encoder its own, SDXL's clip_l and clip_g)."""
     if emphasis not in EMPHASIS_MODES:
         raise PromptError(f"emphasis={emphasis!r}: use one of {', '.join(EMPHASIS_MODES)}")
     prompts = [prompt, prompt if prompt_2 is None else prompt_2]
     texts, pooled = [], None
+    widths = encoder_widths(encoders)
     for k, (tokenizer, text_encoder) in enumerate(encoders):
-        chunks = split_into_chunks(tokenizer, prompts[k], emphasis)
+        chunks = split_into_chunks(tokenizer, prompts[k], emphasis, embeddings, widths)
         ids, weights = chunks.ids, chunks.weights
         if truncate and len(ids) > 1:
             if k == 0 or prompts[1] != prompts[0]:
                 dropped = [t for chunk in ids[1:] for t in chunk if t not in tokenizer.all_special_ids]
                 warnings.warn(f"prompt cut to one chunk; dropped: {tokenizer.decode(dropped)!r}", stacklevel=2)
             ids, weights = ids[:1], weights[:1]
-        embeddings, pooled = _weighted(tokenizer, text_encoder, ids, weights, emphasis, penultimate)
-        texts.append(embeddings.reshape(1, -1, embeddings.shape[-1]))
+        rows = [(c, j, e.for_encoder(k, len(encoders), widths[k])) for c, j, e in chunks.fixes if c < len(ids)]
+        tokens, pooled = _weighted(tokenizer, text_encoder, ids, weights, emphasis, penultimate, rows)
+        texts.append(tokens.reshape(1, -1, tokens.shape[-1]))
     longest = max(text.shape[1] for text in texts)
     for k, (tokenizer, text_encoder) in enumerate(encoders):
         if texts[k].shape[1] < longest:
@@ -211,6 +272,11 @@ def encode_weighted(
             chunk = _weighted(tokenizer, text_encoder, empty.ids, empty.weights, "none", penultimate)[0]
             texts[k] = pad_with_chunk(texts[k], chunk, longest)
     return Encoded(torch.cat(texts, dim=-1), None if pooled is None else pooled[:1])
+
+
+def encoder_widths(encoders: list[tuple[CLIPTokenizer, CLIPTextModel]]) -> list[int]:
+    """Each text encoder's token-embedding width: what an embedding's vectors must match."""
+    return [encoder.get_input_embeddings().embedding_dim for _, encoder in encoders]
 
 
 def pad_with_chunk(text: Tensor, chunk: Tensor, tokens: int) -> Tensor:
@@ -225,10 +291,13 @@ def _weighted(
     weights: list[list[float]],
     emphasis: str,
     penultimate: bool,
+    rows: list[tuple[int, int, Tensor]] = (),
 ) -> tuple[Tensor, Tensor | None]:
-    """One encoder's (chunks, context, width) embeddings of the chunks, weighted; and its pooled, per chunk."""
+    """One encoder's (chunks, context, width) embeddings of the chunks, weighted; and its pooled, per
+    chunk. `rows`: embedding vectors that replace token embeddings, (chunk, position, vectors)."""
     device = text_encoder.device
-    embeddings, pooled = hidden_states(text_encoder, torch.tensor(ids, device=device), penultimate)
+    with replaced_tokens(text_encoder, list(rows)):
+        embeddings, pooled = hidden_states(text_encoder, torch.tensor(ids, device=device), penultimate)
     weights = torch.tensor(weights, device=device, dtype=embeddings.dtype)[..., None]  # (chunks, context, 1)
     if emphasis != "none" and (weights != 1).any():
         if emphasis == "comfy":

@@ -15,6 +15,7 @@ by default the output size, crop (0, 0) and the output size, as in diffusers. An
 import contextlib
 import inspect
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
 from pathlib import Path
@@ -35,9 +36,11 @@ from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.choices import SIZE_CONDITIONING
 from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
 from pipelines.devices import evaluating, memory_of, on_device, pick_device, pick_dtype
+from pipelines.embeddings import EmbeddingFolder
 from pipelines.hires import DEFAULT_DENOISE, hires_size, schedule_length, upscale_latents
 from pipelines.pictures import image_to_tensor, mask_to_tensor, tensor_to_image
-from pipelines.prompts import split_into_chunks
+from pipelines.prompt_editing import prompt_schedule
+from pipelines.prompts import encoder_widths, split_into_chunks
 from pipelines.refiner import (
     AESTHETIC_SCORE,
     NEGATIVE_AESTHETIC_SCORE,
@@ -88,6 +91,7 @@ class TextToImagePipeline:
         self.dtype = pick_dtype(dtype, self.device)
         self.model = on_device(model, self.device, self.dtype, copy=True)
         self.refiner: LatentDiffusion | None = None
+        self.embeddings: EmbeddingFolder | None = None  # textual inversion: see load_embeddings
         self.unet = torch.compile(self.model.unet) if compile else self.model.unet
         self.vae_tiling = vae_tiling  # decode large images tile by tile, in bounded memory
 
@@ -102,6 +106,26 @@ class TextToImagePipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a LoRA file (diffusers/peft or kohya format) into the weights, `scale` times its strength."""
         merge_lora(self.model, path, scale)
+
+    def load_embeddings(self, folder: str | Path) -> None:
+        """Textual-inversion embeddings: a prompt word that names a file in `folder` (its stem, as
+        A1111 names them) is replaced by the file's vectors, in prompts and negative prompts."""
+        self.embeddings = EmbeddingFolder(folder)
+
+    def ti_hashes(self, prompt: str, config: GenerationConfig) -> str | None:
+        """A1111's `TI hashes` infotext value: `name: short hash` for each embedding the prompt or
+        the negative prompt uses (any text of their schedules), or None for none."""
+        if self.embeddings is None:
+            return None
+        encoders = self.model.text_encoders()
+        widths = encoder_widths(encoders)
+        used: dict[str, str] = {}
+        for text in (prompt, config.negative_prompt):
+            for _, scheduled in prompt_schedule(text, config.steps):
+                chunks = split_into_chunks(encoders[0][0], scheduled, config.emphasis, self.embeddings, widths)
+                used |= {embedding.name: embedding.short_hash for _, _, embedding in chunks.fixes}
+        # A1111 drops ":" and "," from the names (modules/sd_hijack_clip.py, 5ad03e65)
+        return ", ".join(f"{re.sub('[:,]', '', name)}: {short}" for name, short in used.items()) or None
 
     def load_refiner(self, source: str | Path) -> None:
         """An SDXL refiner (a diffusers folder, hub id or single file; an SDXL base works too) that
@@ -338,7 +362,7 @@ class TextToImagePipeline:
         ids = self._time_ids(model, config, "")
 
         def encode(texts: list[str]) -> Conditioning:
-            return encode_batch(model, texts, config.emphasis, config.truncate, ids, prompt_2)
+            return encode_batch(model, texts, config.emphasis, config.truncate, ids, prompt_2, self.embeddings)
 
         def negative(text: str) -> Conditioning:
             if text not in negatives:
@@ -356,7 +380,7 @@ class TextToImagePipeline:
         if model.is_sdxl and model.force_zeros_for_empty_prompt and empty:
             return zero_negative(model, ids)
         prompt_2 = config.negative_prompt_2 if model is self.model else None
-        return encode_batch(model, [text], config.emphasis, config.truncate, ids, prompt_2)
+        return encode_batch(model, [text], config.emphasis, config.truncate, ids, prompt_2, self.embeddings)
 
     def _time_ids(self, model: LatentDiffusion, config: GenerationConfig, prefix: str) -> Tensor | None:
         if not model.is_sdxl:
@@ -493,7 +517,8 @@ class TextToImagePipeline:
 
     def _token_maps(self, prompt: str, emphasis: str, maps: Tensor) -> list[tuple[str, Tensor]]:
         """One (token text, map) per prompt token, skipping the start, end and padding tokens."""
-        chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis)
+        widths = encoder_widths(self.model.text_encoders())
+        chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis, self.embeddings, widths)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
 

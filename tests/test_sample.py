@@ -181,10 +181,15 @@ def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch
                                                   "'original', 'no-norm', 'comfy', 'none')"),
         (["--from-png", "{tmp}/style.safetensors"], "--from-png {tmp}/style.safetensors: not a readable image"),
         (["--prompt", "x", "--crop-top-left", "0", "8"], "crop_top_left: only SDXL models take size conditioning"),
+        (["--prompt", "x", "--embeddings", "{tmp}/nowhere"], "--embeddings {tmp}/nowhere: no such folder"),
+        (["--prompt", "x", "--embeddings", "{tmp}/bad"], "embedding {tmp}/bad/x.pt: not readable (not a PyTorch "
+                                                         "or safetensors file)"),
     ],
 )  # fmt: skip
 def test_more_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys, argv, message):
     (tmp_path / "style.safetensors").write_bytes(b"not used")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.pt").write_bytes(b"not an embedding")  # read when the prompt names it
     argv = [a.format(tmp=tmp_path) for a in argv]
     code, out, err = run(capsys, "--model", tiny_model_dir, "--outdir", tmp_path / "out", *argv)
     assert (code, err) == (2, f"sample.py: error: {message.format(tmp=tmp_path)}\n") and no_report(out)
@@ -307,3 +312,28 @@ def test_sdxl_size_conditioning_from_the_command_line_is_recorded_and_drawn_agai
     assert run(capsys, "--model", tiny_sdxl_dir, *options[:6], "--outdir", tmp_path / "plain")[0] == 0
     plain = np.asarray(Image.open(tmp_path / "plain" / "00000-5.png")).astype(int)
     assert np.abs(plain - np.asarray(Image.open(first)).astype(int)).max() > 2
+
+
+def test_an_embedding_beside_the_model_is_used_recorded_and_required_by_from_png(tiny_model_dir, tmp_path, capsys):
+    """A1111's embeddings folder: the word `rose` reads the file's vectors; the PNG records A1111's
+    `TI hashes`; --from-png draws it again, and stops if the embedding is not there."""
+    from ldm.embeddings import save_embedding
+
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "models" / "embeddings").mkdir()
+    save_embedding(tmp_path / "models" / "embeddings" / "rose.safetensors", [torch.randn(2, 8) * 50])
+    (tmp_path / "empty").mkdir()
+    options = ["--model", model, "--prompt", "a rose circle", "--seed", "1", "--steps", "4", "--guidance-scale", "9"]
+    assert run(capsys, *options, "--outdir", tmp_path / "a")[0] == 0
+    assert run(capsys, *options, "--embeddings", tmp_path / "empty", "--outdir", tmp_path / "text")[0] == 0
+    first = tmp_path / "a" / "00000-1.png"
+    digest = hashlib.sha256((tmp_path / "models" / "embeddings" / "rose.safetensors").read_bytes()).hexdigest()
+    assert f'TI hashes: "rose: {digest[:12]}"' in Image.open(first).text["parameters"]
+    as_text = np.asarray(Image.open(tmp_path / "text" / "00000-1.png"))
+    assert not np.array_equal(np.asarray(Image.open(first)), as_text)
+    assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "again" / "00000-1.png")))
+    code, _, err = run(capsys, "--from-png", first, "--embeddings", tmp_path / "empty", "--outdir", tmp_path / "no")
+    assert code == 2 and f"the image used the embedding 'rose' [{digest[:12]}]: not in" in err
+    assert err.count("\n") == 1 and not (tmp_path / "no").exists()

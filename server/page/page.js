@@ -76,9 +76,9 @@ async function generate(event) {
     clearInterval(polling);
     $("fill").style.width = "0";
     $("preview").hidden = true;
+    await showGallery().catch(() => {});  // before Generate is offered again: the run's images are listed
     $("generate").disabled = false;
     $("cancel").disabled = true;
-    await showGallery();
   }
 }
 
