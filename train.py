@@ -39,7 +39,7 @@ def sampler(config: TrainConfig) -> Validate | None:
     if config.stage == "autoencoder" or not validation.prompts:
         return None
 
-    def validate(model: LatentDiffusion, step: int, device: torch.device) -> Image.Image:
+    def validate(model: LatentDiffusion, step: int, device: torch.device, embeddings: Path | None) -> Image.Image:
         from ldm.model import dtype_name
         from pipelines.outputs import grid
         from pipelines.text_to_image import TextToImagePipeline
@@ -47,6 +47,8 @@ def sampler(config: TrainConfig) -> Validate | None:
         # in the UNet's own precision: a LoRA run's frozen half-precision weights are not copied to fp32
         dtype = dtype_name(model.unet.conv_in.weight.dtype)
         pipe = TextToImagePipeline(model, device=str(device.type), dtype=dtype)
+        if embeddings is not None:  # textual inversion: the word as it is now
+            pipe.load_embeddings(embeddings)
         images = pipe(
             validation.prompts,
             steps=validation.steps,

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--colors", help="extra colours, as make_shapes takes them: purple=128,0,255")
     parser.add_argument("--only-colors", help="prompts of these colours only, e.g. purple")
     parser.add_argument("--lora", type=Path, help="a LoRA .safetensors merged into the model (scale 1)")
+    parser.add_argument("--embeddings", type=Path, help="textual-inversion embeddings the prompts may name")
     try:
         args = parser.parse_args(argv)
         if args.seeds < 1 or args.steps < 1:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = TextToImagePipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
         if args.lora:
             pipe.load_lora(args.lora)
+        if args.embeddings:
+            pipe.load_embeddings(args.embeddings)
     except UserError as error:
         return fail("eval_shapes", error)
 

@@ -6,7 +6,8 @@ token ids occurs in the tokens of one weighted piece of the prompt, it is replac
 embedding's vectors, the longest name first. So the name must appear as the tokenizer splits it:
 `rose` matches in "a rose circle" but not in "roses".
 
-Files are found up front (their names: cheap); one is read only when its name occurs in a prompt.
+Files are found up front, in subfolders too (their names: cheap); one is read only when its name
+occurs in a prompt, and a name that two files have is refused then.
 An embedding whose vectors do not fit the model's text encoder (SD 1.x's 768 on SD 2.x, say) is
 left out as A1111 leaves it out: its name stays plain text, and a warning says so once.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from ldm.embeddings import SUFFIXES, Embedding, EmbeddingError, file_sha256, read_embedding
+from ldm.embeddings import SUFFIXES, Embedding, EmbeddingError, read_embedding
 from ldm.text import clean_text
 
 Match = tuple[Embedding, int]  # the embedding, and how many prompt tokens its name took
@@ -27,21 +28,19 @@ class EmbeddingFolder:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise EmbeddingError(f"--embeddings {self.folder}: no such folder")
-        files = sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
-        self.files: dict[str, Path] = {}
-        for path in files:
-            if path.stem in self.files:
-                raise EmbeddingError(
-                    f"--embeddings: two embeddings named {path.stem!r}: {self.files[path.stem]}, {path}"
-                )
-            self.files[path.stem] = path
+        self.files: dict[str, list[Path]] = {}  # name -> its files (more than one: refused when used)
+        for path in sorted(p for p in self.folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
+            self.files.setdefault(path.stem, []).append(path)
         self._loaded: dict[str, Embedding] = {}
         self._names: dict[int, list[tuple[list[int], str]]] = {}  # per tokenizer: (ids, name), longest first
         self._warned: set[str] = set()
 
     def embedding(self, name: str) -> Embedding:
         if name not in self._loaded:
-            self._loaded[name] = read_embedding(self.files[name])
+            if len(self.files[name]) > 1:
+                twice = ", ".join(map(str, self.files[name]))
+                raise EmbeddingError(f"--embeddings: {len(self.files[name])} embeddings named {name!r}: {twice}")
+            self._loaded[name] = read_embedding(self.files[name][0])
         return self._loaded[name]
 
     def names(self, tokenizer: CLIPTokenizer) -> list[tuple[list[int], str]]:
@@ -76,10 +75,11 @@ def check_hashes(folder: EmbeddingFolder | None, recorded: str) -> None:
     or the prompt would read its name as text; one whose file differs is warned about."""
     for entry in recorded.split(","):
         name, _, short = (part.strip() for part in entry.partition(":"))
-        path = folder.files.get(name) if folder else None
-        if path is None:
+        paths = folder.files.get(name) if folder else None
+        if not paths:
             where = f"not in {folder.folder}" if folder else "no embeddings folder; pass --embeddings DIR"
             raise EmbeddingError(f"the image used the embedding {name!r} [{short}]: {where}")
-        here = file_sha256(path)[: len(short)]
+        here = folder.embedding(name).short_hash[: len(short)]
         if here != short:
+            path = paths[0]
             warnings.warn(f"embedding {name!r}: {path} [{here}] is not the file the image used [{short}]", stacklevel=2)

@@ -81,13 +81,19 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
         settings_pairs.pop("Emphasis", None)
     size = list(settings_pairs).index("Size") + 1  # A1111 names the model right after the size
     refiner = settings.refiner and Path(settings.refiner).name
+    # A1111's create_infotext (modules/processing.py, 9a224a5c): its own keys to Model, then
+    # Denoising strength, then the extras in the order they are added: the hires fix's (at init),
+    # the text encoder's (TI hashes, then Emphasis), the LoRAs', the refiner's.
     pairs = dict(list(settings_pairs.items())[:size]) | {
         "Model hash": settings.model_hash,
         "Model": Path(settings.model).name or settings.model,
+        "Denoising strength": settings_pairs.pop("Denoising strength", None),
     }
     switch = settings_pairs.pop("Refiner switch at", None)
+    emphasis = settings_pairs.pop("Emphasis", None)
     pairs |= dict(list(settings_pairs.items())[size:]) | {
         "TI hashes": settings.ti_hashes(prompt, config) if settings.ti_hashes else None,
+        "Emphasis": emphasis,
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
         # A1111's refiner fields (modules/processing_scripts/refiner.py); A1111 switches after that
         # fraction of the steps, diffusers and we at that fraction of the noise schedule

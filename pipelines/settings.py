@@ -173,6 +173,10 @@ class GenerationConfig:
     hires_scale: float | None = setting(
         None, "upscale by this factor (e.g. 2)", metavar="X", group=HIRES, low=1, high=8, infotext="Hires upscale"
     )
+    hires_steps: int | None = setting(
+        None, "the second pass's steps (default: the first pass's)", metavar="N", group=HIRES, low=1,
+        infotext="Hires steps",
+    )  # fmt: skip
     hires_upscaler: str | None = setting(
         None,
         "latent (default) or lanczos",
@@ -181,10 +185,6 @@ class GenerationConfig:
         infotext="Hires upscaler",
         webui=HIRES_UPSCALERS,
     )
-    hires_steps: int | None = setting(
-        None, "the second pass's steps (default: the first pass's)", metavar="N", group=HIRES, low=1,
-        infotext="Hires steps",
-    )  # fmt: skip
     hires_denoise: float | None = setting(
         None, "the second pass's strength, 0..1 (default 0.7)", metavar="X", group=HIRES, low=0, high=1,
         infotext="Denoising strength",

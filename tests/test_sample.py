@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -337,3 +338,34 @@ def test_an_embedding_beside_the_model_is_used_recorded_and_required_by_from_png
     code, _, err = run(capsys, "--from-png", first, "--embeddings", tmp_path / "empty", "--outdir", tmp_path / "no")
     assert code == 2 and f"the image used the embedding 'rose' [{digest[:12]}]: not in" in err
     assert err.count("\n") == 1 and not (tmp_path / "no").exists()
+
+
+def test_an_a1111_prompt_with_an_embedding_prompt_editing_and_hires_fix(tiny_model_dir, tmp_path, capsys):
+    """The issue's case: A1111's infotext (an embedding, [a:b:0.5], the hires fix) read by --from-png,
+    and written back with A1111's keys in A1111's order (modules/processing.py, create_infotext)."""
+    from ldm.embeddings import save_embedding
+
+    (tmp_path / "embeddings").mkdir()
+    save_embedding(tmp_path / "embeddings" / "rose.safetensors", [torch.randn(2, 8)])
+    digest = hashlib.sha256((tmp_path / "embeddings" / "rose.safetensors").read_bytes()).hexdigest()[:12]
+    parameters = (
+        "a rose [circle:square:0.5]\nNegative prompt: blue\nSteps: 4, Sampler: Euler a, Schedule type: Automatic, "
+        "CFG scale: 7, Seed: 3, Size: 16x16, Model hash: 0123456789, Model: tiny, Denoising strength: 0.6, "
+        f'Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, TI hashes: "rose: {digest}", Version: v1.10.1'
+    )
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    argv = ["--model", tiny_model_dir, "--embeddings", tmp_path / "embeddings", "--from-png", tmp_path / "a1111.png"]
+    assert run(capsys, *argv, "--outdir", tmp_path / "out")[0] == 0
+    image = Image.open(tmp_path / "out" / "00000-3.png")
+    assert image.size == (32, 32)
+    ours = image.text["parameters"]
+    assert ours.splitlines()[:2] == ["a rose [circle:square:0.5]", "Negative prompt: blue"]
+    keys = [
+        pair.split(": ")[0] for pair in re.findall(r'(?:^|, )([A-Za-z ]+: (?:"[^"]*"|[^,]*))', ours.splitlines()[2])
+    ]
+    wanted = ["Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model", "Denoising strength",
+              "Hires upscale", "Hires steps", "Hires upscaler", "TI hashes"]  # fmt: skip
+    assert [key for key in keys if key in wanted] == wanted
+    assert f'TI hashes: "rose: {digest}"' in ours and "Hires upscale: 2" in ours and "Denoising strength: 0.6" in ours

@@ -132,7 +132,7 @@ def parse_pairs(text: str, flag: str = "--leave-out", palette: Palette = COLORS)
 def parse_colors(text: str) -> Palette:
     """'purple=128,0,255,pink=255,128,192' -> the palette with those colours added. A colour must be
     brighter than half in some channel, or the detector would take it for the black background."""
-    item = r"([a-z]+)=(\d+,\d+,\d+)"
+    item = r"([a-z]+|<[a-z]+>)=(\d+,\d+,\d+)"  # a word, or a new one as textual inversion writes it: <rose>
     if not re.fullmatch(rf"{item}(,{item})*", text.strip()):
         raise UserError(f"--colors {text!r}: expected NAME=R,G,B[,NAME=R,G,B...], e.g. purple=128,0,255")
     palette = dict(COLORS)

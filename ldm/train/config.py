@@ -81,6 +81,16 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class TextualInversionConfig:
+    """stage: textual_inversion. A new word's vectors, learned with the model frozen; written as
+    OUTPUT_DIR/TOKEN.safetensors, the file A1111 (and sample.py --embeddings) reads as that word."""
+
+    token: str | None = None  # the new word as the captions write it, e.g. "<rose>"
+    init_word: str = "*"  # its vectors start as this text's token embeddings (A1111's initialization text)
+    vectors: int = 1  # places the word takes in a prompt (A1111's "number of vectors per token")
+
+
+@dataclass(frozen=True)
 class DreamBoothConfig:
     """DreamBooth (stage diffusion or lora): every training image captioned by the instance prompt,
     and prior preservation: the base model's own images of the class prompt trained alongside."""
@@ -144,7 +154,7 @@ class ValidationConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = MISSING
-    stage: str = "diffusion"  # diffusion, autoencoder, or lora (adapters on a pretrained model)
+    stage: str = "diffusion"  # diffusion, autoencoder, lora (adapters on a pretrained model) or textual_inversion
     seed: int = 0
     ema_decay: float | None = 0.999  # EMA of the trained model's weights; null for none
     log_every: int = 10
@@ -157,6 +167,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    textual_inversion: TextualInversionConfig = field(default_factory=TextualInversionConfig)
     dreambooth: DreamBoothConfig = field(default_factory=DreamBoothConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     steps: StepsConfig = field(default_factory=StepsConfig)
@@ -166,7 +177,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every check that needs only the recipe, so a mistake costs no model building."""
         choices = {
-            "stage": (self.stage, ("diffusion", "autoencoder", "lora")),
+            "stage": (self.stage, ("diffusion", "autoencoder", "lora", "textual_inversion")),
             "lora.format": (self.lora.format, ("kohya", "diffusers")),
             "report_to": (self.report_to, ("tensorboard", "wandb", "none")),
             "steps.mixed_precision": (self.steps.mixed_precision, ("no", "fp16", "bf16")),
@@ -201,6 +212,7 @@ class TrainConfig:
             # A checkpointed block is recomputed in the backward pass without the probabilities taken from it.
             raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
         self._check_lora()
+        self._check_textual_inversion()
         self._check_dreambooth()
         if self.data.cache_latents and self.stage == "autoencoder":
             raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
@@ -258,8 +270,25 @@ class TrainConfig:
 
     @property
     def text_trains(self) -> bool:
-        """Whether the text encoder changes in training (jointly, or through its LoRA adapters)."""
+        """Whether the captions' embeddings change in training (the text encoder trained jointly or
+        through its LoRA adapters, or a new word's vectors), so they cannot be cached."""
+        if self.stage == "textual_inversion":
+            return True
         return self.lora.text_encoder if self.stage == "lora" else self.diffusion.train_text_encoder
+
+    def _check_textual_inversion(self) -> None:
+        if self.stage != "textual_inversion":
+            return
+        inversion = self.textual_inversion
+        if self.model.pretrained is None:
+            raise ConfigError("stage=textual_inversion: teaches a trained model a word; set model.pretrained")
+        if not inversion.token or not inversion.token.strip() or any(c in inversion.token for c in "/\\"):
+            raise ConfigError(f"textual_inversion.token={inversion.token!r}: set the new word, e.g. <rose> "
+                              "(it names the file, so no slashes)")  # fmt: skip
+        if not 1 <= inversion.vectors <= 75:
+            raise ConfigError(f"textual_inversion.vectors={inversion.vectors}: 1 to 75 (a chunk holds 75 tokens)")
+        if self.diffusion.train_text_encoder:
+            raise ConfigError("stage=textual_inversion: the model stays frozen; not diffusion.train_text_encoder")
 
     def _check_lora(self) -> None:
         if self.stage != "lora":

@@ -43,7 +43,8 @@ from ldm.train.config import TrainConfig, save_config
 from ldm.train.stages import STAGES, Draw
 
 logger = logging.getLogger(__name__)
-Validate = Callable[[LatentDiffusion, int, torch.device], Image.Image]  # (EMA model, step, device) -> a grid
+# (EMA model, step, device, a folder of embeddings to load or None) -> a grid
+Validate = Callable[[LatentDiffusion, int, torch.device, Path | None], Image.Image]
 
 
 class TrainingDiverged(UserError):
@@ -107,7 +108,7 @@ class Trainer:
         accelerator.register_save_state_pre_hook(without_frozen_weights)
         self.base_grid = None  # fine-tuning: the pretrained model's pictures, beside every validation grid
         if self.validate and config.model.pretrained and accelerator.is_main_process:
-            self.base_grid = self.validate(self.model, 0, accelerator.device)  # before any weight changes
+            self.base_grid = self.validate(self.model, 0, accelerator.device, None)  # before any weight changes
             self._save_grid(self.base_grid, "base.png")
         if checkpoint:  # a checkpoint without the frozen weights loads around them
             whole = all(p.requires_grad for m in self.wrapped for p in m.parameters())
@@ -127,7 +128,7 @@ class Trainer:
         the checkpoint to resume from (returned)."""
         if self.config.optim.use_8bit_adam and self.accelerator.device.type != "cuda":
             raise ConfigError("optim.use_8bit_adam=true: needs a CUDA device (bitsandbytes)")
-        if (self.output / STAGES[self.config.stage].RESULT).exists():
+        if (self.output / STAGES[self.config.stage].result(self.config)).exists():
             raise ConfigError(f"output_dir={str(self.output)!r} already holds a trained model; choose a new one")
         if self.accelerator.is_main_process:  # what a killed run left half-written
             remove_partial_checkpoints(self.output)
@@ -270,7 +271,8 @@ class Trainer:
         if self.ema:
             self.ema.store(self.trained_parameters)
             self.ema.copy_to(self.trained_parameters)
-        grid = self.validate(self.model, step, self.accelerator.device)
+        with self.stage.validation_embeddings() as embeddings:
+            grid = self.validate(self.model, step, self.accelerator.device, embeddings)
         if self.ema:
             self.ema.restore(self.trained_parameters)
         if self.base_grid is not None:

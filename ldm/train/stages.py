@@ -6,6 +6,7 @@ checkpoints, validation. A new way to train (LoRA, DreamBooth) is a new stage he
     AutoencoderStage the VAE                              reconstruction + KL (objectives.py)
     DiffusionStage   the UNet (and maybe the text encoders) ε or v regression (+ grounding)
     LoraStage        adapters on the UNet (and maybe text)  as DiffusionStage
+    TextualInversionStage  a new word's vectors             as DiffusionStage
 
 SDXL trains as SD does, with its added conditioning: both text encoders (the pooled embedding
 too) and each image's size ids (original size, crop, target; from its bucket and crop).
@@ -14,7 +15,9 @@ too) and each image's size ids (original size, crop, target; from its bucket and
 import hashlib
 import logging
 import math
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from ldm.autoencoder import images_to_latents
 from ldm.data.buckets import bucketed, table
 from ldm.data.captions import shuffle_tags
 from ldm.data.datasets import CaptionedImages, boxes_file, has_mask
+from ldm.embeddings import save_embedding
 from ldm.errors import ConfigError
 from ldm.files import writing
 from ldm.lora import lora_file, merge_lora
@@ -42,6 +46,7 @@ from ldm.train.cache import CachedExamples, build_cache, load_cache
 from ldm.train.config import TrainConfig
 from ldm.train.grounding import grounding_loss, grounding_targets
 from ldm.train.objectives import ReconstructionObjective, diffusion_loss, psnr
+from ldm.train.textual_inversion import WordVectors, encode_with_word
 
 logger = logging.getLogger(__name__)
 Draw = Callable[[LatentDiffusion, list[str], int, torch.device], list[Image.Image]]  # image k: seed + k
@@ -56,6 +61,11 @@ class Stage:
     them), `finish` and `save`."""
 
     RESULT = "model"  # what `save` writes under output_dir
+
+    @classmethod
+    def result(cls, config: TrainConfig) -> str:
+        """What `save` writes under output_dir (a run that finds it there stops before any work)."""
+        return cls.RESULT
 
     @classmethod
     def check(cls, config: TrainConfig, dataset: Dataset) -> None:
@@ -86,6 +96,11 @@ class Stage:
 
     def loss(self, batch: dict, modules: list[nn.Module]) -> Tensor:
         raise NotImplementedError
+
+    @contextmanager
+    def validation_embeddings(self) -> Iterator[Path | None]:
+        """A folder of embeddings the validation sampler loads: none, but for textual inversion."""
+        yield None
 
     def finish(self) -> None:
         """On every process, after the last step, with the EMA weights in place."""
@@ -232,7 +247,7 @@ class DiffusionStage(Stage):
 
     def loss(self, batch: dict, modules: list[nn.Module]) -> Tensor:
         diffusion = self.config.diffusion
-        unet, latents = modules[0], self._latents(batch)
+        unet, latents = self._unet(modules), self._latents(batch)
         captions = batch["captions"]
         class_prompt = self.config.dreambooth.class_prompt
         weights = None
@@ -260,6 +275,10 @@ class DiffusionStage(Stage):
         with capture_attention_probs(unet, lambda _, probs: layers.append(probs)):
             loss = diffusion_loss(unet, self.noise_schedule, latents, text, **options)
         return loss + diffusion.grounding_loss * grounding_loss(layers, targets)
+
+    def _unet(self, modules: list[nn.Module]) -> nn.Module:
+        """The UNet the loss runs: the trained one, as Accelerate wrapped it."""
+        return modules[0]
 
     def _text(self, batch: dict, captions: list[str], dropped: Tensor, modules: list[nn.Module]) -> tuple:
         """(token embeddings, pooled or None) of the captions: from the cache (a dropped caption
@@ -383,6 +402,57 @@ class LoraStage(DiffusionStage):
         return {key: str(value) for key, value in values.items()}
 
 
+class TextualInversionStage(DiffusionStage):
+    """Learns a new word's vectors (textual inversion: Gal et al., 2022) with the diffusion loss; the
+    whole model stays frozen and unsaved: the run's result is TOKEN.safetensors, A1111's format."""
+
+    def __init__(self, config: TrainConfig, model: LatentDiffusion, accelerator: Accelerator, draw: Draw | None = None):
+        super().__init__(config, model, accelerator, draw)
+        self.token, self.file = str(config.textual_inversion.token), self.result(config)
+
+    @classmethod
+    def result(cls, config: TrainConfig) -> str:
+        return f"{config.textual_inversion.token}.safetensors"
+
+    @classmethod
+    def check(cls, config: TrainConfig, dataset: Dataset) -> None:
+        super().check(config, dataset)
+        token = config.textual_inversion.token
+        if isinstance(dataset, CaptionedImages) and not config.dreambooth.instance_prompt:
+            captions = (c.read_text(encoding="utf-8", errors="replace") if isinstance(c, Path) and c.is_file()
+                        else str(c) for _, c in dataset.entries)  # fmt: skip
+            if not any(token in caption for caption in captions):
+                raise ConfigError(f"textual_inversion.token={token!r}: no caption in {config.data.path} has it")
+        elif config.dreambooth.instance_prompt and token not in config.dreambooth.instance_prompt:
+            raise ConfigError(f"textual_inversion.token={token!r}: not in dreambooth.instance_prompt")
+
+    def trained(self) -> list[nn.Module]:
+        inversion = self.config.textual_inversion
+        self.word = WordVectors(self.model.text_encoders(), inversion.init_word, inversion.vectors)
+        return [self.word.to(self.accelerator.device).train()]
+
+    def _unet(self, modules: list[nn.Module]) -> nn.Module:
+        return self.model.unet  # frozen: the gradient passes through it to the word's vectors
+
+    def _text(self, batch: dict, captions: list[str], dropped: Tensor, modules: list[nn.Module]) -> tuple:
+        vectors = modules[0]()
+        return encode_with_word(self.model.text_encoders(), captions, self.model.is_sdxl, self.token, vectors)
+
+    @contextmanager
+    def validation_embeddings(self) -> Iterator[Path | None]:
+        """The word as it is now, in a folder of its own for the validation sampler."""
+        with tempfile.TemporaryDirectory() as folder:
+            save_embedding(Path(folder) / self.file, list(self.word.vectors))
+            yield Path(folder)
+
+    def finish(self) -> None:
+        pass  # the base model's sampling defaults stay as they were
+
+    def save(self, output: Path) -> None:
+        dtype = DTYPES[self.config.save_precision]
+        save_embedding(output / self.file, [vectors.to(dtype) for vectors in self.word.vectors])
+
+
 def check_targets(module: nn.Module, targets: list[str], key: str) -> None:
     """Each target names at least one Linear or Conv2d layer, matched as peft matches names."""
     for target in targets:
@@ -402,4 +472,9 @@ def class_folder(config: TrainConfig) -> Path:
     return Path(config.data.cache_dir) / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-STAGES: dict[str, type[Stage]] = {"autoencoder": AutoencoderStage, "diffusion": DiffusionStage, "lora": LoraStage}
+STAGES: dict[str, type[Stage]] = {
+    "autoencoder": AutoencoderStage,
+    "diffusion": DiffusionStage,
+    "lora": LoraStage,
+    "textual_inversion": TextualInversionStage,
+}

@@ -79,7 +79,7 @@ def test_sample_py_writes_and_reads_the_a1111_fields(tiny_model_dir, tmp_path):
     assert sample.main([*argv, "--outdir", str(tmp_path / "a")]) == 0
     first = Image.open(tmp_path / "a" / "00000-4.png")
     assert first.size == (24, 24)
-    assert "Hires upscale: 1.5, Hires upscaler: Lanczos, Denoising strength: 0.7" in first.text["parameters"]
+    assert "Denoising strength: 0.7, Hires upscale: 1.5, Hires upscaler: Lanczos" in first.text["parameters"]
     only_a1111 = tmp_path / "a1111.png"
     first.save(only_a1111, pnginfo=_parameters_only(first.text["parameters"]))
     again = ["--from-png", str(only_a1111), "--model", str(tiny_model_dir), "--device", "cpu"]

@@ -102,7 +102,7 @@ def test_hires_fix_draws_what_sample_py_draws_with_hires_scale(served, tiny_mode
     assert image.size == (32, 32) and list(image.getdata()) == list(expected.convert(image.mode).getdata())
     assert image.text["parameters"] == expected.text["parameters"]
     assert (
-        "Hires upscale: 2.0, Hires upscaler: Lanczos, Hires steps: 2, Denoising strength: 0.6"
+        "Denoising strength: 0.6, Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Lanczos"
         in (image.text["parameters"])
     )
 

@@ -93,7 +93,7 @@ def test_the_hires_fix_and_image_to_image_from_the_page(page, tmp_path):
     generate(page, prompt="a circle", steps="2", width="16", height="16", seed="3", hr_scale="2", hr_denoise="0.5")
     page.wait_for_selector("#results figure img")
     assert page.evaluate("document.querySelector('#results figure img').naturalWidth") == 32
-    assert "Hires upscale: 2.0, Hires upscaler: Latent, Denoising strength: 0.5" in page.inner_text("#results")
+    assert "Denoising strength: 0.5, Hires upscale: 2.0, Hires upscaler: Latent" in page.inner_text("#results")
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "start.png")
     page.fill("#hr_scale", "")
     page.set_input_files("#init_image", str(tmp_path / "start.png"))
