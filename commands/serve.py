@@ -23,6 +23,9 @@ def make_parser() -> Parser:
     parser.add_argument("--model", type=Path, help="the model drawn with by default (default: the shipped model)")
     parser.add_argument("--models-dir", type=Path, help="more models to pick from: diffusers folders, single files")
     parser.add_argument("--lora-dir", type=Path, help="LoRA files for <lora:NAME:SCALE> in prompts")
+    parser.add_argument(
+        "--embeddings-dir", type=Path, help="textual-inversion embeddings: a prompt word naming a file reads it"
+    )
     parser.add_argument("--outdir", type=Path, default=Path("outputs") / "server", help="where images are written")
     parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     parser.add_argument("--listen", action="store_true", help="listen on every address (0.0.0.0): needs --api-auth")
@@ -45,7 +48,12 @@ def parse(argv: list[str] | None):
     args.model = args.model or DEFAULT_MODEL
     if not args.model.exists():
         raise UsageError(f"--model {args.model}: no such file or folder")
-    for flag, folder in (("--models-dir", args.models_dir), ("--lora-dir", args.lora_dir)):
+    folders = (
+        ("--models-dir", args.models_dir),
+        ("--lora-dir", args.lora_dir),
+        ("--embeddings-dir", args.embeddings_dir),
+    )
+    for flag, folder in folders:
         if folder is not None and not folder.is_dir():
             raise UsageError(f"{flag} {folder}: no such folder")
     if args.api_auth is not None and ":" not in args.api_auth:
@@ -67,7 +75,7 @@ def build(args):
     from server.worker import Worker
 
     limits = Limits(args.max_steps, args.max_side, args.max_images, args.max_batch, args.max_body_mb << 20)
-    worker = Worker(args.outdir, args.device, args.dtype, args.queue)
+    worker = Worker(args.outdir, args.device, args.dtype, args.queue, args.embeddings_dir)
     server = Server(worker, args.model, args.models_dir, args.lora_dir, limits)
     auth = None if args.api_auth is None else tuple(args.api_auth.split(":", 1))
     return make_app(server, auth)

@@ -44,6 +44,7 @@ class Embedding:
     name: str
     vectors: dict[str, Tensor]  # "" for one encoder's (n, width); SDXL's under clip_l and clip_g
     sha256: str = field(repr=False)
+    step: int | None = None  # the training step an A1111 .pt records
 
     @property
     def count(self) -> int:
@@ -79,7 +80,8 @@ def read_embedding(path: Path) -> Embedding:
         raise EmbeddingError(f"embedding {path}: not readable (not a PyTorch or safetensors file)") from None
     except (SafetensorError, OSError, RuntimeError, EOFError) as error:
         raise EmbeddingError(f"embedding {path}: not readable ({str(error).splitlines()[0]})") from None
-    return Embedding(path.stem, _vectors(data, path), file_sha256(path))
+    step = data.get("step") if isinstance(data, dict) else None
+    return Embedding(path.stem, _vectors(data, path), file_sha256(path), step if isinstance(step, int) else None)
 
 
 def _vectors(data: object, path: Path) -> dict[str, Tensor]:

@@ -15,7 +15,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from PIL import Image
 
+from ldm.embeddings import EmbeddingError
 from ldm.errors import UserError
+from pipelines.embeddings import EmbeddingFolder
 from pipelines.infotext import parse_infotext
 from pipelines.outputs import read_manifest
 from server import a1111
@@ -70,6 +72,27 @@ class Server:
         checkpoint = self.current() if translated.checkpoint is None else self.model(translated.checkpoint)
         loras = tuple((find(self.loras(), name, "LoRA"), scale) for name, scale in translated.loras)
         return Order(translated.prompt, translated.config, checkpoint, loras, translated.init_image, translated.mask)
+
+    def embeddings(self) -> dict[str, Any]:
+        """A1111's /embeddings: those that fit the current model ("loaded") and those that do not
+        ("skipped"), each with its width and vector count (modules/api/api.py, get_embeddings)."""
+        found: dict[str, dict] = {"loaded": {}, "skipped": {}}
+        if self.worker.embeddings is None:
+            return found
+        folder = EmbeddingFolder(self.worker.embeddings)
+        widths = self.worker.text_widths(self.current())
+        for name in folder.files:
+            try:
+                embedding = folder.embedding(name)
+            except EmbeddingError:
+                continue  # unreadable, or a name two files share: A1111 lists neither
+            fits = all(embedding.for_encoder(k, len(widths), w) is not None for k, w in enumerate(widths))
+            shape = sum(vectors.shape[-1] for vectors in embedding.vectors.values())
+            found["loaded" if fits else "skipped"][name] = {
+                "step": embedding.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                "shape": shape, "vectors": embedding.count,
+            }  # fmt: skip
+        return found
 
     def model(self, name: str) -> Entry:
         return find(self.models(), name.rsplit(" [", 1)[0], "model")  # A1111 titles may end in " [hash]"
@@ -144,7 +167,7 @@ def make_app(server: Server, auth: tuple[str, str] | None = None) -> FastAPI:
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:
-        return {"loaded": {}, "skipped": {}}
+        return server.embeddings()
 
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict[str, list]:

@@ -18,6 +18,7 @@ from ldm.errors import UserError
 from pipelines.jobs import plan
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.pictures import tensor_to_image
+from pipelines.prompts import encoder_widths
 from pipelines.settings import Generated, GenerationConfig
 from pipelines.text_to_image import TextToImagePipeline
 from server.folders import Entry
@@ -67,8 +68,9 @@ class Progress:
 
 
 class Worker:
-    def __init__(self, outdir: Path, device: str, dtype: str, queue: int):
+    def __init__(self, outdir: Path, device: str, dtype: str, queue: int, embeddings: Path | None = None):
         self.outdir, self.device, self.dtype, self.queue = outdir, device, dtype, queue
+        self.embeddings = embeddings  # textual-inversion embeddings, listed afresh for every request
         self.progress = Progress()
         self._lock, self._counting = threading.Lock(), threading.Lock()
         self._waiting = 0
@@ -102,10 +104,13 @@ class Worker:
             return tensor_to_image(latents_to_images(vae, latents[:1].to(vae.dtype)).float()[0])
 
     def _draw(self, order: Order) -> Drawn:
-        pipe = self._pipeline(order)
+        pipe = self._pipeline(order.checkpoint, order.loras)
+        if self.embeddings is not None:
+            pipe.load_embeddings(self.embeddings)
         config, _ = pipe.resolve(order.config, order.init_image, order.mask)
         loras = tuple((str(entry.path), scale) for entry, scale in order.loras)
-        settings = RunSettings(str(order.checkpoint.path), self._hash(order.checkpoint.path), loras)
+        path, folder = order.checkpoint.path, self.embeddings and str(self.embeddings)
+        settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes)
         writer = RunWriter(self.outdir, settings, config)
         writer.first = writer.first_number({})
         jobs = plan([order.prompt], config.num_images, config.seed)
@@ -128,18 +133,25 @@ class Worker:
             raise Interrupted
         self.progress.step, self.progress.steps, self.progress.latents = step, steps, latents
 
-    def _pipeline(self, order: Order) -> TextToImagePipeline:
-        """The order's model with its LoRAs merged: the loaded one, or loaded afresh (LoRAs merge into
-        the weights, so another set of LoRAs reloads the model)."""
-        wanted = (order.checkpoint.path, tuple((entry.path, scale) for entry, scale in order.loras))
+    def text_widths(self, checkpoint: Entry) -> list[int]:
+        """The model's text encoders' widths (what an embedding must match), loading it if no model is."""
+        with self._lock:
+            if self._pipe is None or self._loaded[0] != checkpoint.path:
+                self._pipeline(checkpoint, ())
+            return encoder_widths(self._pipe.model.text_encoders())
+
+    def _pipeline(self, checkpoint: Entry, loras: tuple[tuple[Entry, float], ...]) -> TextToImagePipeline:
+        """The model with its LoRAs merged: the loaded one, or loaded afresh (LoRAs merge into the
+        weights, so another set of LoRAs reloads the model)."""
+        wanted = (checkpoint.path, tuple((entry.path, scale) for entry, scale in loras))
         if self._loaded != wanted:
             self._pipe, self._loaded = None, None  # the old one's memory goes before the new one loads
             try:
-                pipe = TextToImagePipeline.from_pretrained(order.checkpoint.path, device=self.device, dtype=self.dtype)
-                for entry, scale in order.loras:
+                pipe = TextToImagePipeline.from_pretrained(checkpoint.path, device=self.device, dtype=self.dtype)
+                for entry, scale in loras:
                     pipe.load_lora(entry.path, scale)
             except (OSError, ValueError) as error:
-                raise UserError(f"{order.checkpoint.title}: cannot load it ({error})") from None
+                raise UserError(f"{checkpoint.title}: cannot load it ({error})") from None
             self._pipe, self._loaded = pipe, wanted
         return self._pipe
 

@@ -278,3 +278,30 @@ def test_a_model_that_fails_to_load_is_a_422_and_the_server_goes_on(tiny_model_d
     broken = client.post("/sdapi/v1/txt2img", json=payload | {"override_settings": {"sd_model_checkpoint": "broken"}})
     assert broken.status_code == 422 and "broken.safetensors" in broken.json()["detail"]
     assert client.post("/sdapi/v1/txt2img", json=payload).status_code == 200
+
+
+def test_embeddings_are_listed_used_and_recorded_as_sample_py_records_them(tiny_model_dir, tmp_path):
+    """A1111's /embeddings shape (loaded: those of the model's width; skipped: the others), and a
+    prompt naming one draws what sample.py --embeddings draws, TI hashes included."""
+    from ldm.embeddings import save_embedding
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.manual_seed(0)
+    save_embedding(folder / "rose.safetensors", [torch.randn(2, 8) * 5])
+    save_embedding(folder / "wide.safetensors", [torch.randn(1, 768)])
+    argv = ["--model", str(tiny_model_dir), "--embeddings-dir", str(folder), "--outdir", str(tmp_path / "out"),
+            "--device", "cpu"]  # fmt: skip
+    client = TestClient(serve.build(serve.parse(argv)))
+    assert client.get("/sdapi/v1/embeddings").json() == {
+        "loaded": {"rose": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 8, "vectors": 2}},
+        "skipped": {"wide": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": 768,
+                             "vectors": 1}},
+    }  # fmt: skip
+    payload = {"prompt": "a rose circle", "steps": 2, "seed": 3, "width": 16, "height": 16, "sampler_name": "DDIM"}
+    image = decode(client.post("/sdapi/v1/txt2img", json=payload).json()["images"][0])
+    expected = sample_py(tmp_path, "--model", tiny_model_dir, "--prompt", "a rose circle", "--steps", 2, "--seed", 3,
+                         "--width", 16, "--height", 16, "--scheduler", "ddim", "--embeddings", folder)  # fmt: skip
+    assert list(image.getdata()) == list(expected.convert(image.mode).getdata())
+    assert 'TI hashes: "rose: ' in image.text["parameters"]
+    assert image.text["parameters"] == expected.text["parameters"]
