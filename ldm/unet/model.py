@@ -158,34 +158,28 @@ class UNet(nn.Module):
         text: Tensor,
         pooled: Tensor | None = None,
         time_ids: Tensor | None = None,
+        control: tuple[list[Tensor], Tensor] | None = None,
     ) -> Tensor:
         """latents: (batch, in_channels, h, w); timesteps: a number or (batch,); text: (batch, tokens,
         cross_attention_dim) token embeddings. SDXL also takes the pooled text embedding, (batch,
         width), and the time ids, (batch, n): original height and width, crop top and left, target
-        height and width (the refiner: an aesthetic score in place of the target size)."""
-        timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
-        temb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(latents.dtype))
-        if self.config.addition_embed_type == "text_time":
-            temb = temb + self.add_embedding(self._added(pooled, time_ids).to(temb.dtype))
-
+        height and width (the refiner: an aesthetic score in place of the target size). `control`:
+        ControlNets' residuals, added to the skips and the mid block's output."""
+        temb = embed_time(self, self.config, latents, timesteps, pooled, time_ids)
         x = self.conv_in(latents)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = self._run(block, x, temb, text)
             skips.extend(block_skips)
         x = self._run(self.mid_block, x, temb, text)
+        if control is not None:  # a ControlNet's residuals (ldm/controlnet.py), one per skip and the mid output
+            down, mid = control
+            skips, x = [skip + residual for skip, residual in zip(skips, down, strict=True)], x + mid
         for block in self.up_blocks:
             block_skips = [skips.pop() for _ in block.resnets]  # last in, first out
             out_size = tuple(skips[-1].shape[-2:]) if skips else None  # the next block's skips set the size
             x = self._run(block, x, block_skips, temb, text, out_size)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
-
-    def _added(self, pooled: Tensor | None, time_ids: Tensor | None) -> Tensor:
-        """SDXL's added conditioning: [pooled, emb(id_1), ..., emb(id_n)], each id embedded like a timestep."""
-        if pooled is None or time_ids is None:
-            raise ValueError("this UNet (addition_embed_type 'text_time') needs pooled and time_ids")
-        ids = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim)
-        return torch.cat([pooled, ids.reshape(pooled.shape[0], -1)], dim=-1)  # promoted, as diffusers does
 
     def _run(self, block: nn.Module, *inputs):
         """Run a block; when training with gradient checkpointing, keep only its inputs and
@@ -193,3 +187,21 @@ class UNet(nn.Module):
         if self.gradient_checkpointing and self.training:
             return checkpoint(block, *inputs, use_reentrant=False)
         return block(*inputs)
+
+
+def embed_time(
+    model: nn.Module, cfg: UNetConfig, latents: Tensor, timesteps: Tensor | float, pooled: Tensor | None,
+    time_ids: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """What every ResNet block of `model` (a UNet or a ControlNet) reads: its time_embedding of the
+    timestep, plus for SDXL its add_embedding of [pooled, emb(id_1), ..., emb(id_n)], each size or
+    crop number embedded like a timestep."""
+    timesteps = torch.as_tensor(timesteps, device=latents.device).expand(latents.shape[0])
+    temb = model.time_embedding(timestep_embedding(timesteps, cfg.block_out_channels[0]).to(latents.dtype))
+    if cfg.addition_embed_type != "text_time":
+        return temb
+    if pooled is None or time_ids is None:
+        raise ValueError("this UNet (addition_embed_type 'text_time') needs pooled and time_ids")
+    ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim)
+    added = torch.cat([pooled, ids.reshape(pooled.shape[0], -1)], dim=-1)  # promoted, as diffusers does
+    return temb + model.add_embedding(added.to(temb.dtype))

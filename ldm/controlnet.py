@@ -1,0 +1,182 @@
+"""ControlNet (Zhang, Rao and Agrawala, 2023): a trainable copy of the UNet's encoder that reads a
+control image (edges, depth, a layout) and adds what it sees to the UNet's skip connections.
+
+    control image -> ConditioningEmbedding (small convs, down to latent size) --+
+    noisy latents -> conv_in ------------------------------------------------ + -> down blocks -> mid block
+                                                   every skip, and the mid output, through a zero-initialised
+                                                   1x1 conv ("zero conv"), times the scale -> added to the UNet's
+
+The zero convs make a new ControlNet a no-op, so training starts from the base model's behaviour.
+State-dict compatible with diffusers' ControlNetModel (SD 1.x/2.x and SDXL); the down and mid
+blocks are the UNet's own (ldm/unet/model.py).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import init_empty_weights
+from torch import Tensor, nn
+
+from ldm.errors import ConfigError
+from ldm.model import WEIGHTS_FILE, ModelLoadError, load_exactly, read_json, read_weights, save_safetensors
+from ldm.unet import UNet, UNetConfig
+from ldm.unet.blocks import TimestepEmbedding
+from ldm.unet.model import DownBlock, MidBlock, embed_time
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    unet: UNetConfig  # the encoder's architecture: the base UNet's (its up blocks are not built)
+    conditioning_channels: int = 3
+    conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
+
+    @classmethod
+    def from_diffusers(cls, config: dict[str, Any]) -> "ControlNetConfig":
+        """Read a diffusers ControlNetModel config.json dict; refuse what we do not build."""
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        order = config.pop("controlnet_conditioning_channel_order", "rgb")
+        if order != "rgb":
+            raise ConfigError(f"controlnet config: controlnet_conditioning_channel_order={order!r}: only 'rgb'")
+        if config.pop("global_pool_conditions", False):
+            raise ConfigError("controlnet config: global_pool_conditions=true (the shuffle ControlNet) is not built")
+        channels = config.pop("conditioning_channels", 3)
+        embedding = tuple(config.pop("conditioning_embedding_out_channels", cls.conditioning_embedding_out_channels))
+        down = config.get("down_block_types", UNetConfig.down_block_types)
+        mirrored = ["CrossAttnUpBlock2D" if kind.startswith("CrossAttn") else "UpBlock2D" for kind in down[::-1]]
+        return cls(UNetConfig.from_diffusers({**config, "up_block_types": mirrored}), channels, embedding)
+
+    @classmethod
+    def from_unet(cls, unet: UNetConfig) -> "ControlNetConfig":
+        """A ControlNet for this UNet: its encoder's architecture, diffusers' default conditioning embedding."""
+        return cls(unet)
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The config.json diffusers' ControlNetModel.from_pretrained reads."""
+        unet = self.unet.to_diffusers()
+        for name in ("_class_name", "up_block_types", "out_channels", "sample_size"):
+            unet.pop(name)
+        return {"_class_name": "ControlNetModel", **unet, "conditioning_channels": self.conditioning_channels,
+                "conditioning_embedding_out_channels": list(self.conditioning_embedding_out_channels),
+                "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}  # fmt: skip
+
+
+class ConditioningEmbedding(nn.Module):
+    """The control image (pixels, 0..1) to the latents' size and width: a 3x3 conv, then per step a
+    3x3 conv and a strided 3x3 conv (three steps: 8x smaller), SiLU after each, and a zero conv out."""
+
+    def __init__(self, in_channels: int, channels: tuple[int, ...], out_channels: int):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.blocks = nn.ModuleList()
+        for here, there in zip(channels[:-1], channels[1:], strict=True):
+            self.blocks.append(nn.Conv2d(here, here, 3, padding=1))
+            self.blocks.append(nn.Conv2d(here, there, 3, padding=1, stride=2))
+        self.conv_out = zero(nn.Conv2d(channels[-1], out_channels, 3, padding=1))
+
+    def forward(self, image: Tensor) -> Tensor:
+        x = F.silu(self.conv_in(image))
+        for conv in self.blocks:
+            x = F.silu(conv(x))
+        return self.conv_out(x)
+
+
+def zero(conv: nn.Conv2d) -> nn.Conv2d:
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ControlNet(nn.Module):
+    """(down residuals, mid residual) = controlnet(latents, timesteps, text, image, scale[, pooled, time_ids]):
+    one residual per UNet skip, added there by UNet.forward(..., control=...)."""
+
+    def __init__(self, cfg: ControlNetConfig):
+        super().__init__()
+        self.config = cfg
+        unet = cfg.unet
+        base = unet.block_out_channels[0]
+        temb_channels = base * 4
+        self.time_embedding = TimestepEmbedding(base, temb_channels)
+        if unet.addition_embed_type == "text_time":  # SDXL
+            self.add_embedding = TimestepEmbedding(unet.projection_class_embeddings_input_dim, temb_channels)
+        self.conv_in = nn.Conv2d(unet.in_channels, base, 3, padding=1)
+        self.controlnet_cond_embedding = ConditioningEmbedding(
+            cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, base
+        )
+        in_channels = [base, *unet.block_out_channels[:-1]]
+        self.down_blocks = nn.ModuleList(
+            DownBlock(unet, i, in_channels[i], temb_channels) for i in range(len(unet.block_out_channels))
+        )
+        self.mid_block = MidBlock(unet, temb_channels)
+        skips = [base]  # conv_in's output, then each down block's layers and downsample
+        for i, channels in enumerate(unet.block_out_channels):
+            skips += [channels] * (unet.layers_per_block + (i < len(unet.block_out_channels) - 1))
+        self.controlnet_down_blocks = nn.ModuleList(zero(nn.Conv2d(c, c, 1)) for c in skips)
+        self.controlnet_mid_block = zero(nn.Conv2d(unet.block_out_channels[-1], unet.block_out_channels[-1], 1))
+
+    @classmethod
+    def from_unet(cls, unet: UNet) -> "ControlNet":
+        """Initialised as the paper and diffusers' ControlNetModel.from_unet do: the UNet's encoder
+        weights copied, the conditioning embedding fresh, the zero convs zero."""
+        controlnet = cls(ControlNetConfig.from_unet(unet.config))
+        shared = {k: v for k, v in unet.state_dict().items() if k in controlnet.state_dict()}
+        controlnet.load_state_dict(shared, strict=False)
+        return controlnet
+
+    def forward(
+        self,
+        latents: Tensor,
+        timesteps: Tensor | float,
+        text: Tensor,
+        image: Tensor,
+        scale: float = 1.0,
+        pooled: Tensor | None = None,
+        time_ids: Tensor | None = None,
+    ) -> tuple[list[Tensor], Tensor]:
+        """image: (batch, 3, 8h, 8w) in [0, 1] for (batch, c, h, w) latents."""
+        temb = embed_time(self, self.config.unet, latents, timesteps, pooled, time_ids)
+        x = self.conv_in(latents) + self.controlnet_cond_embedding(image.to(latents.dtype))
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, text)
+            skips.extend(block_skips)
+        x = self.mid_block(x, temb, text)
+        down = [conv(skip) * scale for conv, skip in zip(self.controlnet_down_blocks, skips, strict=True)]
+        return down, self.controlnet_mid_block(x) * scale
+
+    def save(self, folder: str | Path) -> None:
+        """A diffusers ControlNetModel folder: config.json and the weights."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_diffusers(), indent=2))
+        save_safetensors(folder / WEIGHTS_FILE, self.state_dict())
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "ControlNet":
+        """A diffusers ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors)."""
+        folder = Path(folder)
+        config = read_json(folder / CONFIG_FILE)
+        if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
+            raise ModelLoadError(f"{folder}: a {config.get('_class_name')} folder, not a ControlNet")
+        with init_empty_weights():
+            controlnet = cls(ControlNetConfig.from_diffusers(config))
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise ModelLoadError(f"controlnet: no {WEIGHTS_FILE} in {folder}")
+        load_exactly(controlnet, read_weights(folder / WEIGHTS_FILE, dtype), "controlnet")
+        return controlnet.to(dtype)
+
+    def fits(self, unet: UNet) -> None:
+        """Refuse, in one line, a ControlNet made for another architecture than the UNet's."""
+        ours, theirs = self.config.unet, unet.config
+        for name in ("block_out_channels", "cross_attention_dim", "addition_embed_type"):
+            if getattr(ours, name) != getattr(theirs, name):
+                raise ModelLoadError(
+                    f"controlnet: made for a UNet with {name}={getattr(ours, name)!r}; this model's is "
+                    f"{getattr(theirs, name)!r} (a ControlNet for another model family?)"
+                )
