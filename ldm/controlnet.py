@@ -52,9 +52,13 @@ class ControlNetConfig:
         return cls(UNetConfig.from_diffusers({**config, "up_block_types": mirrored}), channels, embedding)
 
     @classmethod
-    def from_unet(cls, unet: UNetConfig) -> "ControlNetConfig":
-        """A ControlNet for this UNet: its encoder's architecture, diffusers' default conditioning embedding."""
-        return cls(unet)
+    def from_unet(cls, unet: UNetConfig, downsampling: int = 8) -> "ControlNetConfig":
+        """A ControlNet for this UNet and a VAE that downsamples `downsampling` times: the UNet's
+        encoder, and diffusers' conditioning embedding with one strided step per halving."""
+        steps = downsampling.bit_length() - 1
+        if downsampling != 1 << steps or steps >= len(cls.conditioning_embedding_out_channels):
+            raise ConfigError(f"controlnet: a VAE downsampling {downsampling}x: 1, 2, 4 or 8 are built")
+        return cls(unet, conditioning_embedding_out_channels=cls.conditioning_embedding_out_channels[: steps + 1])
 
     def to_diffusers(self) -> dict[str, Any]:
         """The config.json diffusers' ControlNetModel.from_pretrained reads."""
@@ -121,10 +125,11 @@ class ControlNet(nn.Module):
         self.controlnet_mid_block = zero(nn.Conv2d(unet.block_out_channels[-1], unet.block_out_channels[-1], 1))
 
     @classmethod
-    def from_unet(cls, unet: UNet) -> "ControlNet":
+    def from_unet(cls, unet: UNet, downsampling: int = 8) -> "ControlNet":
         """Initialised as the paper and diffusers' ControlNetModel.from_unet do: the UNet's encoder
-        weights copied, the conditioning embedding fresh, the zero convs zero."""
-        controlnet = cls(ControlNetConfig.from_unet(unet.config))
+        weights copied, the conditioning embedding fresh, the zero convs zero. `downsampling`: the
+        VAE's (SD's is 8), which the conditioning embedding must match."""
+        controlnet = cls(ControlNetConfig.from_unet(unet.config, downsampling))
         shared = {k: v for k, v in unet.state_dict().items() if k in controlnet.state_dict()}
         controlnet.load_state_dict(shared, strict=False)
         return controlnet

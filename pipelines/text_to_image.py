@@ -35,6 +35,7 @@ from ldm.single_file import load_model
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.choices import SIZE_CONDITIONING
 from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
+from pipelines.control import Control, ControlledUNet, control_pixels
 from pipelines.devices import evaluating, memory_of, on_device, pick_device, pick_dtype
 from pipelines.embeddings import EmbeddingFolder
 from pipelines.hires import DEFAULT_DENOISE, hires_size, schedule_length, upscale_latents
@@ -68,6 +69,7 @@ class Images(NamedTuple):
     init: Tensor | None  # (1, 3, H, W) in [-1, 1]
     mask: Tensor | None  # (1, 1, H, W), 1 where the image is repainted
     latents: Tensor | None = None  # instead of `init`, already encoded, one per image: a hires pass's start
+    control: tuple[tuple[Control, Tensor], ...] = ()  # ControlNet units, each with its image (1, 3, H, W) in [0, 1]
 
 
 class TextToImagePipeline:
@@ -160,17 +162,19 @@ class TextToImagePipeline:
         init_image: Image.Image | None = None,
         mask: Image.Image | None = None,
         on_step: OnStep | None = None,
+        control: list[Control] | None = None,
         **options,
     ) -> Iterator[Generated]:
         """`num_images` per prompt, `batch_size` at a time; image k of the run uses seed `seed + k`.
         `options` are GenerationConfig's fields. Every setting is checked before the first image;
         each batch's images come out as soon as they are done. `on_step(step, steps, latents)` is
-        called after each denoising step (a server's progress and preview; raising in it stops the run)."""
+        called after each denoising step (a server's progress and preview; raising in it stops the run).
+        `control`: ControlNet units (pipelines/control.py), their residuals added at every step they act in."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         unknown = sorted(set(options) - {f.name for f in fields(GenerationConfig)})
         if unknown:
             raise GenerationError(f"unknown option(s) {unknown}: use {[f.name for f in fields(GenerationConfig)]}")
-        config, images = self.resolve(GenerationConfig(**options), init_image, mask)
+        config, images = self.resolve(GenerationConfig(**options), init_image, mask, control)
         for text in [*prompts, config.negative_prompt]:
             check_texts(text, config.steps, config.emphasis)
             if config.attention_maps and edited(text, config.steps):
@@ -191,7 +195,11 @@ class TextToImagePipeline:
             yield from self._generate_batch(*prompts_seeds, negatives, config, images, on_step)
 
     def resolve(
-        self, config: GenerationConfig, init_image: Image.Image | None, mask: Image.Image | None
+        self,
+        config: GenerationConfig,
+        init_image: Image.Image | None,
+        mask: Image.Image | None,
+        control: list[Control] | None = None,
     ) -> tuple[GenerationConfig, Images]:
         """Check the settings against this model and the pictures given (the config checked the rest
         when it was made); fill in every default (size, steps, guidance, scheduler, strength, seed)
@@ -235,7 +243,17 @@ class TextToImagePipeline:
         return resolved, Images(
             None if init_image is None else image_to_tensor(init_image.convert("RGB"), width, height),
             None if mask is None else mask_to_tensor(mask, width, height),
+            control=self._control(control or [], resolved),
         )
+
+    def _control(self, control: list[Control], config: GenerationConfig) -> tuple[tuple[Control, Tensor], ...]:
+        """Each unit checked against this model and run, with its image at the output size."""
+        if control and (self.refiner is not None or config.hires_scale is not None):
+            raise GenerationError("ControlNet: not with a refiner or the hires fix yet")
+        for unit in control:
+            unit.controlnet.fits(self.model.unet)
+            unit.controlnet.to(self.device, self.dtype)
+        return tuple((unit, control_pixels(unit.image, config.width, config.height)) for unit in control)
 
     def _size(self, config: GenerationConfig, init_image: Image.Image | None) -> tuple[int, int]:
         """(height, width): as asked, else the init image's, else the model's own."""
@@ -443,7 +461,8 @@ class TextToImagePipeline:
             x = scheduler.scale_model_input(latents, t)
             if inpaint_input is not None:
                 x = torch.cat([x, inpaint_input], dim=1)
-            prediction = self._predict(self.unet, x, t, texts[0].at(i), config.guidance_scale, maps)
+            unet = ControlledUNet(self.unet, images.control, i, len(timesteps)) if images.control else self.unet
+            prediction = self._predict(unet, x, t, texts[0].at(i), config.guidance_scale, maps)
             stepped = scheduler.step(prediction, t, latents, **step_options)
             latents = stepped.prev_sample
             if latent_mask is not None and inpaint_input is None:  # outside the mask: the re-noised original
