@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ldm.errors import UserError
 from ldm.files import SINGLE_FILE_SUFFIXES
+from pipelines.choices import CONTROL_PREPROCESSORS
 from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.settings import MAX_SEED, SDXL, GenerationConfig, declared, value_type
 
@@ -79,6 +80,15 @@ def make_parser() -> Parser:
         action="append",
         metavar="F[:SCALE]",
         help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
+    )
+    control = parser.add_argument_group("ControlNet (each flag once per --controlnet, or once for all)")
+    control.add_argument("--controlnet", action="append", metavar="DIR", help="a ControlNet (diffusers folder)")
+    control.add_argument("--control-image", action="append", type=Path, metavar="F", help="what it reads")
+    control.add_argument("--control-scale", action="append", type=float, metavar="X", help="default 1")
+    control.add_argument("--control-start", action="append", type=float, metavar="X", help="fraction of the steps (0)")
+    control.add_argument("--control-end", action="append", type=float, metavar="X", help="fraction of the steps (1)")
+    control.add_argument(
+        "--control-preprocess", action="append", choices=CONTROL_PREPROCESSORS, help="the image as given, or its edges"
     )
     parser.add_argument(
         "--embeddings",
@@ -150,8 +160,31 @@ def apply_png_settings(args: argparse.Namespace) -> None:
     args.ti_hashes = settings.get("ti_hashes")
     if args.prompt_file is not None:
         args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
+    apply_png_controls(args, settings.get("controlnet") or [])
     if settings.get("strength") is not None and args.init_image is None:
         raise UsageError(f"--from-png {args.from_png}: it was drawn from an init image; pass it with --init-image")
+
+
+def apply_png_controls(args: argparse.Namespace, units: list[dict]) -> None:
+    """A PNG's ControlNet units: their folders (ours; A1111's name only a model, so --controlnet
+    must), scales, starts, ends and preprocessing, unless flags give them; the images must be given."""
+    if not units:
+        return
+    if args.controlnet is None:
+        unnamed = [unit["model"] for unit in units if unit["path"] is None]
+        if unnamed:
+            raise UsageError(f"--from-png: drawn with the ControlNet(s) {', '.join(map(str, unnamed))}; "
+                             "pass each folder with --controlnet")  # fmt: skip
+        args.controlnet = [unit["path"] for unit in units]
+    for name, key in (("control_scale", "scale"), ("control_start", "start"), ("control_end", "end"),
+                      ("control_preprocess", "preprocess")):  # fmt: skip
+        if getattr(args, name) is None:
+            setattr(args, name, [unit[key] for unit in units])
+    if args.control_preprocess and not set(args.control_preprocess) <= set(CONTROL_PREPROCESSORS):
+        raise UsageError(f"--from-png: preprocessing {args.control_preprocess}; offered here: {CONTROL_PREPROCESSORS}")
+    if args.control_image is None:
+        raise UsageError(f"--from-png: drawn with {len(units)} ControlNet(s); pass the control image(s) with "
+                         "--control-image")  # fmt: skip
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -186,6 +219,43 @@ def model_source(args: argparse.Namespace) -> str:
             raise UsageError("no default model is installed yet; pass --model PATH_OR_HUB_ID")
         return str(DEFAULT_MODEL)
     return checked_source(args.model, "--model")
+
+
+class ControlSpec(NamedTuple):
+    """One ControlNet unit as the command line gives it (checked before the libraries load)."""
+
+    path: str
+    image: Image.Image
+    scale: float
+    start: float
+    end: float
+    preprocess: str
+
+
+def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
+    """The --controlnet units: a control image each; scale, start, end and preprocessing given once
+    per ControlNet, once for all, or not at all."""
+    paths, images = args.controlnet or [], args.control_image or []
+    if len(images) != len(paths):
+        raise UsageError(f"--controlnet given {len(paths)} time(s), --control-image {len(images)}: one image each")
+    columns = []
+    for flag, values, default in (("--control-scale", args.control_scale, 1.0), ("--control-start", args.control_start,
+                                  0.0), ("--control-end", args.control_end, 1.0),
+                                  ("--control-preprocess", args.control_preprocess, "none")):  # fmt: skip
+        values = values or [default]
+        if paths and len(values) not in (1, len(paths)):
+            raise UsageError(f"{flag}: give it once, or once per --controlnet ({len(paths)})")
+        columns.append(values * len(paths) if len(values) == 1 else values)
+    specs = []
+    for k, path in enumerate(paths):
+        if not (Path(path) / "config.json").is_file():
+            what = "an original single file: not read yet, use a diffusers folder" if Path(path).is_file() else ""
+            raise UsageError(f"--controlnet {path}: {what or 'no ControlNet folder (config.json) there'}")
+        scale, start, end, module = (column[k] for column in columns)
+        if not (scale >= 0 and 0 <= start < end <= 1):
+            raise UsageError(f"--controlnet {path}: scale {scale} (0 or more), start {start} < end {end}, in 0..1")
+        specs.append(ControlSpec(path, read_image(images[k], "--control-image"), scale, start, end, module))
+    return specs
 
 
 def embeddings_folder(args: argparse.Namespace, source: str) -> str | None:
@@ -223,6 +293,7 @@ class Run(NamedTuple):
     init_image: Image.Image | None
     mask: Image.Image | None
     config: "GenerationConfig"
+    control: list  # pipelines.control.Control units
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -239,6 +310,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         raise UsageError(f"--outdir {args.outdir}: exists and is not a folder")
     prompts = read_prompts(args)
     init_image, mask = read_image(args.init_image, "--init-image"), read_image(args.mask, "--mask")
+    specs = control_specs(args)
     loras = tuple(args.lora or [])
     for path, _ in loras:
         if not Path(path).is_file():
@@ -250,6 +322,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
     from accelerate.utils import broadcast_object_list
 
+    from ldm.controlnet import ControlNet
+    from pipelines.control import Control, preprocess
     from pipelines.devices import describe_device, start_processes
     from pipelines.embeddings import EmbeddingFolder, check_hashes
     from pipelines.jobs import plan
@@ -272,18 +346,24 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         pipe.load_lora(path, scale)
     if embeddings is not None:
         pipe.load_embeddings(embeddings)
+    controls = [
+        Control(ControlNet.load(spec.path, pipe.dtype), preprocess(spec.image, spec.preprocess), spec.scale,
+                spec.start, spec.end)
+        for spec in specs
+    ]  # fmt: skip
     if refiner is not None:
         pipe.load_refiner(refiner)
     asked = replace(args.config, seed=seed, progress=state.is_main_process)
-    config, _ = pipe.resolve(asked, init_image, mask)
+    config, _ = pipe.resolve(asked, init_image, mask, controls)
     refined = refiner and model_hash(refiner)
-    settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes)
+    units = tuple((*spec[:1], *spec[2:], model_hash(spec.path, 8)) for spec in specs)
+    settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes, units)
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
     done = writer.done(jobs) if args.skip_existing else {}
     (writer.first,) = broadcast_object_list([writer.first_number(done)])
     with state.split_between_processes([job for job in jobs if job.index not in done]) as share:
         process = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
-        return pipe, writer, Run(jobs, share, process, init_image, mask, config)
+        return pipe, writer, Run(jobs, share, process, init_image, mask, config, controls)
 
 
 def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:
@@ -291,7 +371,7 @@ def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:
     run's last image."""
     from pipelines.jobs import generate_jobs
 
-    for job, generated in generate_jobs(pipe, run.share, run.config, run.init_image, run.mask):
+    for job, generated in generate_jobs(pipe, run.share, run.config, run.init_image, run.mask, run.control):
         writer.write(generated, job)
     writer.finish(run.jobs)
 

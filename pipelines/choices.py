@@ -44,3 +44,6 @@ SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), by GenerationCon
     "negative_crop_top_left",
     "negative_target_size",
 )
+
+CONTROL_PREPROCESSORS = ("none", "canny")  # what sample.py --control-preprocess offers
+CANNY_THRESHOLDS = (100, 200)  # sd-webui-controlnet's defaults for its canny module (threshold a, b)

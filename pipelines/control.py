@@ -17,6 +17,7 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.controlnet import ControlNet
+from pipelines.choices import CANNY_THRESHOLDS
 from pipelines.settings import GenerationError
 
 
@@ -35,6 +36,17 @@ class Control:
             raise GenerationError(f"control start={self.start}, end={self.end}: need 0 <= start < end <= 1")
         if not self.scale >= 0:
             raise GenerationError(f"control scale={self.scale}: must be 0 or more")
+
+
+def preprocess(image: Image.Image, module: str) -> Image.Image:
+    """The control image a ControlNet reads: the image itself, or its Canny edges (OpenCV's, with
+    sd-webui-controlnet's default thresholds), white on black in three channels."""
+    if module == "none":
+        return image
+    import cv2  # opencv-python-headless: loaded only when an edge map is asked for
+
+    edges = cv2.Canny(np.asarray(image.convert("RGB")), *CANNY_THRESHOLDS)
+    return Image.fromarray(edges).convert("RGB")
 
 
 def control_pixels(image: Image.Image, width: int, height: int) -> Tensor:

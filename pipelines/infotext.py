@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ldm.errors import UserError
+from pipelines.choices import CANNY_THRESHOLDS
 from pipelines.settings import GenerationConfig, declared, from_text
 
 
@@ -93,6 +94,7 @@ def _ours(chunks: dict[str, str]) -> dict[str, Any]:
             settings[item.name] = from_text(item, chunks[item.name])
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
     settings["lora"] = [(path, float(scale)) for path, _, scale in loras]
+    settings["controlnet"] = json.loads(chunks["controlnet"]) if "controlnet" in chunks else []
     return settings | ({"refiner": chunks["refiner"]} if "refiner" in chunks else {})
 
 
@@ -131,6 +133,16 @@ def _webui(fields: dict[str, str]) -> dict[str, Any]:
     # One key, two settings: "Denoising strength" is the hires pass's when there is one (A1111's
     # txt2img writes it only then), else the init image's.
     settings.pop("strength" if "Hires upscale" in fields else "hires_denoise", None)
+    units = [read_infotext_unit(fields[f"ControlNet {k}"]) for k in range(len(fields)) if f"ControlNet {k}" in fields]
+    try:
+        settings["controlnet"] = [
+            {"path": None, "model": unit.get("Model"), "scale": float(unit.get("Weight", 1)),
+             "start": float(unit.get("Guidance Start", 0)), "end": float(unit.get("Guidance End", 1)),
+             "preprocess": unit.get("Module", "none")}
+            for unit in units
+        ]  # fmt: skip
+    except ValueError as error:
+        raise InfotextError(f"A1111 parameters: a ControlNet unit: {error}") from None
     return settings
 
 
@@ -140,3 +152,19 @@ def _ours_named(names: dict[str, str], key: str, text: str, name: str) -> str:
         flag = name.replace("_", "-")
         raise InfotextError(f"{key.lower()} {text!r} has no match here ({', '.join(ours)}); pass --{flag}")
     return ours[text]
+
+
+def infotext_unit(module: str, model: str, scale: float, start: float, end: float) -> str:
+    """A ControlNet unit as sd-webui-controlnet writes it into A1111's infotext (scripts/infotext.py
+    at 1e6f6890, `serialize_unit`, under "ControlNet 0", "ControlNet 1" ...), with the fields that
+    apply here: the image is resized to the output size, as diffusers does, never cropped."""
+    fields = {"Module": module, "Model": model, "Weight": scale, "Resize Mode": "Just Resize"}
+    if module == "canny":
+        fields |= {"Threshold A": float(CANNY_THRESHOLDS[0]), "Threshold B": float(CANNY_THRESHOLDS[1])}
+    fields |= {"Guidance Start": start, "Guidance End": end, "Pixel Perfect": True, "Control Mode": "Balanced"}
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
+def read_infotext_unit(text: str) -> dict[str, str]:
+    """'Module: canny, Model: x [ab12], Weight: 1.0, ...' -> {"Module": "canny", ...} (its parse_unit's split)."""
+    return dict(item.strip().split(": ", 1) for item in text.split(",") if ": " in item)

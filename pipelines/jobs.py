@@ -49,11 +49,14 @@ def generate_jobs(
     config: GenerationConfig,
     init_image: Image.Image | None = None,
     mask: Image.Image | None = None,
+    control: list | None = None,
 ) -> Iterator[tuple[Job, Generated]]:
     """Each job's image as soon as its batch is done: one pipeline call per run of consecutive seeds,
     `config.batch_size` images at a time."""
     for piece in runs_of_seeds(jobs):
         options = asdict(replace(config, num_images=1, seed=piece[0].seed))
         yield from zip(
-            piece, pipe.generate_each([job.prompt for job in piece], init_image, mask, **options), strict=True
+            piece,
+            pipe.generate_each([job.prompt for job in piece], init_image, mask, control=control, **options),
+            strict=True,
         )

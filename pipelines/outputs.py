@@ -24,7 +24,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from ldm.files import DiskFull, OutputExists, is_disk_full, writing
-from pipelines.infotext import format_infotext, infotext_pairs
+from pipelines.infotext import format_infotext, infotext_pairs, infotext_unit
 from pipelines.jobs import Job
 from pipelines.settings import Generated, GenerationConfig, declared, to_text
 
@@ -44,20 +44,26 @@ class RunSettings:
     embeddings: str | None = None  # the textual-inversion embeddings folder
     # (prompt, config) -> A1111's "TI hashes" value for that image: the pipeline's ti_hashes
     ti_hashes: Callable[[str, GenerationConfig], str | None] | None = None
+    # ControlNet units: (folder, scale, start, end, preprocessing, weights' short hash)
+    controls: tuple[tuple[str, float, float, float, str, str | None], ...] = ()
 
 
-def model_hash(source: str) -> str | None:
+def model_hash(source: str, length: int = 10) -> str | None:
     """A1111's short hash of a local model: the single file's SHA-256, or for a diffusers folder its
-    UNet weights file's; None for a hub id (no local file named by the user)."""
+    UNet weights file's (a ControlNet folder's own weights'); None for a hub id (no local file named
+    by the user). sd-webui-controlnet shows 8 digits, A1111 10."""
     path = Path(source)
-    weights = path / "unet" / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+    weights = path
+    if path.is_dir():
+        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+        weights = weights if weights.is_file() else path / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         return None
     digest = hashlib.sha256()
     with weights.open("rb") as file:
         while block := file.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()[:length]
 
 
 def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSettings) -> dict[str, str]:
@@ -76,6 +82,9 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
         fields["refiner"] = settings.refiner
     if settings.embeddings:
         fields["embeddings"] = settings.embeddings
+    if settings.controls:
+        keys = ("path", "scale", "start", "end", "preprocess")
+        fields["controlnet"] = json.dumps([dict(zip(keys, unit[:5], strict=True)) for unit in settings.controls])
     settings_pairs = infotext_pairs(config)
     if not _emphasised(prompt, config):
         settings_pairs.pop("Emphasis", None)
@@ -94,6 +103,10 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
     pairs |= dict(list(settings_pairs.items())[size:]) | {
         "TI hashes": settings.ti_hashes(prompt, config) if settings.ti_hashes else None,
         "Emphasis": emphasis,
+        **{
+            f"ControlNet {k}": infotext_unit(unit[4], f"{Path(unit[0]).name} [{unit[5]}]", *unit[1:4])
+            for k, unit in enumerate(settings.controls)
+        },  # fmt: skip
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,
         # A1111's refiner fields (modules/processing_scripts/refiner.py); A1111 switches after that
         # fraction of the steps, diffusers and we at that fraction of the noise schedule

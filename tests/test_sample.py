@@ -369,3 +369,91 @@ def test_an_a1111_prompt_with_an_embedding_prompt_editing_and_hires_fix(tiny_mod
               "Hires upscale", "Hires steps", "Hires upscaler", "TI hashes"]  # fmt: skip
     assert [key for key in keys if key in wanted] == wanted
     assert f'TI hashes: "rose: {digest}"' in ours and "Hires upscale: 2" in ours and "Denoising strength: 0.6" in ours
+
+
+@pytest.fixture
+def controlnet_dir(tiny_model_dir, tmp_path):
+    from conftest import perturb
+    from ldm.controlnet import ControlNet
+    from ldm.model import LatentDiffusion
+
+    controlnet = perturb(ControlNet.from_unet(LatentDiffusion.load(tiny_model_dir).unet, 2), seed=4)
+    controlnet.save(tmp_path / "controlnet")
+    square = Image.new("RGB", (32, 32))
+    square.paste((255, 255, 255), (8, 8, 24, 24))
+    square.save(tmp_path / "control.png")
+    return tmp_path / "controlnet"
+
+
+def test_a_controlnet_draws_records_and_draws_again_from_png(tiny_model_dir, controlnet_dir, tmp_path, capsys):
+    """sample.py --controlnet: the API's picture; sd-webui-controlnet's infotext unit; --from-png
+    needs the control image again (a PNG does not carry it) and then gives the same picture."""
+    from ldm.controlnet import ControlNet
+    from pipelines.control import Control, preprocess
+
+    control = ["--controlnet", controlnet_dir, "--control-image", tmp_path / "control.png", "--control-scale", "0.8",
+               "--control-end", "0.5", "--control-preprocess", "canny"]  # fmt: skip
+    options = ["--model", tiny_model_dir, "--prompt", "a red circle", "--seed", "2", "--steps", "4"]
+    assert run(capsys, *options, *control, "--outdir", tmp_path / "a")[0] == 0
+    first = Image.open(tmp_path / "a" / "00000-2.png")
+    digest = hashlib.sha256((controlnet_dir / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:8]
+    assert (
+        f'ControlNet 0: "Module: canny, Model: controlnet [{digest}], Weight: 0.8, Resize Mode: Just Resize, '
+        "Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, Guidance End: 0.5, Pixel Perfect: True, "
+        'Control Mode: Balanced"' in first.text["parameters"]
+    )
+    pipe = TextToImagePipeline.from_pretrained(tiny_model_dir, device="cpu")
+    unit = Control(
+        ControlNet.load(controlnet_dir), preprocess(Image.open(tmp_path / "control.png"), "canny"), 0.8, 0, 0.5
+    )
+    expected = pipe("a red circle", seed=2, steps=4, control=[unit], progress=False)[0]
+    assert np.array_equal(np.asarray(first), np.asarray(expected))
+    code, _, err = run(capsys, "--from-png", tmp_path / "a" / "00000-2.png", "--outdir", tmp_path / "b")
+    assert code == 2 and "drawn with 1 ControlNet(s); pass the control image(s) with --control-image" in err
+    again = ["--from-png", tmp_path / "a" / "00000-2.png", "--control-image", tmp_path / "control.png"]
+    assert run(capsys, *again, "--outdir", tmp_path / "c")[0] == 0
+    assert np.array_equal(np.asarray(first), np.asarray(Image.open(tmp_path / "c" / "00000-2.png")))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--controlnet given 1 time(s), --control-image 0: one image each"),
+        (["--control-image", "{tmp}/control.png", "--control-scale", "1", "--control-scale", "2"],
+         "--control-scale: give it once, or once per --controlnet (1)"),
+        (["--control-image", "{tmp}/control.png", "--control-start", "0.6", "--control-end", "0.5"],
+         "start 0.6 < end 0.5, in 0..1"),
+    ],
+)  # fmt: skip
+def test_controlnet_mistakes_are_one_line(tiny_model_dir, controlnet_dir, tmp_path, capsys, extra, message):
+    argv = ["--model", tiny_model_dir, "--prompt", "x", "--controlnet", controlnet_dir, "--outdir", tmp_path / "out"]
+    code, out, err = run(capsys, *argv, *[str(a).format(tmp=tmp_path) for a in extra])
+    assert code == 2 and message in err and err.count("\n") == 1 and no_report(out)
+    code, _, err = run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--controlnet", tmp_path / "control.png",
+                       "--control-image", tmp_path / "control.png")  # fmt: skip
+    assert code == 2 and "an original single file: not read yet" in err
+
+
+def test_an_a1111_controlnet_unit_is_read_and_its_folder_asked_for(tiny_model_dir, controlnet_dir, tmp_path, capsys):
+    """sd-webui-controlnet's unit (its parse_unit reading): weight, guidance start and end, module."""
+    unit = ("Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 0.6, Resize Mode: Crop and Resize, "
+            "Low Vram: False, Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.1, "
+            "Guidance End: 0.9, Pixel Perfect: False, Control Mode: Balanced")  # fmt: skip
+    info = PngInfo()
+    info.add_text(
+        "parameters", f'a square\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 16x16, ControlNet 0: "{unit}"'
+    )
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--from-png",
+        tmp_path / "a1111.png",
+        "--control-image",
+        tmp_path / "control.png",
+    ]
+    code, _, err = run(capsys, *argv, "--outdir", tmp_path / "no")
+    assert code == 2 and "drawn with the ControlNet(s) control_v11p_sd15_canny [d14c016b]; pass each folder" in err
+    assert run(capsys, *argv, "--controlnet", controlnet_dir, "--outdir", tmp_path / "out")[0] == 0
+    text = Image.open(tmp_path / "out" / "00000-1.png").text["parameters"]
+    assert "Module: canny" in text and "Weight: 0.6" in text and "Guidance Start: 0.1, Guidance End: 0.9" in text
