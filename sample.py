@@ -82,7 +82,9 @@ def make_parser() -> Parser:
         help="merge a LoRA .safetensors (diffusers or kohya), scale 1 unless given; repeatable",
     )
     control = parser.add_argument_group("ControlNet (each flag once per --controlnet, or once for all)")
-    control.add_argument("--controlnet", action="append", metavar="DIR", help="a ControlNet (diffusers folder)")
+    control.add_argument(
+        "--controlnet", action="append", metavar="PATH", help="a ControlNet: diffusers folder or original file"
+    )
     control.add_argument("--control-image", action="append", type=Path, metavar="F", help="what it reads")
     control.add_argument("--control-scale", action="append", type=float, metavar="X", help="default 1")
     control.add_argument("--control-start", action="append", type=float, metavar="X", help="fraction of the steps (0)")
@@ -248,14 +250,25 @@ def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
         columns.append(values * len(paths) if len(values) == 1 else values)
     specs = []
     for k, path in enumerate(paths):
-        if not (Path(path) / "config.json").is_file():
-            what = "an original single file: not read yet, use a diffusers folder" if Path(path).is_file() else ""
-            raise UsageError(f"--controlnet {path}: {what or 'no ControlNet folder (config.json) there'}")
+        single = Path(path).is_file() and Path(path).suffix in (".safetensors", ".ckpt", ".pth")
+        if not (single or (Path(path) / "config.json").is_file()):
+            raise UsageError(
+                f"--controlnet {path}: neither a diffusers folder (config.json) nor a .safetensors/.pth file"
+            )
         scale, start, end, module = (column[k] for column in columns)
         if not (scale >= 0 and 0 <= start < end <= 1):
             raise UsageError(f"--controlnet {path}: scale {scale} (0 or more), start {start} < end {end}, in 0..1")
         specs.append(ControlSpec(path, read_image(images[k], "--control-image"), scale, start, end, module))
     return specs
+
+
+def load_controlnet(path: str, pipe: "TextToImagePipeline"):
+    """A diffusers ControlNet folder, or an original single file read as a ControlNet for the model's UNet."""
+    from ldm.controlnet import ControlNet
+
+    if Path(path).is_file():
+        return ControlNet.load_single_file(path, pipe.model.unet.config, pipe.dtype)
+    return ControlNet.load(path, pipe.dtype)
 
 
 def embeddings_folder(args: argparse.Namespace, source: str) -> str | None:
@@ -322,7 +335,6 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
     from accelerate.utils import broadcast_object_list
 
-    from ldm.controlnet import ControlNet
     from pipelines.control import Control, preprocess
     from pipelines.devices import describe_device, start_processes
     from pipelines.embeddings import EmbeddingFolder, check_hashes
@@ -347,8 +359,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     if embeddings is not None:
         pipe.load_embeddings(embeddings)
     controls = [
-        Control(ControlNet.load(spec.path, pipe.dtype), preprocess(spec.image, spec.preprocess), spec.scale,
-                spec.start, spec.end)
+        Control(load_controlnet(spec.path, pipe), preprocess(spec.image, spec.preprocess), spec.scale, spec.start,
+                spec.end)
         for spec in specs
     ]  # fmt: skip
     if refiner is not None:

@@ -23,11 +23,13 @@ from torch import Tensor, nn
 
 from ldm.errors import ConfigError
 from ldm.model import WEIGHTS_FILE, ModelLoadError, load_exactly, read_json, read_weights, save_safetensors
+from ldm.single_file import read_state_dict, unet_key
 from ldm.unet import UNet, UNetConfig
 from ldm.unet.blocks import TimestepEmbedding
 from ldm.unet.model import DownBlock, MidBlock, embed_time
 
 CONFIG_FILE = "config.json"
+ORIGINAL_PREFIX = "control_model."  # the original files' keys (ControlNet's cldm.py names the module so)
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,34 @@ class ControlNet(nn.Module):
         load_exactly(controlnet, read_weights(folder / WEIGHTS_FILE, dtype), "controlnet")
         return controlnet.to(dtype)
 
+    @classmethod
+    def load_single_file(cls, path: str | Path, base: UNetConfig, dtype: torch.dtype = torch.float32) -> "ControlNet":
+        """An original ControlNet file (`control_v11p_sd15_canny.safetensors`: `control_model.*` keys,
+        or none, as lllyasviel's and the web UIs' files have them), for a model whose UNet is `base`:
+        the file carries no config, so its architecture is the base UNet's encoder (and the
+        conditioning embedding as deep as its `input_hint_block`); a file that does not fit is refused."""
+        path = Path(path)
+        state = {key.removeprefix(ORIGINAL_PREFIX): value for key, value in read_state_dict(path).items()}
+        hint_convs = len({key.split(".")[1] for key in state if key.startswith("input_hint_block.")})
+        if not hint_convs or hint_convs % 2:
+            raise ModelLoadError(f"{path}: not a ControlNet file (no input_hint_block of conv layers)")
+        with init_empty_weights():
+            controlnet = cls(ControlNetConfig.from_unet(base, 2 ** ((hint_convs - 2) // 2)))
+        names = {original_key(key, controlnet.config): key for key in controlnet.state_dict()}
+        known = {names[key]: value.to(dtype) for key, value in state.items() if key in names}
+        unknown = sorted(set(state) - set(names))
+        if unknown:
+            raise ModelLoadError(
+                f"{path}: {len(unknown)} weight(s) a ControlNet for this model has not, e.g. {unknown[0]}"
+            )
+        load_exactly(controlnet, known, "controlnet")
+        return controlnet.to(dtype)
+
+    def save_single_file(self, path: str | Path) -> None:
+        """The original layout (`control_model.*`), which the web UIs read."""
+        state = {ORIGINAL_PREFIX + original_key(k, self.config): v for k, v in self.state_dict().items()}
+        save_safetensors(Path(path), state)
+
     def fits(self, unet: UNet) -> None:
         """Refuse, in one line, a ControlNet made for another architecture than the UNet's."""
         ours, theirs = self.config.unet, unet.config
@@ -185,3 +215,23 @@ class ControlNet(nn.Module):
                     f"controlnet: made for a UNet with {name}={getattr(ours, name)!r}; this model's is "
                     f"{getattr(theirs, name)!r} (a ControlNet for another model family?)"
                 )
+
+
+def original_key(key: str, config: ControlNetConfig) -> str:
+    """Our (diffusers') key -> the original ControlNet's: the UNet encoder's as the CompVis UNet names
+    them, the conditioning embedding as `input_hint_block.N` (its convs at even indices, SiLUs
+    between), each zero conv `zero_convs.N.0`, the mid one `middle_block_out.0`."""
+    part, _, rest = key.partition(".")
+    if part == "controlnet_cond_embedding":
+        layer, _, tail = rest.partition(".")
+        blocks = 2 * (len(config.conditioning_embedding_out_channels) - 1)
+        if layer == "blocks":
+            index, _, tail = tail.partition(".")
+            return f"input_hint_block.{2 * int(index) + 2}.{tail}"
+        return f"input_hint_block.{0 if layer == 'conv_in' else 2 * blocks + 2}.{tail}"
+    if part == "controlnet_down_blocks":
+        index, _, tail = rest.partition(".")
+        return f"zero_convs.{index}.0.{tail}"
+    if part == "controlnet_mid_block":
+        return f"middle_block_out.0.{rest}"
+    return unet_key(key, config.unet)

@@ -57,18 +57,18 @@ OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A .safetensors file, or a .ckpt through weights-only unpickling (no code runs from the file)."""
+    """A .safetensors file, or a .ckpt/.pth through weights-only unpickling (no code runs from the file)."""
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        if path.suffix == ".ckpt":
+        if path.suffix in (".ckpt", ".pth"):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             return checkpoint.get("state_dict", checkpoint)
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ModelLoadError(f"{path}: not a readable checkpoint ({str(error).splitlines()[0]})") from None
     except pickle.UnpicklingError as error:  # the file holds more than tensors
         raise ModelLoadError(f"{path}: cannot be loaded weights-only ({type(error).__name__})") from None
-    raise ModelLoadError(f"{path}: a single-file checkpoint must be .safetensors or .ckpt")
+    raise ModelLoadError(f"{path}: a single-file checkpoint must be .safetensors, .ckpt or .pth")
 
 
 def load_model(source: str | Path, preset: str | None = None, dtype: torch.dtype = torch.float32) -> LatentDiffusion:

@@ -103,3 +103,37 @@ def test_a_controlnet_of_another_family_or_kind_is_refused(tmp_path):
     config = ControlNet.from_unet(sd.unet).config.to_diffusers() | {"global_pool_conditions": True}
     with pytest.raises(Exception, match="global_pool_conditions=true"):
         ControlNetConfig.from_diffusers(config)
+
+
+def test_original_single_files_read_as_diffusers_converts_them(tmp_path):
+    """Our original-layout names against diffusers' own converter (single_file_utils.py,
+    convert_controlnet_checkpoint, 0.42.1) on a file with SD's 8x conditioning embedding."""
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import load_file
+
+    model = perturbed_tiny_model()
+    ours = perturb(ControlNet.from_unet(model.unet, 8), seed=6)
+    ours.save_single_file(tmp_path / "control_tiny.safetensors")
+    state = load_file(tmp_path / "control_tiny.safetensors")
+    for name in ("control_model.input_hint_block.14.weight", "control_model.zero_convs.0.0.weight",
+                 "control_model.middle_block_out.0.bias", "control_model.time_embed.0.weight",
+                 "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"):  # fmt: skip
+        assert name in state, name
+    theirs = convert_controlnet_checkpoint(state, ours.config.to_diffusers())
+    assert set(theirs) == set(ours.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(theirs[key], value), key
+    again = ControlNet.load_single_file(tmp_path / "control_tiny.safetensors", model.unet.config)
+    for key, value in ours.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+
+
+def test_a_single_file_for_another_family_is_refused_in_one_line(tmp_path):
+    sd, sdxl = perturbed_tiny_model(), perturbed_tiny_model("sdxl-tiny")
+    ControlNet.from_unet(sdxl.unet, 2).save_single_file(tmp_path / "sdxl.safetensors")
+    with pytest.raises(ModelLoadError) as error:
+        ControlNet.load_single_file(tmp_path / "sdxl.safetensors", sd.unet.config)
+    assert "weight(s) a ControlNet for this model has not, e.g. input_blocks." in str(error.value)
+    assert "\n" not in str(error.value)
+    again = ControlNet.load_single_file(tmp_path / "sdxl.safetensors", sdxl.unet.config)
+    assert again.config.conditioning_embedding_out_channels == (16, 32)

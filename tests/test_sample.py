@@ -431,7 +431,7 @@ def test_controlnet_mistakes_are_one_line(tiny_model_dir, controlnet_dir, tmp_pa
     assert code == 2 and message in err and err.count("\n") == 1 and no_report(out)
     code, _, err = run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--controlnet", tmp_path / "control.png",
                        "--control-image", tmp_path / "control.png")  # fmt: skip
-    assert code == 2 and "an original single file: not read yet" in err
+    assert code == 2 and "neither a diffusers folder (config.json) nor a .safetensors/.pth file" in err
 
 
 def test_an_a1111_controlnet_unit_is_read_and_its_folder_asked_for(tiny_model_dir, controlnet_dir, tmp_path, capsys):
@@ -457,3 +457,19 @@ def test_an_a1111_controlnet_unit_is_read_and_its_folder_asked_for(tiny_model_di
     assert run(capsys, *argv, "--controlnet", controlnet_dir, "--outdir", tmp_path / "out")[0] == 0
     text = Image.open(tmp_path / "out" / "00000-1.png").text["parameters"]
     assert "Module: canny" in text and "Weight: 0.6" in text and "Guidance Start: 0.1, Guidance End: 0.9" in text
+
+
+def test_an_original_single_file_controlnet_draws_what_its_folder_draws(
+    tiny_model_dir, controlnet_dir, tmp_path, capsys
+):
+    from ldm.controlnet import ControlNet
+
+    ControlNet.load(controlnet_dir).save_single_file(tmp_path / "control_tiny.safetensors")
+    options = ["--model", tiny_model_dir, "--prompt", "a circle", "--seed", "1", "--steps", "3", "--control-image",
+               tmp_path / "control.png"]  # fmt: skip
+    assert run(capsys, *options, "--controlnet", controlnet_dir, "--outdir", tmp_path / "a")[0] == 0
+    assert (
+        run(capsys, *options, "--controlnet", tmp_path / "control_tiny.safetensors", "--outdir", tmp_path / "b")[0] == 0
+    )
+    first, second = (np.asarray(Image.open(tmp_path / d / "00000-1.png")) for d in ("a", "b"))
+    assert np.array_equal(first, second)
