@@ -23,6 +23,7 @@ def make_parser() -> Parser:
     parser.add_argument("--model", type=Path, help="the model drawn with by default (default: the shipped model)")
     parser.add_argument("--models-dir", type=Path, help="more models to pick from: diffusers folders, single files")
     parser.add_argument("--lora-dir", type=Path, help="LoRA files for <lora:NAME:SCALE> in prompts")
+    parser.add_argument("--controlnet-dir", type=Path, help="ControlNets for alwayson_scripts.controlnet units")
     parser.add_argument(
         "--embeddings-dir", type=Path, help="textual-inversion embeddings: a prompt word naming a file reads it"
     )
@@ -76,7 +77,7 @@ def build(args):
 
     limits = Limits(args.max_steps, args.max_side, args.max_images, args.max_batch, args.max_body_mb << 20)
     worker = Worker(args.outdir, args.device, args.dtype, args.queue, args.embeddings_dir)
-    server = Server(worker, args.model, args.models_dir, args.lora_dir, limits)
+    server = Server(worker, args.model, args.models_dir, args.lora_dir, limits, args.controlnet_dir)
     auth = None if args.api_auth is None else tuple(args.api_auth.split(":", 1))
     return make_app(server, auth)
 

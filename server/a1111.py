@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, create_model
 
 from ldm.errors import UserError
-from pipelines.choices import HIRES_UPSCALERS, SCHEDULERS, WEBUI_EMPHASIS
+from pipelines.choices import CANNY_THRESHOLDS, CONTROL_PREPROCESSORS, HIRES_UPSCALERS, SCHEDULERS, WEBUI_EMPHASIS
 from pipelines.extra_networks import lora_tags
 from pipelines.settings import GenerationConfig, declared, value_type
 
@@ -101,6 +101,19 @@ class Translated:
     loras: list[tuple[str, float]]
     init_image: Image.Image | None
     mask: Image.Image | None
+    controls: tuple["ControlRequest", ...] = ()  # alwayson_scripts.controlnet's units
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """One of sd-webui-controlnet's units, its model still by name."""
+
+    model: str
+    image: Image.Image
+    weight: float
+    start: float
+    end: float
+    module: str  # none or canny
 
 
 def translate(request: BaseModel, max_pixels: int) -> Translated:
@@ -114,7 +127,9 @@ def translate(request: BaseModel, max_pixels: int) -> Translated:
     for name, value in options.items():
         if value not in NEUTRAL_OPTIONS.get(name, ()):
             raise Unsupported(f"override_settings.{name}={value!r}: not supported here")
-    _check_scripts(fields["alwayson_scripts"] or {})
+    scripts = dict(fields["alwayson_scripts"] or {})
+    units = scripts.pop("controlnet", None) or scripts.pop("ControlNet", None) or {}
+    _check_scripts(scripts)
     prompt, loras = lora_tags(fields["prompt"])
     negative, negative_loras = lora_tags(fields.get("negative_prompt") or "")
     given = {item.name: fields.get(s.api) for item, s in declared() if s.api and fields.get(s.api) is not None}
@@ -134,7 +149,56 @@ def translate(request: BaseModel, max_pixels: int) -> Translated:
             raise Unsupported(f"init_images: give one image ({len(init_images)} given)")
         init = decode_image(init_images[0], "init_images[0]", max_pixels)
     return Translated(prompt, config, checkpoint, loras + negative_loras, init,
-                      None if not mask else decode_image(mask, "mask", max_pixels))  # fmt: skip
+                      None if not mask else decode_image(mask, "mask", max_pixels),
+                      tuple(controls(units, config, max_pixels)))  # fmt: skip
+
+
+def controls(script: dict[str, Any], config: GenerationConfig, max_pixels: int) -> list[ControlRequest]:
+    """`alwayson_scripts.controlnet.args`: sd-webui-controlnet's units (internal_controlnet/
+    external_code.py at 1e6f6890: module, model, weight, image, guidance_start/end, resize_mode,
+    control_mode ...). A disabled unit is skipped; a field at a value drawn otherwise here is refused."""
+    units = script.get("args", []) if isinstance(script, dict) else None
+    if not isinstance(units, list):
+        raise Unsupported("alwayson_scripts.controlnet.args: a list of units")
+    found = []
+    for k, unit in enumerate(units):
+        where = f"alwayson_scripts.controlnet.args[{k}]"
+        if unit is False or (isinstance(unit, dict) and unit.get("enabled", True) is False):
+            continue
+        if not isinstance(unit, dict) or not unit.get("model") or unit.get("model") == "None":
+            raise Unsupported(f"{where}: a unit is an object naming its model")
+        module = str(unit.get("module", "none")).lower()
+        if module not in CONTROL_PREPROCESSORS:
+            raise Unsupported(f"{where}.module={unit['module']!r}: use one of {', '.join(CONTROL_PREPROCESSORS)}")
+        for name, neutral in (("control_mode", ("Balanced", 0)), ("guess_mode", (False,))):
+            if unit.get(name) is not None and unit[name] not in neutral:
+                raise Unsupported(f"{where}.{name}={unit[name]!r}: only {neutral[0]!r} here")
+        if module == "canny":
+            for name, default in zip(("threshold_a", "threshold_b"), CANNY_THRESHOLDS, strict=True):
+                if unit.get(name) not in (None, -1, default):
+                    raise Unsupported(f"{where}.{name}={unit[name]!r}: canny runs at {default} here")
+        data = unit.get("image") or unit.get("input_image")
+        if isinstance(data, dict):  # {"image": ..., "mask": ...}, as the web UI sends it
+            if data.get("mask"):
+                raise Unsupported(f"{where}.image.mask: an image mask is not supported here")
+            data = data.get("image")
+        if not isinstance(data, str):
+            raise Unsupported(f"{where}.image: give the control image (base64)")
+        image = decode_image(data, f"{where}.image", max_pixels)
+        _check_resize(unit.get("resize_mode"), image, config, where)
+        found.append(ControlRequest(str(unit["model"]), image, float(unit.get("weight", 1.0)),
+                                    float(unit.get("guidance_start", 0.0)), float(unit.get("guidance_end", 1.0)),
+                                    module))  # fmt: skip
+    return found
+
+
+def _check_resize(mode: Any, image: Image.Image, config: GenerationConfig, where: str) -> None:
+    """The control image is resized to the output size ("Just Resize"); other modes crop or pad it,
+    which changes nothing when it already has the output's shape."""
+    if mode in (None, "Just Resize", 0) or config.width is None or config.height is None:
+        return
+    if image.width * config.height != image.height * config.width:
+        raise Unsupported(f"{where}.resize_mode={mode!r}: only 'Just Resize' for an image of another shape")
 
 
 def _hires(fields: dict[str, Any], img2img: bool) -> dict[str, Any]:

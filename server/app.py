@@ -17,11 +17,12 @@ from PIL import Image
 
 from ldm.embeddings import EmbeddingError
 from ldm.errors import UserError
+from pipelines.choices import CONTROL_PREPROCESSORS
 from pipelines.embeddings import EmbeddingFolder
 from pipelines.infotext import parse_infotext
 from pipelines.outputs import read_manifest
 from server import a1111
-from server.folders import Entry, find, list_loras, list_models
+from server.folders import Entry, find, list_controlnets, list_loras, list_models
 from server.worker import Busy, Order, Worker
 
 PAGE = Path(__file__).resolve().parent / "page"
@@ -56,6 +57,7 @@ class Server:
     models_dir: Path | None
     lora_dir: Path | None
     limits: Limits
+    controlnet_dir: Path | None = None
     checkpoint: Entry | None = None  # /options' sd_model_checkpoint; the default model until set
 
     def models(self) -> list[Entry]:
@@ -64,6 +66,9 @@ class Server:
     def loras(self) -> list[Entry]:
         return list_loras(self.lora_dir)
 
+    def controlnets(self) -> list[Entry]:
+        return list_controlnets(self.controlnet_dir)
+
     def current(self) -> Entry:
         return self.checkpoint or self.models()[0]
 
@@ -71,7 +76,12 @@ class Server:
         self.limits.check(translated)
         checkpoint = self.current() if translated.checkpoint is None else self.model(translated.checkpoint)
         loras = tuple((find(self.loras(), name, "LoRA"), scale) for name, scale in translated.loras)
-        return Order(translated.prompt, translated.config, checkpoint, loras, translated.init_image, translated.mask)
+        controls = tuple(
+            (find(self.controlnets(), unit.model.rsplit(" [", 1)[0], "ControlNet"), unit)
+            for unit in translated.controls
+        )  # sd-webui-controlnet's names end in " [hash]"
+        return Order(translated.prompt, translated.config, checkpoint, loras, translated.init_image, translated.mask,
+                     controls)  # fmt: skip
 
     def embeddings(self) -> dict[str, Any]:
         """A1111's /embeddings: those that fit the current model ("loaded") and those that do not
@@ -164,6 +174,15 @@ def make_app(server: Server, auth: tuple[str, str] | None = None) -> FastAPI:
     @app.post("/sdapi/v1/refresh-loras")
     def refresh_loras() -> None:
         """Listed afresh on every request."""
+
+    @app.get("/controlnet/model_list")
+    def controlnet_models() -> dict[str, list[str]]:
+        """sd-webui-controlnet's listing: each model as "name [hash]"."""
+        return {"model_list": [f"{e.name} [{server.worker.short_hash(e.path)}]" for e in server.controlnets()]}
+
+    @app.get("/controlnet/module_list")
+    def controlnet_modules() -> dict[str, list[str]]:
+        return {"module_list": list(CONTROL_PREPROCESSORS)}
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict[str, Any]:

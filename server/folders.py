@@ -1,4 +1,4 @@
-"""The models and LoRAs a server offers, by name. A name is looked up in a listing of the folder, never
+"""The models, LoRAs and ControlNets a server offers, by name. A name is looked up in a listing of the folder, never
 joined onto a path: `../x`, an absolute path or a link that leads out of the folder names nothing."""
 
 from dataclasses import dataclass
@@ -45,6 +45,21 @@ def list_loras(folder: Path | None) -> list[Entry]:
         return []
     files = sorted(p for p in folder.rglob("*.safetensors") if p.is_file() and inside(p, folder))
     return [Entry(path.stem, path.name, path) for path in files]
+
+
+def list_controlnets(folder: Path | None) -> list[Entry]:
+    """The folder's ControlNets: diffusers folders (config.json) and original files (.safetensors, .pth)."""
+    if folder is None or not folder.is_dir():
+        return []
+    entries = []
+    for path in sorted(folder.iterdir()):
+        if not inside(path, folder):
+            continue
+        if path.is_dir() and (path / "config.json").is_file():
+            entries.append(Entry(path.name, path.name, path))
+        elif path.is_file() and path.suffix in (".safetensors", ".pth"):
+            entries.append(Entry(path.stem, path.name, path))
+    return entries
 
 
 def find(entries: list[Entry], name: str, kind: str) -> Entry:

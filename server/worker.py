@@ -14,13 +14,16 @@ from PIL import Image
 from torch import Tensor
 
 from ldm.autoencoder import latents_to_images
+from ldm.controlnet import ControlNet
 from ldm.errors import UserError
+from pipelines.control import Control, preprocess
 from pipelines.jobs import plan
 from pipelines.outputs import RunSettings, RunWriter, model_hash
 from pipelines.pictures import tensor_to_image
 from pipelines.prompts import encoder_widths
 from pipelines.settings import Generated, GenerationConfig
 from pipelines.text_to_image import TextToImagePipeline
+from server.a1111 import ControlRequest
 from server.folders import Entry
 
 
@@ -42,6 +45,7 @@ class Order:
     loras: tuple[tuple[Entry, float], ...] = ()
     init_image: Image.Image | None = None
     mask: Image.Image | None = None
+    controls: tuple[tuple[Entry, ControlRequest], ...] = ()  # each ControlNet and its unit
 
 
 @dataclass
@@ -76,7 +80,8 @@ class Worker:
         self._waiting = 0
         self._pipe: TextToImagePipeline | None = None
         self._loaded: tuple | None = None  # (model path, LoRA paths and scales) of self._pipe
-        self._hashes: dict[Path, str | None] = {}
+        self._hashes: dict[Path | tuple, str | None] = {}
+        self._controlnets: dict[tuple[Path, Path], ControlNet] = {}
 
     def draw(self, order: Order) -> Drawn:
         """The order's images, drawn and written; Busy when `queue` requests already wait."""
@@ -107,10 +112,19 @@ class Worker:
         pipe = self._pipeline(order.checkpoint, order.loras)
         if self.embeddings is not None:
             pipe.load_embeddings(self.embeddings)
-        config, _ = pipe.resolve(order.config, order.init_image, order.mask)
+        control = [
+            Control(
+                self._controlnet(entry, pipe), preprocess(unit.image, unit.module), unit.weight, unit.start, unit.end
+            )
+            for entry, unit in order.controls
+        ]
+        config, _ = pipe.resolve(order.config, order.init_image, order.mask, control)
         loras = tuple((str(entry.path), scale) for entry, scale in order.loras)
         path, folder = order.checkpoint.path, self.embeddings and str(self.embeddings)
-        settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes)
+        units = tuple((str(entry.path), unit.weight, unit.start, unit.end, unit.module, self.short_hash(entry.path))
+                      for entry, unit in order.controls)  # fmt: skip
+        settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes,
+                               controls=units)  # fmt: skip
         writer = RunWriter(self.outdir, settings, config)
         writer.first = writer.first_number({})
         jobs = plan([order.prompt], config.num_images, config.seed)
@@ -118,7 +132,9 @@ class Worker:
         drawn = Drawn(config, [], settings)
         try:
             options = asdict(config) | {"progress": False}
-            results = pipe.generate_each(order.prompt, order.init_image, order.mask, on_step=self._step, **options)
+            results = pipe.generate_each(
+                order.prompt, order.init_image, order.mask, on_step=self._step, control=control, **options
+            )
             for job, generated in zip(jobs, results, strict=False):
                 drawn.images.append((generated, writer.write(generated, job)))
                 self.progress.job_no += 1
@@ -154,6 +170,22 @@ class Worker:
                 raise UserError(f"{checkpoint.title}: cannot load it ({error})") from None
             self._pipe, self._loaded = pipe, wanted
         return self._pipe
+
+    def _controlnet(self, entry: Entry, pipe: TextToImagePipeline) -> ControlNet:
+        """A ControlNet, loaded once per model (an original file is read for the model's UNet)."""
+        key = (entry.path, self._loaded[0])
+        if key not in self._controlnets:
+            if entry.path.is_file():
+                self._controlnets[key] = ControlNet.load_single_file(entry.path, pipe.model.unet.config, pipe.dtype)
+            else:
+                self._controlnets[key] = ControlNet.load(entry.path, pipe.dtype)
+        return self._controlnets[key]
+
+    def short_hash(self, path: Path) -> str | None:
+        """A ControlNet's 8-digit hash, as sd-webui-controlnet shows it."""
+        if ("controlnet", path) not in self._hashes:
+            self._hashes[("controlnet", path)] = model_hash(str(path), 8)
+        return self._hashes[("controlnet", path)]
 
     def _hash(self, path: Path) -> str | None:
         if path not in self._hashes:

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models built in code, never downloaded."""
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,12 @@ def tiny_clip(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder, model, processor
+
+
+def folder_hash(folder) -> str:
+    """One digest of every file's bytes under `folder`: equal means nothing was written there."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()

@@ -97,3 +97,20 @@ def test_control_mistakes_are_one_line(tiny_model_dir, tiny_sdxl_dir):
     unit = Control(ControlNet.from_unet(model.unet, 2), control_image(0))
     with pytest.raises(GenerationError, match="ControlNet: not with a refiner or the hires fix yet"):
         pipe("x", steps=2, hires_scale=2, control=[unit], progress=False)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpainting"])
+def test_control_acts_in_image_to_image_and_inpainting(tiny_model_dir, tmp_path, kind):
+    """A ControlNet changes an img2img or inpainted picture; at scale 0 it changes nothing at all."""
+    model = LatentDiffusion.load(tiny_model_dir)
+    (path,) = saved_controlnets(model, tmp_path, 1)
+    pipe = TextToImagePipeline(model, device="cpu", dtype="fp32")
+    init = control_image(9, 16)
+    mask = Image.new("L", (16, 16))
+    mask.paste(255, (0, 0, 8, 16))
+    images = {"init_image": init} | ({"mask": mask} if kind == "inpainting" else {})
+    options = dict(steps=6, seed=3, strength=0.8, progress=False, **images)
+    plain = pipe("a red circle", **options)[0]
+    controlled = pipe("a red circle", control=[Control(ControlNet.load(path), control_image(1))], **options)[0]
+    silent = pipe("a red circle", control=[Control(ControlNet.load(path), control_image(1), 0.0)], **options)[0]
+    assert difference(controlled, plain) > 5 and difference(silent, plain) == 0

@@ -305,3 +305,55 @@ def test_embeddings_are_listed_used_and_recorded_as_sample_py_records_them(tiny_
     assert list(image.getdata()) == list(expected.convert(image.mode).getdata())
     assert 'TI hashes: "rose: ' in image.text["parameters"]
     assert image.text["parameters"] == expected.text["parameters"]
+
+
+def test_controlnet_units_draw_what_sample_py_draws(tiny_model_dir, tmp_path):
+    """sd-webui-controlnet's API: /controlnet/model_list, and `alwayson_scripts.controlnet.args` units
+    drawing what sample.py --controlnet draws, with the same infotext."""
+    from conftest import perturb
+    from ldm.controlnet import ControlNet
+    from ldm.model import LatentDiffusion
+
+    folder = tmp_path / "controlnets"
+    perturb(ControlNet.from_unet(LatentDiffusion.load(tiny_model_dir).unet, 2), seed=4).save(folder / "edges")
+    square = Image.new("RGB", (16, 16))
+    square.paste((255, 255, 255), (4, 4, 12, 12))
+    square.save(tmp_path / "control.png")
+    argv = ["--model", str(tiny_model_dir), "--controlnet-dir", str(folder), "--outdir", str(tmp_path / "out"),
+            "--device", "cpu"]  # fmt: skip
+    client = TestClient(serve.build(serve.parse(argv)))
+    (name,) = client.get("/controlnet/model_list").json()["model_list"]
+    assert name.startswith("edges [") and client.get("/controlnet/module_list").json()["module_list"] == [
+        "none",
+        "canny",
+    ]
+    encoded = base64.b64encode((tmp_path / "control.png").read_bytes()).decode()
+    unit = {
+        "enabled": True,
+        "module": "canny",
+        "model": name,
+        "weight": 0.7,
+        "image": encoded,
+        "guidance_start": 0.0,
+        "guidance_end": 0.5,
+        "resize_mode": "Crop and Resize",
+        "control_mode": "Balanced",
+        "threshold_a": 100,
+    }
+    payload = {"prompt": "a circle", "steps": 3, "seed": 5, "width": 16, "height": 16, "sampler_name": "DDIM",
+               "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": False}]}}}  # fmt: skip
+    response = client.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == 200, response.text
+    image = decode(response.json()["images"][0])
+    expected = sample_py(tmp_path, "--model", tiny_model_dir, "--prompt", "a circle", "--steps", 3, "--seed", 5,
+                         "--width", 16, "--height", 16, "--scheduler", "ddim", "--controlnet", folder / "edges",
+                         "--control-image", tmp_path / "control.png", "--control-scale", 0.7, "--control-end", 0.5,
+                         "--control-preprocess", "canny")  # fmt: skip
+    assert list(image.getdata()) == list(expected.convert(image.mode).getdata())
+    assert image.text["parameters"] == expected.text["parameters"] and "ControlNet 0: " in image.text["parameters"]
+    for change, message in [({"module": "depth"}, "module='depth': use one of none, canny"),
+                            ({"threshold_b": 50}, "threshold_b=50: canny runs at 200 here"),
+                            ({"model": "nope"}, "ControlNet 'nope' is not offered here")]:  # fmt: skip
+        bad = payload | {"alwayson_scripts": {"controlnet": {"args": [unit | change]}}}
+        response = client.post("/sdapi/v1/txt2img", json=bad)
+        assert response.status_code == 422 and message in response.json()["detail"], response.text

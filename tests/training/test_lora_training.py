@@ -1,8 +1,6 @@
 """LoRA training (stage=lora) on the tiny model: only adapters train and are saved, the file loads in
 diffusers (`load_lora_weights`) and in our pipeline to the same picture, runs resume exactly."""
 
-import hashlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ from safetensors.torch import load_file
 from training.conftest import recipe, run_recipe_then_sample, run_until
 
 import train
+from conftest import folder_hash
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_single_file
@@ -34,14 +33,6 @@ def lora_recipe(tmp_path, data, model_dir, **lora):
         checkpoint={"every": 3},
         ema_decay=None,
     )
-
-
-def folder_hash(folder) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def test_a_lora_run_trains_and_saves_only_adapters(tiny_model_dir, four_images, tmp_path):

@@ -2,8 +2,6 @@
 the model is bit-identical after the run, the file is A1111's format and reads the same in
 sample.py and in diffusers 0.42.1's `load_textual_inversion`."""
 
-import hashlib
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -13,6 +11,7 @@ from training.conftest import recipe
 
 import sample
 import train
+from conftest import folder_hash
 from ldm.embeddings import read_embedding
 from ldm.model import LatentDiffusion
 from ldm.train.config import load_config
@@ -52,14 +51,6 @@ def inversion_recipe(tmp_path, data, model_dir, validation=None, **inversion):
         ema_decay=None,
         validation=validation or {},
     )
-
-
-def folder_hash(folder) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file():
-            digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def test_only_the_words_vectors_train_and_the_model_is_unchanged(tiny_model_dir, rosy_images, tmp_path):
