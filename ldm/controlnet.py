@@ -25,8 +25,7 @@ from ldm.errors import ConfigError
 from ldm.model import WEIGHTS_FILE, ModelLoadError, load_exactly, read_json, read_weights, save_safetensors
 from ldm.single_file import read_state_dict, unet_key
 from ldm.unet import UNet, UNetConfig
-from ldm.unet.blocks import TimestepEmbedding
-from ldm.unet.model import DownBlock, MidBlock, embed_time
+from ldm.unet.model import add_encoder, embed_time
 
 CONFIG_FILE = "config.json"
 ORIGINAL_PREFIX = "control_model."  # the original files' keys (ControlNet's cldm.py names the module so)
@@ -107,19 +106,10 @@ class ControlNet(nn.Module):
         self.config = cfg
         unet = cfg.unet
         base = unet.block_out_channels[0]
-        temb_channels = base * 4
-        self.time_embedding = TimestepEmbedding(base, temb_channels)
-        if unet.addition_embed_type == "text_time":  # SDXL
-            self.add_embedding = TimestepEmbedding(unet.projection_class_embeddings_input_dim, temb_channels)
-        self.conv_in = nn.Conv2d(unet.in_channels, base, 3, padding=1)
+        add_encoder(self, unet)  # the UNet's: time embedding, conv_in, down and mid blocks
         self.controlnet_cond_embedding = ConditioningEmbedding(
             cfg.conditioning_channels, cfg.conditioning_embedding_out_channels, base
         )
-        in_channels = [base, *unet.block_out_channels[:-1]]
-        self.down_blocks = nn.ModuleList(
-            DownBlock(unet, i, in_channels[i], temb_channels) for i in range(len(unet.block_out_channels))
-        )
-        self.mid_block = MidBlock(unet, temb_channels)
         skips = [base]  # conv_in's output, then each down block's layers and downsample
         for i, channels in enumerate(unet.block_out_channels):
             skips += [channels] * (unet.layers_per_block + (i < len(unet.block_out_channels) - 1))

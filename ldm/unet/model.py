@@ -134,16 +134,7 @@ class UNet(nn.Module):
         self.config = cfg
         self.gradient_checkpointing = False
         base = cfg.block_out_channels[0]
-        temb_channels = base * 4
-        self.time_embedding = TimestepEmbedding(base, temb_channels)
-        if cfg.addition_embed_type == "text_time":  # SDXL
-            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
-        in_channels = [base, *cfg.block_out_channels[:-1]]
-        self.down_blocks = nn.ModuleList(
-            DownBlock(cfg, i, in_channels[i], temb_channels) for i in range(len(cfg.block_out_channels))
-        )
-        self.mid_block = MidBlock(cfg, temb_channels)
+        temb_channels = add_encoder(self, cfg)
         prev_channels = [cfg.block_out_channels[-1], *cfg.block_out_channels[::-1][:-1]]
         self.up_blocks = nn.ModuleList(
             UpBlock(cfg, i, prev_channels[i], temb_channels) for i in range(len(cfg.block_out_channels))
@@ -205,3 +196,21 @@ def embed_time(
     ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim)
     added = torch.cat([pooled, ids.reshape(pooled.shape[0], -1)], dim=-1)  # promoted, as diffusers does
     return temb + model.add_embedding(added.to(temb.dtype))
+
+
+def add_encoder(model: nn.Module, cfg: UNetConfig) -> int:
+    """The parts a UNet and a ControlNet share, set on `model` under diffusers' names: the time
+    embedding (and SDXL's added one), conv_in, the down blocks and the mid block. Returns the time
+    embedding's width, which every ResNet block reads."""
+    base = cfg.block_out_channels[0]
+    temb_channels = base * 4
+    model.time_embedding = TimestepEmbedding(base, temb_channels)
+    if cfg.addition_embed_type == "text_time":  # SDXL
+        model.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_channels)
+    model.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+    in_channels = [base, *cfg.block_out_channels[:-1]]
+    model.down_blocks = nn.ModuleList(
+        DownBlock(cfg, i, in_channels[i], temb_channels) for i in range(len(cfg.block_out_channels))
+    )
+    model.mid_block = MidBlock(cfg, temb_channels)
+    return temb_channels
