@@ -4,6 +4,7 @@
         --leave-out "blue triangle,yellow circle"
     python -m commands.make_shapes --out data/purple --n 200 --colors purple=128,0,255 --only-colors purple
     python -m commands.make_shapes --out data/hollow --n 30 --outline 2     # outlines: a new style
+    python -m commands.make_shapes --out data/layouts --n 5000 --layouts     # with each image's layout
 """
 
 import sys
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--colors", help="extra colours, e.g. purple=128,0,255 (several: comma-separated)")
     parser.add_argument("--only-colors", help="draw only these colours, e.g. purple")
     parser.add_argument("--outline", type=int, default=0, help="draw hollow shapes, edges this many pixels wide")
+    parser.add_argument("--layouts", action="store_true", help="also NNNNN_control.png: each shape's box in its colour")
     try:
         args = parser.parse_args(argv)
         palette, colors = choose_colors(args.colors, args.only_colors)
@@ -37,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--out {args.out}: exists and is not empty")
     except UserError as error:
         return fail("make_shapes", error)
-    generate(args.out, args.n, args.size, args.seed, left_out, args.two_objects, palette, colors, args.outline)
+    generate(
+        args.out, args.n, args.size, args.seed, left_out, args.two_objects, palette, colors, args.outline, args.layouts
+    )
     print(f"wrote {args.n} images with captions to {args.out}")
     return 0
 

@@ -10,7 +10,8 @@ y1], ...]} in the source image's pixels; they follow the image's resize, crop an
 
 With `ImageOptions.masks` (the masked loss), each item also has a "mask" (1, H, W) in [0, 1]: the
 grey level of NAME_mask.png beside NAME.png (a `mask.png` member in shards), else the image's
-alpha channel, else all ones. A NAME_mask.png beside NAME.png is never a training image itself.
+alpha channel, else all ones. A NAME_mask.png beside NAME.png is never a training image itself,
+nor is a NAME_control.png (a ControlNet's control image, which the shapes generator writes with --layouts).
 
 A bad item (unreadable, truncated or empty image, missing or unreadable caption, too small) is
 not an error: it comes out as a `Skipped` record, which the collate function sets aside for the
@@ -306,8 +307,12 @@ def open_dataset(
 
 
 def _is_mask(image: Path, stems: set[Path]) -> bool:
-    """NAME_mask.png beside an image named NAME is that image's loss mask."""
-    return image.name.endswith("_mask.png") and image.with_name(image.name[: -len("_mask.png")]) in stems
+    """NAME_mask.png beside an image named NAME is that image's loss mask, NAME_control.png its
+    control image (a ControlNet's): neither is a training image."""
+    return any(
+        image.name.endswith(end) and image.with_name(image.name[: -len(end)]) in stems
+        for end in ("_mask.png", "_control.png")
+    )
 
 
 def checked_images(entries: list, bad: dict[str, str], options: ImageOptions) -> CaptionedImages:

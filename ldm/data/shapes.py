@@ -84,6 +84,19 @@ def draw(
     return image, boxes
 
 
+def layout(shapes: list[Shape], boxes: dict[str, list], side: int, palette: Palette = COLORS) -> Image.Image:
+    """The scene's layout, what a layout ControlNet reads: each shape's box filled with its colour,
+    on black, in the order the shapes were drawn."""
+    image = Image.new("RGB", (side, side))
+    canvas = ImageDraw.Draw(image)
+    seen: dict[str, int] = {}
+    for item in shapes:  # a colour word holds its shapes' boxes in drawing order
+        box = boxes[item.color][seen.get(item.color, 0)]
+        seen[item.color] = seen.get(item.color, 0) + 1
+        canvas.rectangle(box, fill=palette[item.color])
+    return image
+
+
 def caption(shapes: list[Shape]) -> str:
     first = shapes[0]
     text = f"a {first.size} {first.color} {first.shape} {first.position}"
@@ -164,9 +177,11 @@ def generate(
     palette: Palette = COLORS,
     colors: tuple[str, ...] = tuple(COLORS),
     outline: int = 0,
+    layouts: bool = False,
 ) -> None:
     """n images of the `colors` (names in `palette`), written as the folder format train.py reads;
-    hollow shapes with `outline` (see `draw`)."""
+    hollow shapes with `outline` (see `draw`); with `layouts`, each image's layout beside it as
+    NNNNN_control.png (the control images of a ControlNet's training)."""
     out.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rng = np.random.default_rng([seed, i])
@@ -175,3 +190,5 @@ def generate(
         image.save(out / f"{i:05d}.png")
         (out / f"{i:05d}.txt").write_text(caption(shapes) + "\n")
         (out / f"{i:05d}.boxes.json").write_text(json.dumps(boxes) + "\n")
+        if layouts:
+            layout(shapes, boxes, size, palette).save(out / f"{i:05d}_control.png")

@@ -101,3 +101,21 @@ def test_outline_draws_hollow_shapes_with_the_same_captions_and_boxes(tmp_path, 
         assert (hollow <= filled).all() and hollow.sum() < 0.8 * filled.sum()
     assert main(["--out", str(tmp_path / "bad"), "--n", "3", "--outline", "-1"]) == 2
     assert "--outline 0 or more" in capsys.readouterr().err
+
+
+def test_layouts_fill_each_shapes_box_with_its_colour_and_stay_out_of_the_dataset(tmp_path):
+    """--layouts: NNNNN_control.png, each shape's box filled with its colour (the later shape over the
+    earlier); a folder dataset lists the images, not their layouts."""
+    from ldm.data.datasets import ImageOptions, open_dataset
+
+    assert main(["--out", str(tmp_path / "d"), "--n", "12", "--size", "32", "--seed", "3", "--layouts"]) == 0
+    for i in range(12):
+        words = (tmp_path / "d" / f"{i:05d}.txt").read_text().split()
+        layout = np.asarray(Image.open(tmp_path / "d" / f"{i:05d}_control.png"))
+        colour = next(w for w in words if w in COLORS)
+        x0, y0, x1, y1 = json.loads((tmp_path / "d" / f"{i:05d}.boxes.json").read_text())[colour][0]
+        centre = layout[round((y0 + y1) / 2), round((x0 + x1) / 2)]
+        if " and " not in " ".join(words):
+            assert tuple(centre) == COLORS[colour]
+            assert {tuple(p) for p in layout.reshape(-1, 3)} == {(0, 0, 0), COLORS[colour]}
+    assert len(open_dataset(tmp_path / "d", ImageOptions(resolution=32))) == 12
