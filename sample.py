@@ -45,6 +45,7 @@ from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.settings import MAX_SEED, SDXL, GenerationConfig, declared, value_type
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
+    from ldm.controlnet import ControlNet
     from pipelines.jobs import Job
     from pipelines.outputs import RunWriter
     from pipelines.text_to_image import TextToImagePipeline
@@ -241,9 +242,13 @@ def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
     if len(images) != len(paths):
         raise UsageError(f"--controlnet given {len(paths)} time(s), --control-image {len(images)}: one image each")
     columns = []
-    for flag, values, default in (("--control-scale", args.control_scale, 1.0), ("--control-start", args.control_start,
-                                  0.0), ("--control-end", args.control_end, 1.0),
-                                  ("--control-preprocess", args.control_preprocess, "none")):  # fmt: skip
+    flags = (
+        ("--control-scale", args.control_scale, 1.0),
+        ("--control-start", args.control_start, 0.0),
+        ("--control-end", args.control_end, 1.0),
+        ("--control-preprocess", args.control_preprocess, "none"),
+    )
+    for flag, values, default in flags:
         values = values or [default]
         if paths and len(values) not in (1, len(paths)):
             raise UsageError(f"{flag}: give it once, or once per --controlnet ({len(paths)})")
@@ -253,16 +258,18 @@ def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
         single = Path(path).is_file() and Path(path).suffix in (".safetensors", ".ckpt", ".pth")
         if not (single or (Path(path) / "config.json").is_file()):
             raise UsageError(
-                f"--controlnet {path}: neither a diffusers folder (config.json) nor a .safetensors/.pth file"
+                f"--controlnet {path}: neither a diffusers folder (config.json) nor a .safetensors/.pth/.ckpt file"
             )
         scale, start, end, module = (column[k] for column in columns)
         if not (scale >= 0 and 0 <= start < end <= 1):
-            raise UsageError(f"--controlnet {path}: scale {scale} (0 or more), start {start} < end {end}, in 0..1")
+            raise UsageError(
+                f"--controlnet {path}: needs scale >= 0 and 0 <= start < end <= 1 (got {scale}, {start}, {end})"
+            )
         specs.append(ControlSpec(path, read_image(images[k], "--control-image"), scale, start, end, module))
     return specs
 
 
-def load_controlnet(path: str, pipe: "TextToImagePipeline"):
+def load_controlnet(path: str, pipe: "TextToImagePipeline") -> "ControlNet":
     """A diffusers ControlNet folder, or an original single file read as a ControlNet for the model's UNet."""
     from ldm.controlnet import ControlNet
 

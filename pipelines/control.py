@@ -9,6 +9,7 @@ image; unit k acts at step i of n when not (i / n < start or (i + 1) / n > end) 
 UNet the ControlNet reads the 4 latent channels only, as the inpainting ControlNet pipeline does.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +60,13 @@ def control_pixels(image: Image.Image, width: int, height: int) -> Tensor:
 class ControlledUNet:
     """The UNet with the units active at one step: called as the UNet is, it adds their residuals."""
 
-    def __init__(self, unet, units: list[tuple[Control, Tensor]], step: int, steps: int):
+    def __init__(self, unet: Callable[..., Tensor], units: tuple[tuple[Control, Tensor], ...], step: int, steps: int):
         self.unet = unet
         self.units = [(c, image) for c, image in units if not (step / steps < c.start or (step + 1) / steps > c.end)]
 
-    def __call__(self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor | None = None, time_ids=None) -> Tensor:
+    def __call__(
+        self, x: Tensor, t: Tensor, text: Tensor, pooled: Tensor | None = None, time_ids: Tensor | None = None
+    ) -> Tensor:
         control = None
         for unit, image in self.units:
             latents = x[:, : unit.controlnet.config.unet.in_channels]

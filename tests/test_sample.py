@@ -422,7 +422,7 @@ def test_a_controlnet_draws_records_and_draws_again_from_png(tiny_model_dir, con
         (["--control-image", "{tmp}/control.png", "--control-scale", "1", "--control-scale", "2"],
          "--control-scale: give it once, or once per --controlnet (1)"),
         (["--control-image", "{tmp}/control.png", "--control-start", "0.6", "--control-end", "0.5"],
-         "start 0.6 < end 0.5, in 0..1"),
+         "needs scale >= 0 and 0 <= start < end <= 1 (got 1.0, 0.6, 0.5)"),
     ],
 )  # fmt: skip
 def test_controlnet_mistakes_are_one_line(tiny_model_dir, controlnet_dir, tmp_path, capsys, extra, message):
@@ -431,7 +431,7 @@ def test_controlnet_mistakes_are_one_line(tiny_model_dir, controlnet_dir, tmp_pa
     assert code == 2 and message in err and err.count("\n") == 1 and no_report(out)
     code, _, err = run(capsys, "--model", tiny_model_dir, "--prompt", "x", "--controlnet", tmp_path / "control.png",
                        "--control-image", tmp_path / "control.png")  # fmt: skip
-    assert code == 2 and "neither a diffusers folder (config.json) nor a .safetensors/.pth file" in err
+    assert code == 2 and "neither a diffusers folder (config.json) nor a .safetensors/.pth/.ckpt file" in err
 
 
 def test_an_a1111_controlnet_unit_is_read_and_its_folder_asked_for(tiny_model_dir, controlnet_dir, tmp_path, capsys):
