@@ -196,6 +196,12 @@ class ControlNet(nn.Module):
         state = {ORIGINAL_PREFIX + original_key(k, self.config): v for k, v in self.state_dict().items()}
         save_safetensors(Path(path), state)
 
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller than the control image the latents are (one halving per step of the
+        conditioning embedding): SD's VAE downsamples 8 times."""
+        return 2 ** (len(self.config.conditioning_embedding_out_channels) - 1)
+
     def fits(self, unet: UNet) -> None:
         """Refuse, in one line, a ControlNet made for another architecture than the UNet's."""
         ours, theirs = self.config.unet, unet.config

@@ -250,8 +250,14 @@ class TextToImagePipeline:
         """Each unit checked against this model and run, with its image at the output size."""
         if control and (self.refiner is not None or config.hires_scale is not None):
             raise GenerationError("ControlNet: not with a refiner or the hires fix yet")
+        factor = downsampling_factor(self.model.vae)
         for unit in control:
             unit.controlnet.fits(self.model.unet)
+            if unit.controlnet.downsampling != factor:
+                raise GenerationError(
+                    f"ControlNet: it reads control images {unit.controlnet.downsampling}x the latents' size; this "
+                    f"model's VAE downsamples {factor}x (a ControlNet made for another model?)"
+                )
             unit.controlnet.to(self.device, self.dtype)
         return tuple((unit, control_pixels(unit.image, config.width, config.height)) for unit in control)
 

@@ -94,6 +94,10 @@ def test_control_mistakes_are_one_line(tiny_model_dir, tiny_sdxl_dir):
         pipe("x", steps=2, control=[Control(other, control_image(0))], progress=False)
     with pytest.raises(GenerationError, match="control start=0.5, end=0.5"):
         Control(ControlNet.from_unet(model.unet, 2), control_image(0), start=0.5, end=0.5)
+    with pytest.raises(
+        GenerationError, match="it reads control images 8x the latents' size; this model's VAE downsamples 2x"
+    ):
+        pipe("x", steps=2, control=[Control(ControlNet.from_unet(model.unet, 8), control_image(0))], progress=False)
     unit = Control(ControlNet.from_unet(model.unet, 2), control_image(0))
     with pytest.raises(GenerationError, match="ControlNet: not with a refiner or the hires fix yet"):
         pipe("x", steps=2, hires_scale=2, control=[unit], progress=False)
