@@ -346,7 +346,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     from pipelines.devices import describe_device, start_processes
     from pipelines.embeddings import EmbeddingFolder, check_hashes
     from pipelines.jobs import plan
-    from pipelines.outputs import RunSettings, RunWriter, model_hash
+    from pipelines.outputs import ControlRecord, RunSettings, RunWriter, model_hash
     from pipelines.text_to_image import TextToImagePipeline
 
     quiet_libraries()
@@ -375,7 +375,10 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     asked = replace(args.config, seed=seed, progress=state.is_main_process)
     config, _ = pipe.resolve(asked, init_image, mask, controls)
     refined = refiner and model_hash(refiner)
-    units = tuple((*spec[:1], *spec[2:], model_hash(spec.path, 8)) for spec in specs)
+    units = tuple(
+        ControlRecord(spec.path, spec.scale, spec.start, spec.end, spec.preprocess, model_hash(spec.path, 8))
+        for spec in specs
+    )
     settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes, units)
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
     done = writer.done(jobs) if args.skip_existing else {}

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -32,6 +33,17 @@ _NUMBERED = re.compile(r"^(\d{5})-")
 MANIFEST = "manifest.jsonl"  # a line per image written into the folder: its file, index in the run, settings
 
 
+class ControlRecord(NamedTuple):
+    """What a PNG records of one ControlNet unit (the control image itself is not recorded)."""
+
+    path: str  # its folder or file
+    scale: float
+    start: float
+    end: float
+    preprocess: str
+    hash: str | None  # of its weights, 8 hex digits as sd-webui-controlnet shows them
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What a PNG records besides the pipeline's own settings (which each result carries)."""
@@ -44,8 +56,7 @@ class RunSettings:
     embeddings: str | None = None  # the textual-inversion embeddings folder
     # (prompt, config) -> A1111's "TI hashes" value for that image: the pipeline's ti_hashes
     ti_hashes: Callable[[str, GenerationConfig], str | None] | None = None
-    # ControlNet units: (folder, scale, start, end, preprocessing, weights' short hash)
-    controls: tuple[tuple[str, float, float, float, str, str | None], ...] = ()
+    controls: tuple[ControlRecord, ...] = ()  # the ControlNet units
 
 
 def model_hash(source: str, length: int = 10) -> str | None:
@@ -83,8 +94,8 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
     if settings.embeddings:
         fields["embeddings"] = settings.embeddings
     if settings.controls:
-        keys = ("path", "scale", "start", "end", "preprocess")
-        fields["controlnet"] = json.dumps([dict(zip(keys, unit[:5], strict=True)) for unit in settings.controls])
+        recorded = [{k: v for k, v in unit._asdict().items() if k != "hash"} for unit in settings.controls]
+        fields["controlnet"] = json.dumps(recorded)  # what --from-png reads back
     settings_pairs = infotext_pairs(config)
     if not _emphasised(prompt, config):
         settings_pairs.pop("Emphasis", None)
@@ -104,7 +115,9 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
         "TI hashes": settings.ti_hashes(prompt, config) if settings.ti_hashes else None,
         "Emphasis": emphasis,
         **{
-            f"ControlNet {k}": infotext_unit(unit[4], f"{Path(unit[0]).name} [{unit[5]}]", *unit[1:4])
+            f"ControlNet {k}": infotext_unit(
+                unit.preprocess, f"{Path(unit.path).name} [{unit.hash}]", unit.scale, unit.start, unit.end
+            )
             for k, unit in enumerate(settings.controls)
         },  # fmt: skip
         "Lora": ", ".join(f"{Path(path).stem}:{scale}" for path, scale in settings.loras) or None,

@@ -18,7 +18,7 @@ from ldm.controlnet import ControlNet
 from ldm.errors import UserError
 from pipelines.control import Control, preprocess
 from pipelines.jobs import plan
-from pipelines.outputs import RunSettings, RunWriter, model_hash
+from pipelines.outputs import ControlRecord, RunSettings, RunWriter, model_hash
 from pipelines.pictures import tensor_to_image
 from pipelines.prompts import encoder_widths
 from pipelines.settings import Generated, GenerationConfig
@@ -121,8 +121,10 @@ class Worker:
         config, _ = pipe.resolve(order.config, order.init_image, order.mask, control)
         loras = tuple((str(entry.path), scale) for entry, scale in order.loras)
         path, folder = order.checkpoint.path, self.embeddings and str(self.embeddings)
-        units = tuple((str(entry.path), unit.weight, unit.start, unit.end, unit.module, self.short_hash(entry.path))
-                      for entry, unit in order.controls)  # fmt: skip
+        units = tuple(
+            ControlRecord(str(entry.path), unit.weight, unit.start, unit.end, unit.module, self.short_hash(entry.path))
+            for entry, unit in order.controls
+        )
         settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes,
                                controls=units)  # fmt: skip
         writer = RunWriter(self.outdir, settings, config)

@@ -298,7 +298,7 @@ def open_dataset(
             return checked_images(*read_metadata(path / name, caption_column), options)
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     stems = {image.with_suffix("") for image in images}
-    images = [image for image in images if not _is_mask(image, stems)]
+    images = [image for image in images if not _beside_its_image(image, stems)]
     if not images:
         raise DatasetError(
             f"data.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}), metadata file or .tar shards"
@@ -306,7 +306,7 @@ def open_dataset(
     return checked_images([(image, image.with_suffix(caption_extension)) for image in images], {}, options)
 
 
-def _is_mask(image: Path, stems: set[Path]) -> bool:
+def _beside_its_image(image: Path, stems: set[Path]) -> bool:
     """NAME_mask.png beside an image named NAME is that image's loss mask, NAME_control.png its
     control image (a ControlNet's): neither is a training image."""
     return any(
