@@ -34,31 +34,36 @@ if TYPE_CHECKING:  # torch, diffusers and transformers load in main(), once the 
 
 
 def sampler(config: TrainConfig) -> Validate | None:
-    """Validation: the recipe's prompts, sampled with fixed seeds into one grid."""
+    """Validation: the recipe's prompts, sampled with fixed seeds into one grid; with control images
+    (stage=controlnet), each prompt's control image beside its picture, a row each."""
     validation = config.validation
     if config.stage == "autoencoder" or not validation.prompts:
         return None
 
-    def validate(model: LatentDiffusion, step: int, device: torch.device, embeddings: Path | None) -> Image.Image:
+    def validate(model: LatentDiffusion, step: int, device: torch.device, options: dict) -> Image.Image:
+        from PIL import Image
+
         from ldm.model import dtype_name
+        from pipelines.control import Control
         from pipelines.outputs import grid
         from pipelines.text_to_image import TextToImagePipeline
 
         # in the UNet's own precision: a LoRA run's frozen half-precision weights are not copied to fp32
         dtype = dtype_name(model.unet.conv_in.weight.dtype)
         pipe = TextToImagePipeline(model, device=str(device.type), dtype=dtype)
-        if embeddings is not None:  # textual inversion: the word as it is now
-            pipe.load_embeddings(embeddings)
-        images = pipe(
-            validation.prompts,
-            steps=validation.steps,
-            guidance_scale=validation.guidance_scale,
-            seed=validation.seed,
-            height=config.data.resolution,
-            width=config.data.resolution,
-            progress=False,
-        )
-        return grid(images)
+        if "embeddings" in options:  # textual inversion: the word as it is now
+            pipe.load_embeddings(options["embeddings"])
+        settings = dict(steps=validation.steps, guidance_scale=validation.guidance_scale, seed=validation.seed,
+                        height=config.data.resolution, width=config.data.resolution, progress=False)  # fmt: skip
+        if not validation.control_images:
+            return grid(pipe(validation.prompts, **settings))
+        controls = [Image.open(path).convert("RGB") for path in validation.control_images]  # checked by the recipe
+        images = []
+        for k, (prompt, control) in enumerate(zip(validation.prompts, controls, strict=True)):
+            units = [Control(options["controlnet"], control)] if "controlnet" in options else []  # step 0: the base's
+            images += pipe([prompt], control=units, **(settings | {"seed": validation.seed + k}))
+        rows = zip(controls, images, strict=True)
+        return grid([picture for control, image in rows for picture in (control.resize(image.size), image)], columns=2)
 
     return validate
 

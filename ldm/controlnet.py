@@ -22,10 +22,11 @@ from accelerate import init_empty_weights
 from torch import Tensor, nn
 
 from ldm.errors import ConfigError
+from ldm.files import OutputExists, writing
 from ldm.model import WEIGHTS_FILE, ModelLoadError, load_exactly, read_json, read_weights, save_safetensors
 from ldm.single_file import read_state_dict, unet_key
 from ldm.unet import UNet, UNetConfig
-from ldm.unet.model import add_encoder, embed_time
+from ldm.unet.model import add_encoder, embed_time, run_block
 
 CONFIG_FILE = "config.json"
 ORIGINAL_PREFIX = "control_model."  # the original files' keys (ControlNet's cldm.py names the module so)
@@ -104,6 +105,7 @@ class ControlNet(nn.Module):
     def __init__(self, cfg: ControlNetConfig):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False  # in training, as the UNet's
         unet = cfg.unet
         base = unet.block_out_channels[0]
         add_encoder(self, unet)  # the UNet's: time embedding, conv_in, down and mid blocks
@@ -141,18 +143,22 @@ class ControlNet(nn.Module):
         x = self.conv_in(latents) + self.controlnet_cond_embedding(image.to(latents.dtype))
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb, text)
+            x, block_skips = run_block(self, block, x, temb, text)
             skips.extend(block_skips)
-        x = self.mid_block(x, temb, text)
+        x = run_block(self, self.mid_block, x, temb, text)
         down = [conv(skip) * scale for conv, skip in zip(self.controlnet_down_blocks, skips, strict=True)]
         return down, self.controlnet_mid_block(x) * scale
 
     def save(self, folder: str | Path) -> None:
-        """A diffusers ControlNetModel folder: config.json and the weights."""
+        """A new diffusers ControlNetModel folder: config.json and the weights (written beside it and
+        renamed into place, so never half-written)."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_diffusers(), indent=2))
-        save_safetensors(folder / WEIGHTS_FILE, self.state_dict())
+        if folder.exists():
+            raise OutputExists(f"{folder} already exists; choose a new folder")
+        with writing(folder) as partial:
+            partial.mkdir(parents=True)
+            (partial / CONFIG_FILE).write_text(json.dumps(self.config.to_diffusers(), indent=2))
+            save_safetensors(partial / WEIGHTS_FILE, self.state_dict())
 
     @classmethod
     def load(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "ControlNet":

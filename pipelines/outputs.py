@@ -156,9 +156,9 @@ def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> Non
         image.save(partial, format="PNG", pnginfo=info)
 
 
-def grid(images: list[Image.Image]) -> Image.Image:
-    """Images in rows of at most ceil(sqrt(n)), in order."""
-    columns = math.ceil(math.sqrt(len(images)))
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """Images of one size in rows of `columns` (default ceil(sqrt(n))), in order."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     width, height = images[0].size
     sheet = Image.new("RGB", (columns * width, rows * height))

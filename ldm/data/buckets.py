@@ -59,7 +59,7 @@ def bucketed(dataset: CaptionedImages, resolution: int, step: int, upscale: bool
     sizes = [
         assign(size, buckets, step, upscale) if (size := image_size(path)) else square for path, _ in dataset.entries
     ]
-    return CaptionedImages(dataset.entries, dataset.options, sizes)
+    return CaptionedImages(dataset.entries, dataset.options, sizes, dataset.skipped, dataset.controls)
 
 
 def table(sizes: list[Size]) -> str:

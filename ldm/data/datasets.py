@@ -13,6 +13,11 @@ grey level of NAME_mask.png beside NAME.png (a `mask.png` member in shards), els
 alpha channel, else all ones. A NAME_mask.png beside NAME.png is never a training image itself,
 nor is a NAME_control.png (a ControlNet's control image, which the shapes generator writes with --layouts).
 
+With `ImageOptions.controls` (a ControlNet's training), each item also has a "control" (3, H, W)
+in [0, 1], placed as its image: NAME_control.png beside NAME.png, the `conditioning_image` column
+of a metadata file (the column diffusers' train_controlnet.py reads), or a `control.png` member in
+shards. An item without one is skipped, saying so.
+
 A bad item (unreadable, truncated or empty image, missing or unreadable caption, too small) is
 not an error: it comes out as a `Skipped` record, which the collate function sets aside for the
 training loop to warn about and count. For folders and metadata files, every image's header is
@@ -36,10 +41,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from ldm.data.transforms import BadItem, Placement, alpha_of, prepare_image, prepare_mask
+from ldm.data.transforms import BadItem, Placement, alpha_of, prepare_control, prepare_image, prepare_mask
 from ldm.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CONTROL_COLUMN = "conditioning_image"  # diffusers' train_controlnet.py: --conditioning_image_column's default
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL's ways of saying "not an image"
 
 
@@ -55,6 +61,7 @@ class ImageOptions:
     seed: int = 0
     upscale: bool = False  # images smaller than their training size: enlarged instead of skipped
     masks: bool = False  # each item gets a "mask": its NAME_mask.png, its alpha channel, or ones
+    controls: bool = False  # each item gets a "control": its control image (a ControlNet's training)
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,10 @@ def boxes_file(image: Path) -> Path:
 
 def mask_file(image: Path) -> Path:
     return image.with_name(image.stem + "_mask.png")
+
+
+def control_file(image: Path) -> Path:
+    return image.with_name(image.stem + "_control.png")
 
 
 def has_mask(image: Path) -> bool:
@@ -107,11 +118,13 @@ def load_item(
     boxes: str | bytes | None = None,
     size: tuple[int, int] | None = None,
     mask: Path | bytes | None = None,
+    control: Path | bytes | None = None,
 ):
     """One example as {"pixels", "caption", "size_ids"} (and "boxes" when given, "mask" with
-    options.masks), or Skipped. `key` seeds this item's crop and flip; `size` (width, height) is
-    its bucket's, else the square resolution. "size_ids" are SDXL's six size and crop numbers
-    (Placement.size_ids). `mask` is the mask file's path or bytes; without it, the alpha channel."""
+    options.masks, "control" with options.controls), or Skipped. `key` seeds this item's crop and
+    flip; `size` (width, height) is its bucket's, else the square resolution. "size_ids" are SDXL's
+    six size and crop numbers (Placement.size_ids). `mask` is the mask file's path or bytes; without
+    it, the alpha channel. `control` is the control image's path or bytes."""
     try:
         if caption is None or not caption.strip():
             raise BadItem("no caption")
@@ -131,6 +144,8 @@ def load_item(
                 raise BadItem(f"unreadable mask ({type(error).__name__}: {error})") from None
         elif options.masks:
             item["mask"] = prepare_mask(alpha, placement)
+        if options.controls:
+            item["control"] = read_control(control, placement)
         if boxes is not None:
             item["boxes"] = read_boxes(boxes, placement)
         return item
@@ -138,6 +153,18 @@ def load_item(
         return Skipped(source, str(error))
     except UNREADABLE as error:
         return Skipped(source, f"unreadable image ({type(error).__name__}: {error})")
+
+
+def read_control(control: Path | bytes | None, placement: Placement) -> torch.Tensor:
+    if control is None:
+        raise BadItem("no control image")
+    try:
+        with Image.open(io.BytesIO(control) if isinstance(control, bytes) else control) as file:
+            return prepare_control(file, placement)
+    except FileNotFoundError:
+        raise BadItem(f"no control image ({Path(str(control)).name})") from None
+    except UNREADABLE as error:
+        raise BadItem(f"unreadable control image ({type(error).__name__}: {error})") from None
 
 
 class CaptionedImages(Dataset):
@@ -150,10 +177,12 @@ class CaptionedImages(Dataset):
         options: ImageOptions,
         sizes: list[tuple[int, int]] | None = None,
         skipped: dict[str, str] | None = None,
+        controls: dict[Path, Path] | None = None,
     ):
         self.entries, self.options = entries, options
         self.sizes = sizes  # each entry's bucket (width, height); None: all square
         self.skipped = skipped or {}  # source -> why, found before training (checked_images)
+        self.controls = controls or {}  # image -> its control image (a ControlNet's), where it has one
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -176,7 +205,7 @@ class CaptionedImages(Dataset):
         size = self.sizes[index] if self.sizes else None
         mask = mask_file(image) if self.options.masks and mask_file(image).is_file() else None
         key = [self.options.seed, epoch, index]
-        return load_item(image, caption, str(image), self.options, key, boxes, size, mask)
+        return load_item(image, caption, str(image), self.options, key, boxes, size, mask, self.controls.get(image))
 
 
 class EpochSampler(Sampler):
@@ -246,8 +275,8 @@ class TarShards(IterableDataset):
                 yield Skipped(source, "no image file")
                 continue
             key = [self.options.seed, epoch, shard_index, number]
-            boxes, mask = files.get("boxes.json"), files.get("mask.png")
-            yield load_item(image, self._caption(files), source, self.options, key, boxes, mask=mask)
+            boxes, mask, control = files.get("boxes.json"), files.get("mask.png"), files.get("control.png")
+            yield load_item(image, self._caption(files), source, self.options, key, boxes, mask=mask, control=control)
 
     def _caption(self, files: dict[str, bytes]) -> str | None:
         try:
@@ -295,7 +324,8 @@ def open_dataset(
         return TarShards(shards, options, caption_column, rank, world)
     for name in ("metadata.jsonl", "metadata.csv"):
         if (path / name).is_file():
-            return checked_images(*read_metadata(path / name, caption_column), options)
+            entries, bad, controls = read_metadata(path / name, caption_column)
+            return checked_images(entries, bad, options, controls)
     images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     stems = {image.with_suffix("") for image in images}
     images = [image for image in images if not _beside_its_image(image, stems)]
@@ -303,7 +333,9 @@ def open_dataset(
         raise DatasetError(
             f"data.path={str(path)!r}: no images ({', '.join(IMAGE_SUFFIXES)}), metadata file or .tar shards"
         )
-    return checked_images([(image, image.with_suffix(caption_extension)) for image in images], {}, options)
+    entries = [(image, image.with_suffix(caption_extension)) for image in images]
+    controls = {image: control_file(image) for image in images if control_file(image).is_file()}
+    return checked_images(entries, {}, options, controls)
 
 
 def _beside_its_image(image: Path, stems: set[Path]) -> bool:
@@ -315,7 +347,9 @@ def _beside_its_image(image: Path, stems: set[Path]) -> bool:
     )
 
 
-def checked_images(entries: list, bad: dict[str, str], options: ImageOptions) -> CaptionedImages:
+def checked_images(
+    entries: list, bad: dict[str, str], options: ImageOptions, controls: dict[Path, Path]
+) -> CaptionedImages:
     """The entries whose image header opens (fast: no pixels decoded); the others, with `bad`
     (unreadable metadata lines), go to `skipped` now instead of when training reaches them."""
     bad, good = dict(bad), []
@@ -325,12 +359,15 @@ def checked_images(entries: list, bad: dict[str, str], options: ImageOptions) ->
                 good.append((image, caption))
         except UNREADABLE as error:
             bad[str(image)] = f"unreadable image ({type(error).__name__}: {str(error).splitlines()[0]})"
-    return CaptionedImages(good, options, skipped=bad)
+    return CaptionedImages(good, options, skipped=bad, controls=controls)
 
 
-def read_metadata(file: Path, caption_column: str) -> tuple[list[tuple[Path, str | None]], dict[str, str]]:
-    """(image, caption) rows of a metadata.jsonl / metadata.csv, paths relative to its folder; and
-    the jsonl lines that are not a JSON object with a file_name, by `FILE:LINE`."""
+def read_metadata(
+    file: Path, caption_column: str
+) -> tuple[list[tuple[Path, str | None]], dict[str, str], dict[Path, Path]]:
+    """(image, caption) rows of a metadata.jsonl / metadata.csv, paths relative to its folder; the
+    jsonl lines that are not a JSON object with a file_name, by `FILE:LINE`; and each image's
+    control image, from the `conditioning_image` column where it has one."""
     bad: dict[str, str] = {}
     if file.suffix == ".jsonl":
         rows = []
@@ -353,7 +390,13 @@ def read_metadata(file: Path, caption_column: str) -> tuple[list[tuple[Path, str
         raise DatasetError(
             f"{file}: no caption column {caption_column!r} (set data.caption_column; has {sorted(rows[0])})"
         )
-    return [(file.parent / row["file_name"], row.get(caption_column)) for row in rows], bad
+    entries = [(file.parent / row["file_name"], row.get(caption_column)) for row in rows]
+    controls = {
+        file.parent / row["file_name"]: file.parent / row[CONTROL_COLUMN]
+        for row in rows
+        if isinstance(row.get(CONTROL_COLUMN), str) and row[CONTROL_COLUMN]
+    }
+    return entries, bad, controls
 
 
 def check_usable(dataset: CaptionedImages | TarShards) -> None:

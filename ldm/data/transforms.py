@@ -1,7 +1,8 @@
 """From any image file to a training tensor: RGB, resized by the shorter side, cropped, maybe
 flipped, scaled to [-1, 1]. Randomness comes from a generator the caller seeds per item, so a
 resumed run sees exactly the crops and flips the uninterrupted run would have. Boxes drawn on
-the source image (grounding) and loss masks follow the same resize, crop and flip."""
+the source image (grounding), loss masks and control images (a ControlNet's) follow the same
+resize, crop and flip."""
 
 from dataclasses import dataclass
 
@@ -118,3 +119,15 @@ def prepare_mask(mask: Image.Image | None, placement: Placement) -> Tensor:
         )
     array = np.asarray(place(mask.convert("L"), placement, Image.BOX), dtype=np.float32) / 255
     return torch.from_numpy(array)[None]
+
+
+def prepare_control(control: Image.Image, placement: Placement) -> Tensor:
+    """(3, height, width) in [0, 1], what a ControlNet reads: the control image in RGB, stretched to
+    its image's size if it has another, then placed as the image was. Bilinear, as diffusers'
+    examples/controlnet/train_controlnet.py resizes it; its crop there is a centre crop of its own, here the
+    image's crop and flip, so the two stay aligned under random crops, flips and buckets."""
+    control = to_rgb(control)
+    if control.size != placement.original:
+        control = control.resize(placement.original, Image.BILINEAR)
+    array = np.asarray(place(control, placement, Image.BILINEAR), dtype=np.float32) / 255
+    return torch.from_numpy(array).permute(2, 0, 1)

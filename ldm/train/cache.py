@@ -2,10 +2,11 @@
 the frozen text encoders: SDXL's two, with the pooled embedding), store the results as
 safetensors, and train from those. Each image's size ids (SDXL's original size, crop and target)
 are kept with its latents, as the crop they record is the one cached; so are loss masks, averaged
-over each latent pixel's area (what the masked loss does with them).
+over each latent pixel's area (what the masked loss does with them), and control images (a
+ControlNet's training), at pixel size in 8 bits, as their files hold them.
 
 The cache file is named by a fingerprint of the dataset (files, sizes, modification times,
-captions, grounding boxes, masks, resolution, crop) and of the encoders' weights, so it is reused
+captions, grounding boxes, masks, control images, resolution, crop) and of the encoders' weights, so it is reused
 exactly while they are unchanged and rebuilt when anything changes. The VAE posterior is kept
 (mean and std), not one sample of it, so every step still draws a fresh latent, as without the
 cache.
@@ -56,6 +57,8 @@ class CachedExamples(Dataset):
         item = {name: self.tensors[name + bucket][row] for name in ("latent_mean", "latent_std")}
         if "mask" + bucket in self.tensors:
             item["mask"] = self.tensors["mask" + bucket][row]
+        if "control" + bucket in self.tensors:
+            item["control"] = self.tensors["control" + bucket][row].float() / 255
         item["size_ids"] = self.tensors["size_ids"][index]
         for name in ("text", "pooled"):
             if name in self.tensors:
@@ -65,7 +68,8 @@ class CachedExamples(Dataset):
         return item | {"caption": self.captions[index]}
 
 
-CACHE_VERSION = 4  # 2: captions cleaned as CLIP cleans text before they are encoded; 3: size ids; 4: masks
+CACHE_VERSION = 5  # 2: captions cleaned as CLIP cleans text before they are encoded; 3: size ids; 4: masks;
+# 5: control images
 
 
 def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
@@ -81,6 +85,9 @@ def fingerprint(dataset: CaptionedImages, encoders: list[nn.Module]) -> str:
         mask = mask_file(image)
         if dataset.options.masks and mask.is_file():
             digest.update(mask.read_bytes())
+        control = dataset.controls.get(image)
+        if dataset.options.controls:
+            digest.update(control.read_bytes() if control is not None and control.is_file() else b"no control")
     if dataset.sizes:  # the buckets, too
         digest.update(json.dumps(dataset.sizes).encode())
     for encoder in encoders:
@@ -115,7 +122,7 @@ def build_cache(
     texts, pooled, size_ids = [None] * count, [None] * count, torch.zeros(count, 6)
     reasons: dict[int, list[str]] = {}
     for bucket, indices in groups.items():
-        means, stds, masks = [], [], []
+        means, stds, masks, controls = [], [], [], []
         for start in range(0, len(indices), batch):
             chunk = indices[start : start + batch]
             items = [dataset[(0, index)] for index in chunk]
@@ -132,7 +139,7 @@ def build_cache(
             good = collate(items)
             if not good["captions"]:
                 blank = torch.zeros(len(items))
-                means.append(blank), stds.append(blank), masks.append(blank)
+                means.append(blank), stds.append(blank), masks.append(blank), controls.append(blank)
                 continue
             posterior = model.vae.encode(good["pixels"].to(device)).latent_dist
             keep = [i for i, item in enumerate(items) if isinstance(item, dict)]
@@ -141,6 +148,8 @@ def build_cache(
             if "mask" in good:
                 pooled_mask = F.interpolate(good["mask"], size=posterior.mean.shape[-2:], mode="area")
                 masks.append(_scatter(pooled_mask, keep, len(items)))
+            if "control" in good:  # back to the bytes it was read from: a quarter of the size
+                controls.append(_scatter((good["control"] * 255).round().to(torch.uint8), keep, len(items)))
             if cache_text:
                 text, pool = encode_captions(model.text_encoders(), good["captions"], model.is_sdxl)
                 for row, i in enumerate(keep):
@@ -149,6 +158,8 @@ def build_cache(
         tensors |= {"latent_mean" + bucket: _stack(means), "latent_std" + bucket: _stack(stds)}
         if dataset.options.masks:
             tensors["mask" + bucket] = _stack(masks)
+        if dataset.options.controls:
+            tensors["control" + bucket] = _stack(controls).to(torch.uint8)
     tensors["size_ids"] = size_ids
     if cache_text:
         empty_text, empty_pooled = encode_captions(model.text_encoders(), [""], model.is_sdxl)

@@ -145,6 +145,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class ValidationConfig:
     prompts: list[str] = field(default_factory=list)
+    control_images: list[str] = field(default_factory=list)  # stage controlnet: one per prompt, in order
     every: int = 500
     steps: int = 25
     guidance_scale: float = 5.0
@@ -154,7 +155,7 @@ class ValidationConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     output_dir: str = MISSING
-    stage: str = "diffusion"  # diffusion, autoencoder, lora (adapters on a pretrained model) or textual_inversion
+    stage: str = "diffusion"  # diffusion, autoencoder, lora (adapters on a model), textual_inversion, controlnet
     seed: int = 0
     ema_decay: float | None = 0.999  # EMA of the trained model's weights; null for none
     log_every: int = 10
@@ -177,7 +178,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Every check that needs only the recipe, so a mistake costs no model building."""
         choices = {
-            "stage": (self.stage, ("diffusion", "autoencoder", "lora", "textual_inversion")),
+            "stage": (self.stage, ("diffusion", "autoencoder", "lora", "textual_inversion", "controlnet")),
             "lora.format": (self.lora.format, ("kohya", "diffusers")),
             "report_to": (self.report_to, ("tensorboard", "wandb", "none")),
             "steps.mixed_precision": (self.steps.mixed_precision, ("no", "fp16", "bf16")),
@@ -213,6 +214,7 @@ class TrainConfig:
             raise ConfigError("diffusion.grounding_loss: needs steps.gradient_checkpointing=false")
         self._check_lora()
         self._check_textual_inversion()
+        self._check_controlnet()
         self._check_dreambooth()
         if self.data.cache_latents and self.stage == "autoencoder":
             raise ConfigError("data.cache_latents=true: for the diffusion stage (the autoencoder trains on pixels)")
@@ -289,6 +291,28 @@ class TrainConfig:
             raise ConfigError(f"textual_inversion.vectors={inversion.vectors}: 1 to 75 (a chunk holds 75 tokens)")
         if self.diffusion.train_text_encoder:
             raise ConfigError("stage=textual_inversion: the model stays frozen; not diffusion.train_text_encoder")
+
+    def _check_controlnet(self) -> None:
+        validation = self.validation
+        if self.stage != "controlnet":
+            if validation.control_images:
+                raise ConfigError("validation.control_images: for stage=controlnet")
+            return
+        if self.model.pretrained is None:
+            raise ConfigError("stage=controlnet: trains a ControlNet for a trained model; set model.pretrained")
+        for key, value in (("diffusion.train_text_encoder", self.diffusion.train_text_encoder),
+                           ("diffusion.grounding_loss", self.diffusion.grounding_loss),
+                           ("dreambooth.instance_prompt", self.dreambooth.instance_prompt),
+                           ("dreambooth.class_prompt", self.dreambooth.class_prompt)):  # fmt: skip
+            if value:
+                raise ConfigError(f"stage=controlnet: the model stays frozen and each image keeps its caption; "
+                                  f"not {key}")  # fmt: skip
+        if len(validation.control_images) != len(validation.prompts):
+            raise ConfigError(f"validation.control_images: one per validation prompt ({len(validation.prompts)}), "
+                              f"not {len(validation.control_images)}")  # fmt: skip
+        for path in validation.control_images:
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"validation.control_images: {path}: no such file")
 
     def _check_lora(self) -> None:
         if self.stage != "lora":

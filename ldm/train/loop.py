@@ -40,11 +40,19 @@ from ldm.train.checkpoints import (
     step_of,
 )
 from ldm.train.config import TrainConfig, save_config
-from ldm.train.stages import STAGES, Draw
+from ldm.train.controlnet import ControlNetStage
+from ldm.train.stages import AutoencoderStage, DiffusionStage, Draw, LoraStage, Stage, TextualInversionStage
 
 logger = logging.getLogger(__name__)
-# (EMA model, step, device, a folder of embeddings to load or None) -> a grid
-Validate = Callable[[LatentDiffusion, int, torch.device, Path | None], Image.Image]
+# (EMA model, step, device, what the stage adds: Stage.validation_options) -> a grid
+Validate = Callable[[LatentDiffusion, int, torch.device, dict], Image.Image]
+STAGES: dict[str, type[Stage]] = {
+    "autoencoder": AutoencoderStage,
+    "diffusion": DiffusionStage,
+    "lora": LoraStage,
+    "textual_inversion": TextualInversionStage,
+    "controlnet": ControlNetStage,
+}
 
 
 class TrainingDiverged(UserError):
@@ -108,7 +116,7 @@ class Trainer:
         accelerator.register_save_state_pre_hook(without_frozen_weights)
         self.base_grid = None  # fine-tuning: the pretrained model's pictures, beside every validation grid
         if self.validate and config.model.pretrained and accelerator.is_main_process:
-            self.base_grid = self.validate(self.model, 0, accelerator.device, None)  # before any weight changes
+            self.base_grid = self.validate(self.model, 0, accelerator.device, {})  # before any weight changes
             self._save_grid(self.base_grid, "base.png")
         if checkpoint:  # a checkpoint without the frozen weights loads around them
             whole = all(p.requires_grad for m in self.wrapped for p in m.parameters())
@@ -143,9 +151,9 @@ class Trainer:
 
     def _dataset(self) -> CaptionedImages | TarShards:
         data, accelerator = self.config.data, self.accelerator
-        options = ImageOptions(
-            data.resolution, data.center_crop, data.random_flip, self.config.seed, data.upscale, self.config.loss.masked
-        )
+        stage = STAGES[self.config.stage]
+        options = ImageOptions(data.resolution, data.center_crop, data.random_flip, self.config.seed, data.upscale,
+                               self.config.loss.masked, stage.READS_CONTROLS)  # fmt: skip
         dataset = open_dataset(
             data.path, options, data.caption_column, accelerator.process_index, accelerator.num_processes,
             data.caption_extension,
@@ -154,7 +162,7 @@ class Trainer:
             self.skipped[source] = reason
             if accelerator.is_main_process:
                 print(f"skipping {source}: {reason}", file=sys.stderr)
-        STAGES[self.config.stage].check(self.config, dataset)
+        stage.check(self.config, dataset)
         if data.buckets and not isinstance(dataset, CaptionedImages):
             raise ConfigError("data.buckets=true: for folder or metadata datasets, not tar shards")
         instance_prompt = self.config.dreambooth.instance_prompt
@@ -271,8 +279,8 @@ class Trainer:
         if self.ema:
             self.ema.store(self.trained_parameters)
             self.ema.copy_to(self.trained_parameters)
-        with self.stage.validation_embeddings() as embeddings:
-            grid = self.validate(self.model, step, self.accelerator.device, embeddings)
+        with self.stage.validation_options() as options:
+            grid = self.validate(self.model, step, self.accelerator.device, options)
         if self.ema:
             self.ema.restore(self.trained_parameters)
         if self.base_grid is not None:

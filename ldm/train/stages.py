@@ -7,6 +7,7 @@ checkpoints, validation. A new way to train (LoRA, DreamBooth) is a new stage he
     DiffusionStage   the UNet (and maybe the text encoders) ε or v regression (+ grounding)
     LoraStage        adapters on the UNet (and maybe text)  as DiffusionStage
     TextualInversionStage  a new word's vectors             as DiffusionStage
+    ControlNetStage  a ControlNet (controlnet.py)          as DiffusionStage, the UNet frozen
 
 SDXL trains as SD does, with its added conditioning: both text encoders (the pooled embedding
 too) and each image's size ids (original size, crop, target; from its bucket and crop).
@@ -61,6 +62,7 @@ class Stage:
     them), `finish` and `save`."""
 
     RESULT = "model"  # what `save` writes under output_dir
+    READS_CONTROLS = False  # whether each item needs its control image (a ControlNet's training)
 
     @classmethod
     def result(cls, config: TrainConfig) -> str:
@@ -98,9 +100,10 @@ class Stage:
         raise NotImplementedError
 
     @contextmanager
-    def validation_embeddings(self) -> Iterator[Path | None]:
-        """A folder of embeddings the validation sampler loads: none, but for textual inversion."""
-        yield None
+    def validation_options(self) -> Iterator[dict]:
+        """What the validation sampler draws with besides the model: nothing, but for textual
+        inversion ({"embeddings": a folder}) and ControlNet ({"controlnet": the one training})."""
+        yield {}
 
     def finish(self) -> None:
         """On every process, after the last step, with the EMA weights in place."""
@@ -166,6 +169,7 @@ class DiffusionStage(Stage):
         model.scheduler = type(model.scheduler).from_config(model.scheduler.config, prediction_type=prediction)
         self.noise_schedule = DDPMScheduler.from_config(model.scheduler.config)
         model.vae.to(accelerator.device)
+        model.unet.to(accelerator.device)  # Accelerate moves it again when it trains; frozen, it is run here
         for _, encoder in model.text_encoders():
             encoder.to(accelerator.device)
         self.cache: CachedExamples | None = None
@@ -247,7 +251,7 @@ class DiffusionStage(Stage):
 
     def loss(self, batch: dict, modules: list[nn.Module]) -> Tensor:
         diffusion = self.config.diffusion
-        unet, latents = self._unet(modules), self._latents(batch)
+        unet, latents = self._unet(modules, batch), self._latents(batch)
         captions = batch["captions"]
         class_prompt = self.config.dreambooth.class_prompt
         weights = None
@@ -276,8 +280,8 @@ class DiffusionStage(Stage):
             loss = diffusion_loss(unet, self.noise_schedule, latents, text, **options)
         return loss + diffusion.grounding_loss * grounding_loss(layers, targets)
 
-    def _unet(self, modules: list[nn.Module]) -> nn.Module:
-        """The UNet the loss runs: the trained one, as Accelerate wrapped it."""
+    def _unet(self, modules: list[nn.Module], batch: dict) -> Callable[..., Tensor]:
+        """The UNet the loss runs on `batch`: the trained one, as Accelerate wrapped it."""
         return modules[0]
 
     def _text(self, batch: dict, captions: list[str], dropped: Tensor, modules: list[nn.Module]) -> tuple:
@@ -431,7 +435,7 @@ class TextualInversionStage(DiffusionStage):
         self.word = WordVectors(self.model.text_encoders(), inversion.init_word, inversion.vectors)
         return [self.word.to(self.accelerator.device).train()]
 
-    def _unet(self, modules: list[nn.Module]) -> nn.Module:
+    def _unet(self, modules: list[nn.Module], batch: dict) -> Callable[..., Tensor]:
         return self.model.unet  # frozen: the gradient passes through it to the word's vectors
 
     def _text(self, batch: dict, captions: list[str], dropped: Tensor, modules: list[nn.Module]) -> tuple:
@@ -439,11 +443,11 @@ class TextualInversionStage(DiffusionStage):
         return encode_with_word(self.model.text_encoders(), captions, self.model.is_sdxl, self.token, vectors)
 
     @contextmanager
-    def validation_embeddings(self) -> Iterator[Path | None]:
+    def validation_options(self) -> Iterator[dict]:
         """The word as it is now, in a folder of its own for the validation sampler."""
         with tempfile.TemporaryDirectory() as folder:
             save_embedding(Path(folder) / self.file, list(self.word.vectors))
-            yield Path(folder)
+            yield {"embeddings": Path(folder)}
 
     def finish(self) -> None:
         pass  # the base model's sampling defaults stay as they were
@@ -470,11 +474,3 @@ def class_folder(config: TrainConfig) -> Path:
     """The default class-image folder: one per class prompt, base model and resolution."""
     key = f"{config.model.pretrained or config.model.preset}|{config.dreambooth.class_prompt}|{config.data.resolution}"
     return Path(config.data.cache_dir) / "class-images" / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-STAGES: dict[str, type[Stage]] = {
-    "autoencoder": AutoencoderStage,
-    "diffusion": DiffusionStage,
-    "lora": LoraStage,
-    "textual_inversion": TextualInversionStage,
-}

@@ -173,11 +173,16 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
     def _run(self, block: nn.Module, *inputs):
-        """Run a block; when training with gradient checkpointing, keep only its inputs and
-        recompute its activations in the backward pass (less memory, about 30% more time)."""
-        if self.gradient_checkpointing and self.training:
-            return checkpoint(block, *inputs, use_reentrant=False)
-        return block(*inputs)
+        return run_block(self, block, *inputs)
+
+
+def run_block(model: nn.Module, block: nn.Module, *inputs):
+    """Run one of `model`'s blocks (a UNet's or a ControlNet's); when it trains with gradient
+    checkpointing, keep only the block's inputs and recompute its activations in the backward pass
+    (less memory, about 30% more time)."""
+    if model.gradient_checkpointing and model.training:
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
 
 
 def embed_time(

@@ -321,3 +321,62 @@ def test_masks_in_webdataset_shards(tmp_path):
     write_shard(tmp_path / "0.tar", {"a": {"png": png(size=(8, 8)), "txt": b"a cat", "mask.png": mask.getvalue()}})
     (item,) = items(open_dataset(tmp_path, MASKED))
     assert torch.equal(item["mask"], torch.ones(1, 8, 8))
+
+
+CONTROLLED = ImageOptions(resolution=8, controls=True)
+
+
+def test_a_control_image_is_name_control_png_or_the_conditioning_image_column_and_never_an_image(tmp_path):
+    """A ControlNet's sources: NAME_control.png beside NAME.png, or the `conditioning_image` column of a
+    metadata file (the column diffusers' examples/controlnet/train_controlnet.py reads by default);
+    in [0, 1]; an image without one is skipped, saying so."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.png").write_bytes(png(size=(16, 16)))
+        (folder / f"{name}.txt").write_text("a red square")
+    Image.new("RGB", (16, 16), (255, 128, 0)).save(folder / "a_control.png")
+    dataset = open_dataset(folder, CONTROLLED)
+    assert [image.name for image, _ in dataset.entries] == ["a.png", "b.png"]  # a_control.png is no image
+    first, second = items(dataset)
+    torch.testing.assert_close(first["control"][:, 0, 0], torch.tensor([1.0, 128 / 255, 0.0]))
+    assert first["control"].shape == (3, 8, 8)
+    assert second.reason == "no control image"
+    assert "control" not in items(open_dataset(folder, OPTIONS))[0]  # only when a ControlNet trains
+    assert collate([first, first])["control"].shape == (2, 3, 8, 8)
+
+    rows = [{"file_name": "a.png", "text": "x", "conditioning_image": "edges/a.png"},
+            {"file_name": "b.png", "text": "y", "conditioning_image": "edges/gone.png"}]  # fmt: skip
+    (folder / "edges").mkdir()
+    Image.new("L", (32, 32), 255).save(folder / "edges" / "a.png")  # grey and twice the size: RGB, stretched
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    first, second = items(open_dataset(folder, CONTROLLED))
+    assert torch.equal(first["control"], torch.ones(3, 8, 8))
+    assert second.reason == "no control image (gone.png)"
+
+
+def test_a_control_image_follows_the_resize_crop_and_flip(tmp_path):
+    """The same crop and mirror as the pixels: the control's white column lands where the red one does."""
+    picture, control = np.zeros((20, 30, 3), dtype=np.uint8), np.zeros((20, 30, 3), dtype=np.uint8)
+    picture[:, 12:15, 0] = 255  # inside every 20-pixel crop, off its centre
+    control[:, 12:15] = 255
+    Image.fromarray(picture).save(tmp_path / "a.png")
+    Image.fromarray(control).save(tmp_path / "a_control.png")
+    (tmp_path / "a.txt").write_text("x")
+    dataset = open_dataset(tmp_path, ImageOptions(resolution=20, center_crop=False, random_flip=True, controls=True))
+    places = set()
+    for epoch in range(8):
+        item = dataset[(epoch, 0)]
+        red = item["pixels"][0] > 0
+        assert red.any() and torch.equal(red, item["control"][1] > 0.5)
+        places.add(int(red[0].float().argmax()))
+    assert len(places) > 2  # the crops and flips moved it
+
+
+def test_control_images_in_webdataset_shards(tmp_path):
+    control = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(control, format="PNG")
+    write_shard(tmp_path / "0.tar", {"a": {"png": png(size=(8, 8)), "txt": b"a", "control.png": control.getvalue()},
+                                     "b": {"png": png(size=(8, 8)), "txt": b"b"}})  # fmt: skip
+    first, second = items(open_dataset(tmp_path, CONTROLLED))
+    assert torch.equal(first["control"][2], torch.ones(8, 8)) and second.reason == "no control image"
