@@ -45,7 +45,6 @@ from pipelines.infotext import InfotextError, settings_from_png
 from pipelines.settings import MAX_SEED, SDXL, GenerationConfig, declared, value_type
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
-    from ldm.controlnet import ControlNet
     from pipelines.jobs import Job
     from pipelines.outputs import RunWriter
     from pipelines.text_to_image import TextToImagePipeline
@@ -269,15 +268,6 @@ def control_specs(args: argparse.Namespace) -> list[ControlSpec]:
     return specs
 
 
-def load_controlnet(path: str, pipe: "TextToImagePipeline") -> "ControlNet":
-    """A diffusers ControlNet folder, or an original single file read as a ControlNet for the model's UNet."""
-    from ldm.controlnet import ControlNet
-
-    if Path(path).is_file():
-        return ControlNet.load_single_file(path, pipe.model.unet.config, pipe.dtype)
-    return ControlNet.load(path, pipe.dtype)
-
-
 def embeddings_folder(args: argparse.Namespace, source: str) -> str | None:
     """--embeddings (which must exist), else an embeddings/ folder beside the model, else ./embeddings."""
     if args.embeddings is not None:
@@ -366,7 +356,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     if embeddings is not None:
         pipe.load_embeddings(embeddings)
     controls = [
-        Control(load_controlnet(spec.path, pipe), preprocess(spec.image, spec.preprocess), spec.scale, spec.start,
+        Control(pipe.load_controlnet(spec.path), preprocess(spec.image, spec.preprocess), spec.scale, spec.start,
                 spec.end)
         for spec in specs
     ]  # fmt: skip

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ldm.attention import capture_attention_probs
 from ldm.autoencoder import downsampling_factor, images_to_latents, latents_to_images
+from ldm.controlnet import ControlNet
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_model
@@ -108,6 +109,13 @@ class TextToImagePipeline:
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a LoRA file (diffusers/peft or kohya format) into the weights, `scale` times its strength."""
         merge_lora(self.model, path, scale)
+
+    def load_controlnet(self, path: str | Path) -> ControlNet:
+        """A ControlNet for this model, in its precision: a diffusers folder, or an original single
+        file (which carries no config, so it is read as a ControlNet for this model's UNet)."""
+        if Path(path).is_file():
+            return ControlNet.load_single_file(path, self.model.unet.config, self.dtype)
+        return ControlNet.load(path, self.dtype)
 
     def load_embeddings(self, folder: str | Path) -> None:
         """Textual-inversion embeddings: a prompt word that names a file in `folder` (its stem, as

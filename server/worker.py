@@ -177,10 +177,7 @@ class Worker:
         """A ControlNet, loaded once per model (an original file is read for the model's UNet)."""
         key = (entry.path, self._loaded[0])
         if key not in self._controlnets:
-            if entry.path.is_file():
-                self._controlnets[key] = ControlNet.load_single_file(entry.path, pipe.model.unet.config, pipe.dtype)
-            else:
-                self._controlnets[key] = ControlNet.load(entry.path, pipe.dtype)
+            self._controlnets[key] = pipe.load_controlnet(entry.path)
         return self._controlnets[key]
 
     def short_hash(self, path: Path) -> str | None:

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Palette, Shape, caption
+from ldm.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, Palette, Shape, caption, draw, layout
 from ldm.eval.detector import Detection, detect
 
 DEFAULT_LEFT_OUT = "blue triangle,yellow circle"  # what configs/shapes-*.yaml leave out
@@ -65,6 +65,13 @@ def prompt_set(
         if max(abs(x1 - x2), abs(y1 - y2)) >= 2:  # as the dataset draws them: apart
             cases.append(Case("two-objects", [Shape(c1, s1, p1, "small"), Shape(c2, s2, p2, "small")]))
     return cases
+
+
+def scene_layout(case: Case, side: int, seed: int, palette: Palette = COLORS) -> Image.Image:
+    """The case's layout, what a layout ControlNet reads: its boxes as the dataset draws them (their
+    jitter from `seed`), each filled with its colour, as `make_shapes --layouts` writes them."""
+    _, boxes = draw(case.shapes, side, np.random.default_rng(seed), palette)
+    return layout(case.shapes, boxes, side, palette)
 
 
 def judge(

@@ -14,7 +14,9 @@ from commands.eval_shapes import main
 from commands.make_shapes import main as make_shapes
 from ldm.data.shapes import JITTER, draw
 from ldm.eval.detector import detect
-from ldm.eval.judge import evaluate, prompt_set, summarise
+from ldm.controlnet import ControlNet
+from ldm.eval.judge import evaluate, prompt_set, scene_layout, summarise
+from ldm.model import LatentDiffusion
 
 DATA = Path(__file__).parent / "data"
 CAPTION = re.compile(r"a (small|large) (\w+) (\w+) (.+?)(?: and a (\w+) (\w+) (.+))?$")
@@ -126,6 +128,26 @@ def test_the_command_writes_results_and_a_contact_sheet(tiny_model_dir, tmp_path
     assert results["images"] == 240 and set(results) >= {"seen", "left-out pairs", "two objects", "pointing game"}
     assert Image.open(tmp_path / "contact-sheet.png").width == 16 * (16 + 4)
     assert json.loads(capsys.readouterr().out) == results
+
+
+def test_a_scenes_layout_has_each_shapes_colour_in_its_place():
+    two = next(case for case in prompt_set(set()) if case.kind == "two-objects")
+    found = detect(np.asarray(scene_layout(two, 64, seed=3)))
+    assert {(d.color, d.position) for d in found} == {(s.color, s.position) for s in two.shapes}
+    assert {d.shape for d in found} == {"square"}  # boxes: the shape is the text's to say
+
+
+def test_with_a_controlnet_each_prompt_is_drawn_with_its_layout(tiny_model_dir, tmp_path, capsys):
+    """A fresh ControlNet adds nothing (its zero convs are zero): the same verdicts as without it."""
+    ControlNet.from_unet(LatentDiffusion.load(tiny_model_dir).unet, 2).save(tmp_path / "controlnet")
+    argv = ["--model", str(tiny_model_dir), "--seeds", "1", "--steps", "2", "--only-colors", "red"]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "controlled"), "--controlnet", str(tmp_path / "controlnet")]) == 0
+    plain, controlled = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("plain", "controlled"))
+    assert controlled.pop("controlnet") == {"path": str(tmp_path / "controlnet"), "scale": 1.0}
+    assert controlled == plain
+    assert main([*argv, "--controlnet", str(tmp_path / "gone")]) == 2
+    assert "--controlnet" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
