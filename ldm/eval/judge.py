@@ -40,7 +40,7 @@ class Verdict:
     case: Case
     seed: int
     image: Image.Image
-    attributes: dict[str, bool] = field(default_factory=dict)  # colour, shape, position, size (single objects)
+    attributes: dict[str, bool] = field(default_factory=dict)  # colour, shape, position (and size for one object)
     correct: bool = False
     pointing: dict[str, bool] = field(default_factory=dict)  # shape word, colour word
 
@@ -79,7 +79,10 @@ def judge(
 ) -> Verdict:
     found = detect(np.asarray(image.convert("RGB")), palette)
     verdict = Verdict(case, seed, image)
-    if case.kind == "two-objects":
+    if case.kind == "two-objects":  # each attribute right: two objects found, with it at their places
+        for name in ("position", "color", "shape"):
+            wanted = {(getattr(s, name), s.position) for s in case.shapes}
+            verdict.attributes[name] = len(found) == 2 and {(getattr(d, name), d.position) for d in found} == wanted
         wanted = {(s.color, s.shape, s.position) for s in case.shapes}
         verdict.correct = len(found) == 2 and {(d.color, d.shape, d.position) for d in found} == wanted
         return verdict
@@ -116,6 +119,7 @@ def rate(values: list[bool]) -> float | None:
 def summarise(verdicts: list[Verdict]) -> dict:
     seen = [v for v in verdicts if v.case.kind == "seen"]
     left_out = [v for v in verdicts if v.case.kind == "left-out"]
+    two = [v for v in verdicts if v.case.kind == "two-objects"]
     singles = seen + left_out
     return {
         "images": len(verdicts),
@@ -123,7 +127,8 @@ def summarise(verdicts: list[Verdict]) -> dict:
         | {"whole prompt": rate([v.correct for v in seen])},
         "left-out pairs": {"whole prompt": rate([v.correct for v in left_out])}
         | {name: rate([v.attributes[name] for v in left_out]) for name in ("color", "shape")},
-        "two objects": {"whole prompt": rate([v.correct for v in verdicts if v.case.kind == "two-objects"])},
+        "two objects": {"whole prompt": rate([v.correct for v in two])}
+        | {name: rate([v.attributes[name] for v in two]) for name in ("position", "color", "shape")},
         "pointing game": {role: pointing(singles, role) for role in ("shape", "color")},
         "seen, by size": {size: by_size([v for v in seen if v.case.shapes[0].size == size]) for size in SIZES},
         "single objects, by colour": {

@@ -12,9 +12,9 @@ from PIL import Image, ImageFilter
 
 from commands.eval_shapes import main
 from commands.make_shapes import main as make_shapes
+from ldm.controlnet import ControlNet
 from ldm.data.shapes import JITTER, draw
 from ldm.eval.detector import detect
-from ldm.controlnet import ControlNet
 from ldm.eval.judge import evaluate, prompt_set, scene_layout, summarise
 from ldm.model import LatentDiffusion
 
@@ -119,6 +119,8 @@ def test_a_perfect_model_scores_full_marks_and_a_wrong_colour_none():
     wrong = summarise(evaluate(painter(False), cases, rounds=1))
     assert wrong["seen"]["color"] == 0.0 and wrong["seen"]["whole prompt"] == 0.0 and wrong["seen"]["shape"] == 100.0
     assert [wrong["seen, by size"][size]["whole prompt"] for size in ("small", "large")] == [0.0, 0.0]
+    assert perfect["two objects"] == {"whole prompt": 100.0, "position": 100.0, "color": 100.0, "shape": 100.0}
+    assert wrong["two objects"] == {"whole prompt": 0.0, "position": 100.0, "color": 0.0, "shape": 100.0}
     assert JITTER < 1 / 6  # jitter never moves a centre across a cell
 
 

@@ -132,3 +132,19 @@ def test_a_dataset_without_control_images_is_refused_before_any_work(tiny_model_
     assert train.main(["--config", str(controlnet_recipe(tmp_path, four_images, tiny_model_dir))]) == 2
     assert "stage=controlnet: no image in" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("recipe_file", ["configs/controlnet.yaml", "configs/shapes-controlnet.yaml"])
+def test_the_shipped_recipes_run_and_sample_py_draws_with_the_result(recipe_file, tiny_model_dir, layouts, tmp_path):
+    """Each recipe as the README and docs run it, made small (mixed precision off: this CPU may lack bf16)."""
+    run, control = tmp_path / "run", str(layouts / "00000_control.png")
+    options = [f"data.path={layouts}", f"output_dir={run}", f"model.pretrained={tiny_model_dir}",
+               "data.resolution=16", f"data.cache_dir={tmp_path / 'cache'}", "steps.max=2",
+               "steps.gradient_accumulation=1", "steps.mixed_precision=no", "report_to=none",
+               "validation.prompts=[a red circle]", f"validation.control_images=[{control}]", "validation.every=2",
+               "validation.steps=2"]  # fmt: skip
+    assert train.main(["--config", recipe_file, *options]) == 0
+    assert Image.open(run / "validation" / "step-00000002.png").size == (2 * 32 + 4, 16)
+    argv = ["--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "2", "--controlnet",
+            str(run / "controlnet"), "--control-image", control, "--outdir", str(tmp_path / "out")]  # fmt: skip
+    assert sample.main(argv) == 0
