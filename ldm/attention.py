@@ -72,17 +72,19 @@ def attention_probs(q: Tensor, k: Tensor) -> Tensor:
 @contextmanager
 def capture_attention_probs(model: nn.Module, sink: Callable[[str, Tensor], None]) -> Iterator[None]:
     """Inside the block, every cross-attention layer of `model` calls `sink(layer_name, probs)`
-    with its (batch, heads, pixels, tokens) probabilities: the raw material of attention maps."""
+    with its (batch, heads, pixels, tokens) probabilities: the raw material of attention maps. A
+    capture inside another takes its place until it ends."""
     layers = {
         name: module for name, module in model.named_modules() if isinstance(module, Attention) and module.is_cross
     }
+    outer = {name: layer.probs_sink for name, layer in layers.items()}  # a capture this one interrupts
     for name, layer in layers.items():
         layer.probs_sink = lambda probs, name=name: sink(name, probs)
     try:
         yield
     finally:
-        for layer in layers.values():
-            layer.probs_sink = None
+        for name, layer in layers.items():
+            layer.probs_sink = outer[name]
 
 
 def layer_size(latent_size: tuple[int, int], pixels: int) -> tuple[int, int]:

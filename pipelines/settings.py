@@ -145,6 +145,13 @@ class GenerationConfig:
         webui=WEBUI_EMPHASIS,
     )
     attention_maps: bool = setting(False, "write a heatmap per prompt token", png=False)
+    # Attend-and-Excite (pipelines/attend.py): the latents steered so that each named word gets its place
+    attend: str | None = setting(
+        None,
+        "Attend-and-Excite on these words, comma-separated (or token numbers), or auto: each 'a COLOR SHAPE'",
+        metavar="WORDS",
+        infotext="Attend",
+    )
     # one chunk per prompt, with a warning, instead of chunking
     truncate: bool = setting(False, "cut prompts at 75 tokens instead of chunking", flag="truncate-prompts", png=False)
     # SDXL's size conditioning, each (height, width); None: the output size, (0, 0), the output size.

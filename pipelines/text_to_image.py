@@ -18,6 +18,7 @@ import random
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from ldm.controlnet import ControlNet
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_model
+from pipelines.attend import AttendExcite, subject_tokens
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.choices import SIZE_CONDITIONING
 from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
@@ -185,8 +187,12 @@ class TextToImagePipeline:
         config, images = self.resolve(GenerationConfig(**options), init_image, mask, control)
         for text in [*prompts, config.negative_prompt]:
             check_texts(text, config.steps, config.emphasis)
-            if config.attention_maps and edited(text, config.steps):
-                raise GenerationError("attention maps: not with prompt editing ([a:b:5], [a|b]); its tokens change")
+            for name, asked in (("attention maps", config.attention_maps), ("attend", config.attend)):
+                if asked and edited(text, config.steps):
+                    raise GenerationError(f"{name}: not with prompt editing ([a:b:5], [a|b]); its tokens change")
+        if config.attend:  # each prompt's subject words found before the first image
+            for text in prompts:
+                subject_tokens(config.attend, self._prompt_tokens(text, config.emphasis), text)
         refining = evaluating(self.refiner, False) if self.refiner else contextlib.nullcontext()
         with evaluating(self.model, self.vae_tiling), refining:
             yield from self._generate_all(prompts, config, images, on_step)
@@ -256,6 +262,8 @@ class TextToImagePipeline:
 
     def _control(self, control: list[Control], config: GenerationConfig) -> tuple[tuple[Control, Tensor], ...]:
         """Each unit checked against this model and run, with its image at the output size."""
+        if config.attend and (self.refiner is not None or config.hires_scale is not None):
+            raise GenerationError("attend: not with a refiner or the hires fix yet")
         if control and (self.refiner is not None or config.hires_scale is not None):
             raise GenerationError("ControlNet: not with a refiner or the hires fix yet")
         factor = downsampling_factor(self.model.vae)
@@ -329,11 +337,15 @@ class TextToImagePipeline:
         factor = downsampling_factor(self.model.vae)
         latent_size = (config.height // factor, config.width // factor)
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
+        attend = None
+        if config.attend:
+            tokens = [subject_tokens(config.attend, self._prompt_tokens(p, config.emphasis), p) for p in prompts]
+            attend = AttendExcite(self.model.unet, tokens, latent_size)
         if maps is None:
-            latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step)
+            latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step, attend)
         else:
             with capture_attention_probs(self.model.unet, maps):
-                latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step)
+                latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step, attend)
         if config.hires_scale is not None:
             latents = self._hires_pass(latents, prompts, seeds, negatives[0] is not None, config, on_step)
         if not torch.isfinite(latents).all():  # else a black picture, as if nothing were wrong
@@ -455,10 +467,11 @@ class TextToImagePipeline:
         latent_size: tuple[int, int],
         maps: AttentionMapAccumulator | None,
         on_step: OnStep | None,
+        attend: AttendExcite | None = None,
     ) -> Tensor:
         """The sampling loop: start latents, then one guided UNet prediction and scheduler step per
         timestep; with a refiner, the base's steps down to the switch, then the refiner's (`texts`:
-        the conditioning of each)."""
+        the conditioning of each). `attend` moves the latents before each of the first steps."""
         scheduler = make_scheduler(config.scheduler, self.model.scheduler)
         scheduler.set_timesteps(config.steps, device=self.device)
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -472,9 +485,11 @@ class TextToImagePipeline:
 
         step_options = _step_options(scheduler, generators)
         for i, t in enumerate(tqdm(timesteps, disable=not config.progress, desc="denoising", leave=False)):
-            x = scheduler.scale_model_input(latents, t)
-            if inpaint_input is not None:
-                x = torch.cat([x, inpaint_input], dim=1)
+            if attend is not None:  # the conditional pass alone, as Attend-and-Excite reads it
+                conditional = texts[0].at(i).conditional
+                predict = partial(self._conditional, scheduler, t, inpaint_input, conditional)
+                latents = attend(predict, latents, i, len(timesteps))
+            x = _model_input(scheduler, latents, t, inpaint_input)
             unet = ControlledUNet(self.unet, images.control, i, len(timesteps)) if images.control else self.unet
             prediction = self._predict(unet, x, t, texts[0].at(i), config.guidance_scale, maps)
             stepped = scheduler.step(prediction, t, latents, **step_options)
@@ -488,6 +503,10 @@ class TextToImagePipeline:
         if not self.refiner:
             return latents
         return self._refine(latents, texts[1], len(timesteps), cutoff, config, generators, on_step)
+
+    def _conditional(self, scheduler, t: Tensor, inpaint_input: Tensor | None, text: Conditioning, latents: Tensor):
+        """The UNet's prediction for the prompt alone (no guidance)."""
+        return self.unet(_model_input(scheduler, latents, t, inpaint_input), t, *text)
 
     def _refine(
         self,
@@ -550,10 +569,26 @@ class TextToImagePipeline:
 
     def _token_maps(self, prompt: str, emphasis: str, maps: Tensor) -> list[tuple[str, Tensor]]:
         """One (token text, map) per prompt token, skipping the start, end and padding tokens."""
-        widths = encoder_widths(self.model.text_encoders())
-        chunks = split_into_chunks(self.model.tokenizer, prompt, emphasis, self.embeddings, widths)
+        chunks = self._chunks(prompt, emphasis)
         pairs = zip(chunks.tokens, chunks.positions, strict=True)
         return [(token, maps[p].cpu()) for token, p in pairs if p < len(maps)]
+
+    def _chunks(self, prompt: str, emphasis: str):
+        widths = encoder_widths(self.model.text_encoders())
+        return split_into_chunks(self.model.tokenizer, prompt, emphasis, self.embeddings, widths)
+
+    def _prompt_tokens(self, prompt: str, emphasis: str) -> list[str]:
+        """The texts of the prompt's tokens at positions 1, 2, ... of its conditioning."""
+        chunks = self._chunks(prompt, emphasis)
+        by_position = dict(zip(chunks.positions, chunks.tokens, strict=True))
+        return [by_position.get(p, "") for p in range(1, max(by_position, default=0) + 1)]
+
+
+def _model_input(scheduler, latents: Tensor, t: Tensor, inpaint_input: Tensor | None) -> Tensor:
+    """What the UNet reads at step t: the latents scaled as the sampler asks (and, for an inpainting
+    UNet, the mask and masked image's latents beside them)."""
+    x = scheduler.scale_model_input(latents, t)
+    return x if inpaint_input is None else torch.cat([x, inpaint_input], dim=1)
 
 
 def _preview(stepped) -> Tensor:

@@ -29,6 +29,7 @@ EVERY = GenerationConfig(
     width=80,
     strength=0.35,
     emphasis="no-norm",
+    attend="circle, 5",  # a comma in a value: quoted in the infotext
     original_size=(96, 160),
     crop_top_left=(4, 8),
     target_size=(48, 80),
