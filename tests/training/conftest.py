@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from accelerate.state import AcceleratorState
 from PIL import Image
@@ -64,6 +65,19 @@ def run_recipe_then_sample(recipe_file: str, folder, model_dir, tmp_path, size: 
     assert sample.main(argv) == 0
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
     return run
+
+
+def assert_model_unchanged(trainer, model_dir, folder_hash_before: str) -> None:
+    """A stage that trains beside a frozen model (textual inversion, ControlNet) left it as it was:
+    its folder's bytes, and every weight of the model in memory."""
+    from conftest import folder_hash
+    from ldm.model import LatentDiffusion
+
+    assert folder_hash(model_dir) == folder_hash_before
+    unchanged = LatentDiffusion.load(model_dir).parts()
+    for name, part in trainer.model.parts().items():
+        for key, value in part.state_dict().items():
+            assert torch.equal(value, unchanged[name].state_dict()[key]), f"{name}.{key}"
 
 
 class Stop(Exception):

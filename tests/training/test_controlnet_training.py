@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 from PIL import Image
-from training.conftest import recipe, run_until
+from training.conftest import assert_model_unchanged, recipe, run_until
 
 import sample
 import train
@@ -44,11 +44,7 @@ def test_only_the_controlnet_trains_and_diffusers_loads_what_it_saves(tiny_model
     config = load_config(controlnet_recipe(tmp_path, layouts, tiny_model_dir, validation=validation), [])
     trainer = Trainer(config, validate=train.sampler(config))
     trainer.run()
-    assert folder_hash(tiny_model_dir) == base
-    unchanged = LatentDiffusion.load(tiny_model_dir)
-    for name, part in trainer.model.parts().items():
-        for key, value in part.state_dict().items():
-            assert torch.equal(value, unchanged.parts()[name].state_dict()[key]), f"{name}.{key}"
+    assert_model_unchanged(trainer, tiny_model_dir, base)
     (wrapped,) = trainer.wrapped
     assert isinstance(wrapped, ControlNet) and all(p.requires_grad for p in wrapped.parameters())
     assert wrapped.controlnet_mid_block.weight.abs().sum() > 0  # the zero convs have moved

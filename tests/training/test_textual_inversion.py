@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
-from training.conftest import recipe
+from training.conftest import assert_model_unchanged, recipe
 
 import sample
 import train
@@ -59,17 +59,13 @@ def test_only_the_words_vectors_train_and_the_model_is_unchanged(tiny_model_dir,
     config = load_config(inversion_recipe(tmp_path, rosy_images, tiny_model_dir, validation=validation), [])
     trainer = Trainer(config, validate=train.sampler(config))  # the grid reads the word as it is now
     trainer.run()
-    assert folder_hash(tiny_model_dir) == base
-    unchanged = LatentDiffusion.load(tiny_model_dir)
-    for name, part in trainer.model.parts().items():
-        for key, value in part.state_dict().items():
-            assert torch.equal(value, unchanged.parts()[name].state_dict()[key]), f"{name}.{key}"
+    assert_model_unchanged(trainer, tiny_model_dir, base)
     trained = [p for m in trainer.wrapped for p in m.parameters() if p.requires_grad]
     assert [tuple(p.shape) for p in trained] == [(2, 8)]
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [f"{TOKEN}.safetensors", "checkpoints", "config.yaml", "validation"]
     assert set(load_file(run / f"{TOKEN}.safetensors")) == {"emb_params"}  # A1111's own key
-    start = WordVectors(unchanged.text_encoders(), "red", 2).vectors[0]
+    start = WordVectors(LatentDiffusion.load(tiny_model_dir).text_encoders(), "red", 2).vectors[0]
     assert not torch.equal(read_embedding(run / f"{TOKEN}.safetensors").vectors[""], start)
     assert (run / "validation" / "step-00000004.png").is_file()
 
