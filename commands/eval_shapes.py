@@ -39,6 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embeddings", type=Path, help="textual-inversion embeddings the prompts may name")
     parser.add_argument("--controlnet", type=Path, help="a layout ControlNet: each prompt drawn with its layout")
     parser.add_argument("--control-scale", type=float, default=1.0, help="the ControlNet's weight")
+    parser.add_argument("--attend", help="Attend-and-Excite on these words, or auto (each 'a COLOR SHAPE')")
+
+    def generate(prompts: list[str], round_: int):
+        """Image k of round r uses seed r * len(prompts) + k: every image its own seed, reproducibly."""
+        options = dict(steps=args.steps, guidance_scale=args.guidance_scale, attention_maps=True, progress=False,
+                       attend=args.attend)  # fmt: skip
+        if controls is None:
+            run = pipe.generate(prompts, batch_size=args.batch_size, seed=round_ * len(prompts), **options)
+        else:  # a control image of its own for each prompt: one at a time
+            run = [generated for k, prompt in enumerate(prompts)
+                   for generated in pipe.generate(prompt, seed=round_ * len(prompts) + k, control=[controls[prompt]],
+                                                  **options)]  # fmt: skip
+        return [(generated.image, generated.attention_maps) for generated in run]
+
     try:
         args = parser.parse_args(argv)
         if args.seeds < 1 or args.steps < 1:
@@ -61,24 +75,16 @@ def main(argv: list[str] | None = None) -> int:
                 case.prompt: Control(controlnet, scene_layout(case, side, k, palette), args.control_scale)
                 for k, case in enumerate(cases)
             }
+        # every prompt's settings are checked before the first image (an --attend word one lacks)
+        verdicts = evaluate(generate, cases, args.seeds, palette)
     except UserError as error:
         return fail("eval_shapes", error)
 
-    def generate(prompts: list[str], round_: int):
-        """Image k of round r uses seed r * len(prompts) + k: every image its own seed, reproducibly."""
-        options = dict(steps=args.steps, guidance_scale=args.guidance_scale, attention_maps=True, progress=False)
-        if controls is None:
-            run = pipe.generate(prompts, batch_size=args.batch_size, seed=round_ * len(prompts), **options)
-        else:  # a control image of its own for each prompt: one at a time
-            run = [generated for k, prompt in enumerate(prompts)
-                   for generated in pipe.generate(prompt, seed=round_ * len(prompts) + k, control=[controls[prompt]],
-                                                  **options)]  # fmt: skip
-        return [(generated.image, generated.attention_maps) for generated in run]
-
-    verdicts = evaluate(generate, cases, args.seeds, palette)
     summary = summarise(verdicts)
     if args.controlnet:
         summary["controlnet"] = {"path": str(args.controlnet), "scale": args.control_scale}
+    if args.attend:
+        summary["attend"] = args.attend
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2))
     contact_sheet(verdicts).save(args.out / "contact-sheet.png")

@@ -152,6 +152,14 @@ def test_with_a_controlnet_each_prompt_is_drawn_with_its_layout(tiny_model_dir, 
     assert "--controlnet" in capsys.readouterr().err.splitlines()[-1]
 
 
+def test_attend_runs_on_every_prompt_and_is_recorded(tiny_model_dir, tmp_path, capsys):
+    argv = ["--model", str(tiny_model_dir), "--seeds", "1", "--steps", "2", "--only-colors", "red", "--attend", "auto"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["attend"] == "auto"
+    assert main([*argv[:-1], "frog", "--out", str(tmp_path / "frog")]) == 2
+    assert "attend: 'frog' is not a word of" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_bad_options_are_one_line_and_exit_2(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "none"), "--seeds", "0"]) == 2
     assert capsys.readouterr().err == "eval_shapes: error: --seeds 0, --steps 25: both must be at least 1\n"
