@@ -34,7 +34,7 @@ from ldm.controlnet import ControlNet
 from ldm.lora import merge_lora
 from ldm.model import LatentDiffusion
 from ldm.single_file import load_model
-from pipelines.attend import AttendExcite, subject_tokens
+from pipelines.attend import AttendExcite, subjects
 from pipelines.attention_maps import AttentionMapAccumulator
 from pipelines.choices import SIZE_CONDITIONING
 from pipelines.conditioning import Conditioning, encode_batch, time_ids, zero_negative
@@ -192,7 +192,7 @@ class TextToImagePipeline:
                     raise GenerationError(f"{name}: not with prompt editing ([a:b:5], [a|b]); its tokens change")
         if config.attend:  # each prompt's subject words found before the first image
             for text in prompts:
-                subject_tokens(config.attend, self._prompt_tokens(text, config.emphasis), text)
+                subjects(config.attend, self._prompt_tokens(text, config.emphasis), text)
         refining = evaluating(self.refiner, False) if self.refiner else contextlib.nullcontext()
         with evaluating(self.model, self.vae_tiling), refining:
             yield from self._generate_all(prompts, config, images, on_step)
@@ -339,8 +339,8 @@ class TextToImagePipeline:
         maps = AttentionMapAccumulator(len(prompts), latent_size) if config.attention_maps else None
         attend = None
         if config.attend:
-            tokens = [subject_tokens(config.attend, self._prompt_tokens(p, config.emphasis), p) for p in prompts]
-            attend = AttendExcite(self.model.unet, tokens, latent_size)
+            found = [subjects(config.attend, self._prompt_tokens(p, config.emphasis), p) for p in prompts]
+            attend = AttendExcite(self.model.unet, found, latent_size)
         if maps is None:
             latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step, attend)
         else:

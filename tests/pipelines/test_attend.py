@@ -8,7 +8,8 @@ import torch
 from diffusers import StableDiffusionAttendAndExcitePipeline
 
 from ldm.model import LatentDiffusion
-from pipelines.attend import find_word, subject_tokens
+from ldm.text import encode_prompts
+from pipelines.attend import AttendExcite, binding, find_word, subjects
 from pipelines.samplers import make_scheduler
 from pipelines.settings import GenerationError
 from pipelines.text_to_image import TextToImagePipeline
@@ -58,15 +59,17 @@ def test_words_are_found_as_clip_splits_them_one_after_another():
     assert find_word(tokens, "cyan", 0) == (1, 3)
     assert find_word(tokens, "cyan", 3) == (6, 8)
     prompt = "a cyan circle and a cyan square"
-    assert subject_tokens("cyan circle, cyan square", tokens, prompt) == [2, 3, 4, 7, 8, 9]
-    assert subject_tokens("auto", tokens, prompt) == [2, 3, 4, 7, 8, 9]
-    assert subject_tokens("4, 9", tokens, prompt) == [4, 9]
+    both = [[[2, 3], [4]], [[7, 8], [9]]]  # two subjects: cyan (two tokens) circle, cyan square
+    assert subjects("cyan circle, cyan square", tokens, prompt) == both
+    assert subjects("auto", tokens, prompt) == both
+    assert subjects("circle, square", tokens, prompt) == [[[4]], [[9]]]
+    assert subjects("4, 9", tokens, prompt) == [[[4]], [[9]]]
     with pytest.raises(GenerationError, match="'circle' is not a word of"):
-        subject_tokens("square, circle", tokens, prompt)  # circle comes before square
+        subjects("square, circle", tokens, prompt)  # circle comes before square
     with pytest.raises(GenerationError, match="token 12 is not in"):
-        subject_tokens("12", tokens, prompt)
+        subjects("12", tokens, prompt)
     with pytest.raises(GenerationError, match="attend=auto: 'a dog' has no"):
-        subject_tokens("auto", ["a", "dog"], "a dog")
+        subjects("auto", ["a", "dog"], "a dog")
 
 
 def test_attend_mistakes_are_found_before_the_first_image(tiny_model_dir):
@@ -77,3 +80,42 @@ def test_attend_mistakes_are_found_before_the_first_image(tiny_model_dir):
         pipe.generate("a red circle", attend="circle", hires_scale=2, steps=2, progress=False)
     with pytest.raises(GenerationError, match="not with prompt editing"):
         pipe.generate("a [red:blue:2] circle", attend="circle", steps=4, progress=False)
+
+
+def test_the_binding_term_is_low_when_each_colour_lies_on_its_own_shape():
+    """Maps over 4 pixels for the tokens (text positions 1..4) red, circle, blue, square: bound when
+    red and circle share the left pixels and blue and square the right ones, unbound when swapped."""
+    left, right = torch.tensor([0.5, 0.5, 0.0, 0.0]), torch.tensor([0.0, 0.0, 0.5, 0.5])
+    found = [[[1], [2]], [[3], [4]]]
+    bound = binding(torch.stack([left, left, right, right], dim=1), found)
+    swapped = binding(torch.stack([right, left, left, right], dim=1), found)
+    everywhere = torch.full((4,), 0.25)
+    assert bound.item() == pytest.approx(0.0, abs=1e-6)
+    # each modifier far from its noun (1), and half the pairs across subjects on one place (1 - 0.5)
+    assert swapped.item() == pytest.approx(1.5, abs=1e-6)
+    assert 0.1 < binding(torch.stack([everywhere] * 4, dim=1), found).item() < 1.9
+    assert binding(torch.stack([left, left, right, right], dim=1), [[[2]], [[4]]]).item() == 0.0  # one word each
+
+
+def test_a_step_against_the_whole_loss_lowers_it(tiny_model_dir):
+    """On the tiny model's maps, a small step down the gradient of excite plus binding lowers both
+    the whole loss and the binding term: the term reaches the latents through the UNet."""
+    model = LatentDiffusion.load(tiny_model_dir)
+    pipe = TextToImagePipeline(model, device="cpu", dtype="fp32")
+    found = subjects("red circle, blue square", pipe._prompt_tokens(PROMPT, "original"), PROMPT)
+    attend = AttendExcite(model.unet, [found], (16, 16))
+    text = encode_prompts(model.tokenizer, model.text_encoder, [PROMPT])
+    t = torch.tensor([900])
+
+    def losses(latents):
+        excite, whole = attend.loss(lambda x: model.unet(x, t, text), latents)
+        return whole, whole - excite
+
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    whole, bind = losses(latents)
+    (gradient,) = torch.autograd.grad(whole.sum(), [latents])
+    with torch.no_grad():
+        after, bind_after = losses(latents - 0.5 * gradient / gradient.norm())
+    assert bind.item() > 0.0
+    assert after.item() < whole.item()
+    assert bind_after.item() < bind.item()
