@@ -285,6 +285,20 @@ def test_fine_tuning_a_saved_model_trains_the_unet_only(tiny_model_dir, four_ima
     assert not changed(model.text_encoder, before.text_encoder) and not changed(model.vae, before.vae)
 
 
+def test_the_two_object_recipe_fine_tunes_unet_and_text_encoder(tiny_model_dir, four_images, tmp_path):
+    """configs/shapes-two-objects.yaml as docs/generation.md runs it, made small: the grounding loss
+    reads the shapes' boxes, and both the UNet and the text encoder move, the VAE not."""
+    options = [f"data.path={four_images}", f"output_dir={tmp_path / 'run'}", f"model.pretrained={tiny_model_dir}",
+               "data.resolution=16", f"data.cache_dir={tmp_path / 'cache'}", "steps.max=2", "steps.batch_size=2",
+               "steps.mixed_precision=no", "save_precision=fp32", "optim.learning_rate=1e-2",
+               "optim.text_encoder_lr=1e-2"]  # fmt: skip
+    assert train.main(["--config", "configs/shapes-two-objects.yaml", *options]) == 0
+    model, before = LatentDiffusion.load(tmp_path / "run" / "model"), LatentDiffusion.load(tiny_model_dir)
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))  # noqa: E731
+    assert changed(model.unet, before.unet) and changed(model.text_encoder, before.text_encoder)
+    assert not changed(model.vae, before.vae)
+
+
 def test_bf16_mixed_precision_and_tensorboard_logs(four_images, tmp_path):
     path = recipe(tmp_path, four_images, report_to="tensorboard", log_every=1)
     trainer = Trainer(load_config(path, ["steps.max=3", "steps.mixed_precision=bf16"]))
