@@ -119,3 +119,13 @@ def test_a_step_against_the_whole_loss_lowers_it(tiny_model_dir):
     assert bind.item() > 0.0
     assert after.item() < whole.item()
     assert bind_after.item() < bind.item()
+
+
+def test_sdxl_attends_through_its_two_encoders(tiny_sdxl_dir):
+    """SDXL's UNet reads both encoders' tokens side by side at the same positions, with the pooled
+    text and size ids beside them: the updates run there too and change the picture, as with SD."""
+    pipe = TextToImagePipeline(LatentDiffusion.load(tiny_sdxl_dir), device="cpu", dtype="fp32")
+    settings = dict(steps=12, seed=1, height=32, width=32, scheduler="ddim", progress=False)
+    steered = pipe.generate(PROMPT, attend="auto", **settings)[0]
+    assert steered.image.size == (32, 32)
+    assert difference(steered.image, pipe.generate(PROMPT, **settings)[0].image) > 2
