@@ -27,7 +27,8 @@ loss alone.
 Which tokens: `attend` names the words ("circle, square": each word's tokens, each word found after
 the one before), or token positions (start token 0), or "auto": for prompts of the shapes grammar,
 "a [small|large] COLOR SHAPE PLACE [and a COLOR SHAPE PLACE]", each object's colour and shape, one
-subject each.
+subject each, when there are two or more; a lone object is left alone (nothing competes with it,
+and on the demo model exciting it cost single objects 24 points: docs/generation.md).
 """
 
 import math
@@ -56,13 +57,14 @@ Subject = list[list[int]]  # its words' token positions, the noun last
 
 def subjects(spec: str, tokens: list[str], prompt: str) -> list[Subject]:
     """The subjects `spec` names among the prompt's `tokens` (their texts, start and end left out):
-    each item's words, as the positions of their tokens (the start token is 0)."""
+    each item's words, as the positions of their tokens (the start token is 0); none for "auto" on a
+    prompt of one object."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if items == ["auto"]:
         objects = OBJECT.findall(prompt)
         if not objects:
             raise GenerationError(f"attend=auto: {prompt!r} has no 'a COLOR SHAPE' to attend to")
-        items = [" ".join(pair) for pair in objects]
+        items = [" ".join(pair) for pair in objects] if len(objects) > 1 else []
     found: list[Subject] = []
     start = 0
     for item in items:
@@ -101,7 +103,7 @@ def step_sizes(steps: int) -> np.ndarray:
 
 
 class AttendExcite:
-    """The latent updates of one batch: `subjects[b]` are sample b's subjects."""
+    """The latent updates of one batch: `subjects[b]` are sample b's subjects (none: not updated)."""
 
     def __init__(self, unet: nn.Module, subjects: list[list[Subject]], latent_size: tuple[int, int]):
         self.unet, self.subjects, self.latent_size = unet, subjects, latent_size
@@ -156,6 +158,10 @@ class AttendExcite:
         text = (100 * maps[:, :, 1:-1]).softmax(dim=-1)
         excite, bind = [], []
         for b, found in enumerate(self.subjects):
+            if not found:
+                excite.append(text.new_zeros(()))
+                bind.append(text.new_zeros(()))
+                continue
             positions = [p - 1 for subject in found for word in subject for p in word]
             grids = text[b][:, positions].T.reshape(len(positions), 1, height, width)
             smoothed = F.conv2d(F.pad(grids, (1, 1, 1, 1), mode="reflect"), self.kernel.to(grids))

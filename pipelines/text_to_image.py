@@ -340,7 +340,7 @@ class TextToImagePipeline:
         attend = None
         if config.attend:
             found = [subjects(config.attend, self._prompt_tokens(p, config.emphasis), p) for p in prompts]
-            attend = AttendExcite(self.model.unet, found, latent_size)
+            attend = AttendExcite(self.model.unet, found, latent_size) if any(found) else None
         if maps is None:
             latents = self._denoise(texts, seeds, config, images, latent_size, maps, on_step, attend)
         else:

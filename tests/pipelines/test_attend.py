@@ -43,7 +43,8 @@ def test_the_same_picture_as_diffusers_attend_and_excite(tiny_model_dir):
 
 def test_it_runs_with_a_scaled_sampler_batches_and_attention_maps(tiny_model_dir):
     """Euler scales the UNet's input; a batch of two prompts gives each its own tokens and the same
-    pictures as one at a time; attention maps are still drawn from the denoising passes alone."""
+    pictures as one at a time; attention maps are still drawn from the denoising passes alone. `auto`
+    leaves a lone object alone: its picture is the one without Attend-and-Excite."""
     pipe = TextToImagePipeline(LatentDiffusion.load(tiny_model_dir), device="cpu", dtype="fp32")
     settings = dict(steps=12, scheduler="euler", height=16, width=16, progress=False, attend="auto")
     prompts = ["a small red circle on the left and a blue square on the right", "a large green triangle at the top"]
@@ -52,6 +53,9 @@ def test_it_runs_with_a_scaled_sampler_batches_and_attention_maps(tiny_model_dir
     for a, b in zip(together, apart, strict=True):
         assert difference(a.image, b.image) <= 1
         assert [token for token, _ in a.attention_maps] == [token for token, _ in b.attention_maps]
+    plain = pipe.generate(prompts, seed=4, batch_size=2, **{**settings, "attend": None})
+    assert difference(together[0].image, plain[0].image) > 0  # the tiny model moves little: 1/255 here
+    assert difference(together[1].image, plain[1].image) == 0
 
 
 def test_words_are_found_as_clip_splits_them_one_after_another():
@@ -62,6 +66,7 @@ def test_words_are_found_as_clip_splits_them_one_after_another():
     both = [[[2, 3], [4]], [[7, 8], [9]]]  # two subjects: cyan (two tokens) circle, cyan square
     assert subjects("cyan circle, cyan square", tokens, prompt) == both
     assert subjects("auto", tokens, prompt) == both
+    assert subjects("auto", tokens[:4], "a cyan circle") == []  # one object: nothing to attend to
     assert subjects("circle, square", tokens, prompt) == [[[4]], [[9]]]
     assert subjects("4, 9", tokens, prompt) == [[[4]], [[9]]]
     with pytest.raises(GenerationError, match="'circle' is not a word of"):
