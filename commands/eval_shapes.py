@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embeddings", type=Path, help="textual-inversion embeddings the prompts may name")
     parser.add_argument("--controlnet", type=Path, help="a layout ControlNet: each prompt drawn with its layout")
     parser.add_argument("--control-scale", type=float, default=1.0, help="the ControlNet's weight")
-    parser.add_argument("--attend", help="Attend-and-Excite on these words, or auto (each 'a COLOR SHAPE')")
+    parser.add_argument("--attend", help="Attend-and-Excite on these words, or auto (each 'a COLOR SHAPE' of two)")
 
     def generate(prompts: list[str], round_: int):
         """Image k of round r uses seed r * len(prompts) + k: every image its own seed, reproducibly."""

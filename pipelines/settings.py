@@ -148,7 +148,8 @@ class GenerationConfig:
     # Attend-and-Excite (pipelines/attend.py): the latents steered so that each named word gets its place
     attend: str | None = setting(
         None,
-        "Attend-and-Excite on these words, comma-separated (or token numbers), or auto: each 'a COLOR SHAPE'",
+        "Attend-and-Excite on these words, comma-separated (or token numbers), or auto: each 'a COLOR SHAPE' "
+        "of a prompt naming two or more",
         metavar="WORDS",
         infotext="Attend",
     )
