@@ -36,8 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ldm import images
 from ldm.errors import UserError
 from ldm.files import SINGLE_FILE_SUFFIXES
 from pipelines.choices import CONTROL_PREPROCESSORS
@@ -203,16 +204,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def read_image(path: Path | None, flag: str) -> Image.Image | None:
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except Image.DecompressionBombError as error:
-        raise UsageError(f"{flag} {path}: too large to decode ({str(error).split(',')[0]})") from None
-    except (OSError, UnidentifiedImageError):
-        raise UsageError(f"{flag} {path}: not a readable image") from None
+    return None if path is None else images.read_image(path, f"{flag} {path}")
 
 
 def model_source(args: argparse.Namespace) -> str:

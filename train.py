@@ -41,8 +41,7 @@ def sampler(config: TrainConfig) -> Validate | None:
         return None
 
     def validate(model: LatentDiffusion, step: int, device: torch.device, options: dict) -> Image.Image:
-        from PIL import Image
-
+        from ldm.images import read_image
         from ldm.model import dtype_name
         from pipelines.control import Control
         from pipelines.outputs import grid
@@ -57,7 +56,7 @@ def sampler(config: TrainConfig) -> Validate | None:
                         height=config.data.resolution, width=config.data.resolution, progress=False)  # fmt: skip
         if not validation.control_images:
             return grid(pipe(validation.prompts, **settings))
-        controls = [Image.open(path).convert("RGB") for path in validation.control_images]  # checked by the recipe
+        controls = [read_image(Path(path).expanduser(), path).convert("RGB") for path in validation.control_images]
         images = []
         for k, (prompt, control) in enumerate(zip(validation.prompts, controls, strict=True)):
             units = [Control(options["controlnet"], control)] if "controlnet" in options else []  # step 0: the base's

@@ -13,9 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ldm.errors import UserError
+from ldm.images import ImageRefused, opened
 from pipelines.choices import CANNY_THRESHOLDS
 from pipelines.settings import GenerationConfig, declared, from_text
 
@@ -71,10 +70,10 @@ def settings_from_png(path: Path) -> dict[str, Any]:
     """The generation settings a PNG carries, by sample.py's option names: ours (one text chunk per
     setting, exact), else an A1111 `parameters` infotext (what A1111 records; the model is not a path)."""
     try:
-        with Image.open(path) as image:
+        with opened(path, str(path)) as image:
             chunks = dict(getattr(image, "text", {}))
-    except OSError:
-        raise InfotextError(f"{path}: not a readable image") from None
+    except ImageRefused as error:
+        raise InfotextError(str(error)) from None
     recorded = {"ti_hashes": parse_infotext(chunks["parameters"]).get("TI hashes")} if "parameters" in chunks else {}
     if "scheduler" in chunks and "seed" in chunks:
         try:

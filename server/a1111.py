@@ -9,7 +9,6 @@ send the whole payload), and refused with a 422 naming it otherwise."""
 
 import base64
 import binascii
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, create_model
 
 from ldm.errors import UserError
+from ldm.images import ImageRefused, read_image
 from pipelines.choices import CANNY_THRESHOLDS, CONTROL_PREPROCESSORS, HIRES_UPSCALERS, SCHEDULERS, WEBUI_EMPHASIS
 from pipelines.extra_networks import lora_tags
 from pipelines.settings import GenerationConfig, declared, value_type
@@ -297,17 +297,12 @@ def decode_image(data: str, field: str, max_pixels: int) -> Image.Image:
     one or has more than `max_pixels` pixels (checked before it is decoded: no decompression bomb)."""
     if data.startswith("data:image/"):
         data = data.partition(",")[2]
-    too_large = f"{field}: more than the {max_pixels:,} pixels allowed here"
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-        if image.width * image.height > max_pixels:
-            raise Unsupported(f"{too_large} ({image.width}x{image.height})")
-        image.load()
-    except Image.DecompressionBombError:
-        raise Unsupported(too_large) from None
-    except (binascii.Error, OSError, ValueError):
+        return read_image(base64.b64decode(data, validate=True), field, max_pixels)
+    except binascii.Error:
         raise Unsupported(f"{field}: not a base64-encoded image") from None
-    return image
+    except ImageRefused as error:
+        raise Unsupported(str(error)) from None
 
 
 def encode_png(data: bytes) -> str:

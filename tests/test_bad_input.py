@@ -1,6 +1,10 @@
 """Bad input found from outside (issue 27): each is one line on stderr and exit 2, nothing written."""
 
 import shutil
+import struct
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,8 @@ from PIL import Image
 import sample
 import train
 from conftest import perturbed_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -84,13 +90,45 @@ def test_a_damaged_model_folder_is_one_line(tiny_model_dir, tmp_path, capsys, ki
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_decompression_bomb_init_image_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    """PIL's own limit, lowered so that a 64x64 picture stands for a 14000x14000 one."""
-    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    argv = ["--model", str(tiny_model_dir), "--prompt", "x", "--init-image", str(tmp_path / "bomb.png")]
-    assert sample.main([*argv, "--outdir", str(tmp_path / "out")]) == 2
-    assert "--init-image" in (err := capsys.readouterr().err) and "too large to decode" in err
+def bomb_png(path: Path, width: int = 14000, height: int = 14000) -> Path:
+    """A PNG of a few dozen bytes whose header claims width x height pixels (and no pixel data):
+    what a decompression bomb shows the opener before any pixel is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    text = b"parameters\x00a red circle\nSteps: 2, Sampler: Euler, CFG scale: 2, Seed: 1, Size: 64x64"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tEXt", text) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_bomb_through_from_png_is_one_line_from_a_real_process(tmp_path):
+    """196 M pixels claimed (past twice PIL's limit of 89,478,485, where PIL raises DecompressionBombError)."""
+    bomb = bomb_png(tmp_path / "bomb.png")
+    done = subprocess.run([sys.executable, "sample.py", "--from-png", str(bomb), "--outdir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr == (
+        f"sample.py: error: --from-png {bomb}: image too large (196,000,000 pixels, more than the 89,478,485 "
+        "decoded here)\n"
+    )
+
+
+@pytest.mark.parametrize("flag", ["--init-image", "--mask", "--control-image"])
+def test_an_image_bomb_anywhere_sample_py_takes_an_image_is_one_line(tiny_model_dir, tmp_path, capsys, flag):
+    bomb, plain = bomb_png(tmp_path / "bomb.png", 10000, 10000), tmp_path / "plain.png"  # 100 M: PIL only warns
+    Image.new("RGB", (64, 64)).save(plain)
+    (tmp_path / "controlnet").mkdir()
+    (tmp_path / "controlnet" / "config.json").write_text("{}")
+    images = {"--init-image": plain, "--mask": plain, "--control-image": plain} | {flag: bomb}
+    argv = ["--model", str(tiny_model_dir), "--prompt", "x", "--outdir", str(tmp_path / "out"),
+            "--controlnet", str(tmp_path / "controlnet")]  # fmt: skip
+    argv += [part for flag, image in images.items() for part in (flag, str(image))]
+    assert sample.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"sample.py: error: {flag} {bomb}: image too large (10000x10000 = 100,000,000 pixels, more than the "
+        "89,478,485 decoded here)\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -100,9 +100,12 @@ def test_prompts_from_a_file_and_a_single_file_checkpoint(tiny_model, tmp_path, 
         (["--prompt", "x", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
         (
             ["--prompt", "x", "--init-image", "{tmp}/missing.png"],
-            "--init-image {tmp}/missing.png: not a readable image",
+            "--init-image {tmp}/missing.png: no such file",
         ),
-        (["--prompt", "x", "--init-image", "{tmp}/notes.txt"], "--init-image {tmp}/notes.txt: not a readable image"),
+        (
+            ["--prompt", "x", "--init-image", "{tmp}/notes.txt"],
+            "--init-image {tmp}/notes.txt: unreadable image (UnidentifiedImageError: not a format PIL reads)",
+        ),
         (
             ["--prompt", "x", "--strength", "2", "--init-image", "{tmp}/photo.png"],
             "strength=2.0: must be 0 to 1",
@@ -180,7 +183,10 @@ def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch
         (["--prompt", "a (red:1.2.3) circle"], "('1.2.3' is not a number: write a weight as (word:1.2)"),
         (["--prompt", "x", "--emphasis", "loud"], "argument --emphasis: invalid choice: 'loud' (choose from "
                                                   "'original', 'no-norm', 'comfy', 'none')"),
-        (["--from-png", "{tmp}/style.safetensors"], "--from-png {tmp}/style.safetensors: not a readable image"),
+        (
+            ["--from-png", "{tmp}/style.safetensors"],
+            "--from-png {tmp}/style.safetensors: unreadable image (UnidentifiedImageError: not a format PIL reads)",
+        ),
         (["--prompt", "x", "--crop-top-left", "0", "8"], "crop_top_left: only SDXL models take size conditioning"),
         (["--prompt", "x", "--embeddings", "{tmp}/nowhere"], "--embeddings {tmp}/nowhere: no such folder"),
         (["--prompt", "x", "--embeddings", "{tmp}/bad"], "embedding {tmp}/bad/x.pt: not readable (not a PyTorch "

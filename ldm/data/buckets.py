@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Sampler
 
 from ldm.data.datasets import CaptionedImages
+from ldm.images import ImageRefused, opened
 
 Size = tuple[int, int]  # (width, height)
 
@@ -46,9 +46,9 @@ def assign(size: Size, buckets: list[Size], step: int, upscale: bool) -> Size:
 def image_size(path: Path) -> Size | None:
     """Read from the header only; None when the file is not a readable image (skipped later)."""
     try:
-        with Image.open(path) as image:
+        with opened(path, str(path)) as image:
             return image.size
-    except (OSError, ValueError, SyntaxError):
+    except ImageRefused:
         return None
 
 

@@ -27,7 +27,6 @@ in `CaptionedImages.skipped` before the first step, named with file and line.
 """
 
 import csv
-import io
 import itertools
 import json
 import tarfile
@@ -38,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from ldm.data.transforms import BadItem, Placement, alpha_of, prepare_control, prepare_image, prepare_mask
 from ldm.errors import UserError
+from ldm.images import ImageRefused, opened, unreadable
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CONTROL_COLUMN = "conditioning_image"  # diffusers' train_controlnet.py: --conditioning_image_column's default
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL's ways of saying "not an image"
+UNREADABLE = (OSError, ValueError, SyntaxError)  # PIL's ways of saying "not an image" while decoding or placing it
 
 
 class DatasetError(UserError):
@@ -87,9 +86,9 @@ def has_mask(image: Path) -> bool:
     if mask_file(image).is_file():
         return True
     try:
-        with Image.open(image) as file:
+        with opened(image, str(image)) as file:
             return "A" in file.getbands() or "transparency" in file.info
-    except UNREADABLE:
+    except ImageRefused:
         return False
 
 
@@ -128,7 +127,7 @@ def load_item(
     try:
         if caption is None or not caption.strip():
             raise BadItem("no caption")
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as file:
+        with opened(image, source) as file:
             file.load()
             pixels, placement = prepare_image(
                 file, size or (options.resolution, options.resolution), options.center_crop, options.random_flip,
@@ -138,10 +137,12 @@ def load_item(
         item = {"pixels": pixels, "caption": caption.strip(), "size_ids": torch.tensor(placement.size_ids()).float()}
         if options.masks and mask is not None:
             try:
-                with Image.open(io.BytesIO(mask) if isinstance(mask, bytes) else mask) as file:
+                with opened(mask, "mask") as file:
                     item["mask"] = prepare_mask(file, placement)
+            except ImageRefused as error:
+                raise BadItem(f"mask: {error.reason}") from None
             except UNREADABLE as error:
-                raise BadItem(f"unreadable mask ({type(error).__name__}: {error})") from None
+                raise BadItem(f"mask: {unreadable(error)}") from None
         elif options.masks:
             item["mask"] = prepare_mask(alpha, placement)
         if options.controls:
@@ -151,20 +152,24 @@ def load_item(
         return item
     except BadItem as error:
         return Skipped(source, str(error))
+    except ImageRefused as error:
+        return Skipped(source, error.reason)
     except UNREADABLE as error:
-        return Skipped(source, f"unreadable image ({type(error).__name__}: {error})")
+        return Skipped(source, unreadable(error))
 
 
 def read_control(control: Path | bytes | None, placement: Placement) -> torch.Tensor:
     if control is None:
         raise BadItem("no control image")
     try:
-        with Image.open(io.BytesIO(control) if isinstance(control, bytes) else control) as file:
+        with opened(control, "control image") as file:
             return prepare_control(file, placement)
-    except FileNotFoundError:
-        raise BadItem(f"no control image ({Path(str(control)).name})") from None
+    except ImageRefused as error:
+        if error.reason == "no such file":
+            raise BadItem(f"no control image ({Path(str(control)).name})") from None
+        raise BadItem(f"control image: {error.reason}") from None
     except UNREADABLE as error:
-        raise BadItem(f"unreadable control image ({type(error).__name__}: {error})") from None
+        raise BadItem(f"control image: {unreadable(error)}") from None
 
 
 class CaptionedImages(Dataset):
@@ -355,10 +360,10 @@ def checked_images(
     bad, good = dict(bad), []
     for image, caption in entries:
         try:
-            with Image.open(image):
+            with opened(image, str(image)):
                 good.append((image, caption))
-        except UNREADABLE as error:
-            bad[str(image)] = f"unreadable image ({type(error).__name__}: {str(error).splitlines()[0]})"
+        except ImageRefused as error:
+            bad[str(image)] = error.reason
     return CaptionedImages(good, options, skipped=bad, controls=controls)
 
 

@@ -24,6 +24,7 @@ from transformers import CLIPModel, CLIPProcessor
 from ldm.data.datasets import IMAGE_SUFFIXES
 from ldm.data.transforms import to_rgb
 from ldm.errors import UserError
+from ldm.images import read_image
 
 
 def as_uint8(images: list[Image.Image], size: int | None = None) -> Tensor:
@@ -88,7 +89,4 @@ def read_images(folder: Path) -> list[Image.Image]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if len(files) < 2:
         raise UserError(f"--reference-dir {folder}: needs at least 2 images, found {len(files)}")
-    try:
-        return [Image.open(p) for p in files]
-    except OSError as error:
-        raise UserError(f"--reference-dir {folder}: an unreadable image ({error})") from None
+    return [read_image(path, f"--reference-dir {path}") for path in files]

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ldm.errors import ConfigError
 from ldm.files import writing
+from ldm.images import opened
 
 
 @dataclass(frozen=True)
@@ -313,6 +314,8 @@ class TrainConfig:
         for path in validation.control_images:
             if not Path(path).expanduser().is_file():
                 raise ConfigError(f"validation.control_images: {path}: no such file")
+            with opened(Path(path).expanduser(), f"validation.control_images: {path}"):
+                pass  # its header: a readable image of a size decoded here
 
     def _check_lora(self) -> None:
         if self.stage != "lora":

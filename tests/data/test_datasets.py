@@ -239,16 +239,19 @@ def test_boxes_in_webdataset_shards(tmp_path):
 
 
 def test_an_image_too_large_to_decode_is_set_aside_before_training(tmp_path, monkeypatch):
-    """PIL refuses to open an image over twice MAX_IMAGE_PIXELS (a 14000x14000 image against the
-    default 89 M); the limit is lowered here so that a 16x16 image stands for one."""
-    (tmp_path / "huge.png").write_bytes(png(size=(16, 16)))
-    (tmp_path / "huge.txt").write_text("x")
-    (tmp_path / "fine.png").write_bytes(png(size=(8, 8)))
-    (tmp_path / "fine.txt").write_text("x")
+    """Over MAX_IMAGE_PIXELS (89 M by default; lowered to 100 here so that small images stand for
+    large ones): PIL raises past twice the limit (16x16) and only warns below that (12x12); both
+    are set aside, with their size."""
+    for name, size in (("huge", (16, 16)), ("large", (12, 12)), ("fine", (8, 8))):
+        (tmp_path / f"{name}.png").write_bytes(png(size=size))
+        (tmp_path / f"{name}.txt").write_text("x")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     dataset = open_dataset(tmp_path, OPTIONS)
     assert [image.name for image, _ in dataset.entries] == ["fine.png"]
-    assert dataset.skipped[str(tmp_path / "huge.png")].startswith("unreadable image (DecompressionBombError")
+    assert dataset.skipped[str(tmp_path / "huge.png")] == "image too large (256 pixels, more than the 100 decoded here)"
+    assert dataset.skipped[str(tmp_path / "large.png")] == (
+        "image too large (12x12 = 144 pixels, more than the 100 decoded here)"
+    )
 
 
 def test_bad_metadata_lines_are_skipped_and_named_by_line(tmp_path):
