@@ -364,7 +364,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes, units)
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
     done = writer.done(jobs) if args.skip_existing else {}
-    (writer.first,) = broadcast_object_list([writer.first_number(done)])
+    numbers = writer.reserve(jobs, done) if state.is_main_process else None
+    (writer.first, writer.held), *_ = broadcast_object_list([numbers])  # the main process's
     with state.split_between_processes([job for job in jobs if job.index not in done]) as share:
         process = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
         return pipe, writer, Run(jobs, share, process, init_image, mask, config, controls)
@@ -389,9 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         process = run.process
         draw(pipe, writer, run)
     except UserError as error:
+        if writer:
+            writer.release()
         print(f"sample.py: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if writer:
+            writer.release()
         kept = f"{writer.written} finished image(s) kept in {writer.outdir}" if writer else "nothing written"
         print(f"sample.py: {process}interrupted; {kept}", file=sys.stderr)
         return 130

@@ -85,11 +85,11 @@ def remove_stale_partials(folder: Path) -> None:
         return
     for entry in folder.iterdir():
         match = _PARTIAL.match(entry.name)
-        if match and not _running(int(match.group(1))):
+        if match and not running(int(match.group(1))):
             _remove(entry)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

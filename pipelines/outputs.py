@@ -1,11 +1,11 @@
 """Writing a run to disk: numbered PNGs that carry their parameters, attention overlays, a grid.
 
 Each image is written the moment it is done, so an interrupted run keeps every finished image.
-A run's images are numbered from the highest number already in the folder, image k of the run
-under first + k whichever process draws it; a file appears under its name only once complete
-(written beside it, then linked into place), and never replaces another. `manifest.jsonl` gets a
-line per image (file, index in the run, settings), which is how a rerun with --skip-existing knows
-what is already drawn. The grid takes the number after the run's last image.
+A run reserves its numbers before it draws (pipelines/numbering.py: runs started together into one
+folder take distinct numbers), image k under first + k whichever process draws it, the grid the
+number after the last; a file appears under its name only once complete (written beside it, then
+linked into place), and never replaces another. `manifest.jsonl` gets a line per image (file,
+index in the run, settings), which is how a rerun with --skip-existing knows what is drawn.
 """
 
 import contextlib
@@ -27,9 +27,9 @@ from torch import Tensor
 from ldm.files import DiskFull, OutputExists, is_disk_full, writing
 from pipelines.infotext import format_infotext, infotext_pairs, infotext_unit
 from pipelines.jobs import Job
+from pipelines.numbering import number_of, release, reserve, take
 from pipelines.settings import Generated, GenerationConfig, declared, to_text
 
-_NUMBERED = re.compile(r"^(\d{5})-")
 MANIFEST = "manifest.jsonl"  # a line per image written into the folder: its file, index in the run, settings
 
 
@@ -143,12 +143,6 @@ def _emphasised(prompt: str, config: GenerationConfig) -> bool:
     return config.emphasis != "original" and brackets
 
 
-def next_number(outdir: Path) -> int:
-    """One past the highest 5-digit prefix in the folder (0 for a new folder)."""
-    numbers = [int(m.group(1)) for p in outdir.iterdir() if (m := _NUMBERED.match(p.name))]
-    return max(numbers, default=-1) + 1
-
-
 def save_png(image: Image.Image, path: Path, info: PngInfo | None = None) -> None:
     """Write beside the target, then link into place: the name appears only once the file is whole,
     and an existing file is never replaced (OutputExists)."""
@@ -181,25 +175,48 @@ def overlay(image: Image.Image, heatmap: Tensor) -> Image.Image:
 class RunWriter:
     """Writes a run's images as they come, image k under number `first + k` (the name one process and
     N processes give it), with a line per image in the folder's manifest.jsonl, then the run's grid.
-    A number another file took meanwhile (a second run writing into the folder) moves the image to
-    the folder's next free number: nothing collides and nothing is overwritten."""
+    The numbers are reserved first (`reserve`), so a second run writing into the folder at the same
+    time takes others: nothing collides, nothing is overwritten, no grid is lost."""
 
     def __init__(self, outdir: Path, settings: RunSettings, config: GenerationConfig):
         """`config`: the run's settings, resolved (what each image's PNG records)."""
         self.outdir, self.settings, self.config = outdir, settings, config
         self.first = 0
+        self.held: set[int] = set()  # numbers reserved for this run whose file is not written yet
+        self.owner = False  # this process reserved the numbers (the main one, when several share the run)
+        self.made_outdir = False  # the folder is this run's: removed again if the run writes nothing
         self.written = 0  # images this process wrote
 
     def expected(self, job: Job) -> dict[str, str]:
         """The PNG text chunks (and manifest fields) of a job's image."""
         return png_fields(job.prompt, job.seed, self.config, self.settings)
 
-    def first_number(self, done: dict[int, Path]) -> int:
-        """The run's first number: the one its images already on file (`done`) were written under,
-        else the folder's next free one."""
-        for index, path in done.items():
-            return int(_NUMBERED.match(path.name).group(1)) - index
-        return next_number(self.outdir) if self.outdir.is_dir() else 0
+    def reserve(self, jobs: list[Job], done: dict[int, Path]) -> tuple[int, set[int]]:
+        """Reserve the run's numbers (its images', then its grid's): a resumed run's own, those its
+        images on file (`done`) were written under, else the folder's next free ones; (first, held).
+        Launched as several processes, the main one reserves and the others are told."""
+        self.owner, self.made_outdir = True, not self.outdir.exists()
+        count = len(jobs) + (len(jobs) > 1)  # the grid's number after the images'
+        if not done:
+            self.first = reserve(self.outdir, count)
+            self.held = set(range(self.first, self.first + count))
+            return self.first, self.held
+        index, path = next(iter(done.items()))
+        self.first = number_of(path.name) - index
+        missing = [self.first + k for k in range(count) if k not in done]
+        self.held = {number for number in missing if take(self.outdir, number)}  # else free ones, when written
+        return self.first, self.held
+
+    def release(self) -> None:
+        """Give back the numbers not written (a run stopped early); a folder the run made stays only
+        if it holds an image. Only by the process that reserved them."""
+        if not self.owner:
+            return
+        release(self.outdir, self.held)
+        self.held = set()
+        if self.made_outdir:
+            with contextlib.suppress(OSError):
+                self.outdir.rmdir()  # only when empty
 
     def done(self, jobs: list[Job]) -> dict[int, Path]:
         """The jobs whose image is on file: a manifest line with their settings, and the file it names."""
@@ -214,13 +231,15 @@ class RunWriter:
     def write(self, generated: Generated, job: Job) -> Path:
         """The image (with its parameters), its attention overlays, and its manifest line; the
         image's path."""
-        self.outdir.mkdir(parents=True, exist_ok=True)  # made only when there is an image to write
         fields = png_fields(generated.prompt, generated.seed, generated.config, self.settings)
-        stem = self._claim(self.first + job.index, f"-{generated.seed}", generated.image, png_info(fields))
+        number = self._number(self.first + job.index)
+        stem = f"{number:05d}-{generated.seed}"
+        save_png(generated.image, self.outdir / f"{stem}.png", png_info(fields))
         for i, (token, heatmap) in enumerate(generated.attention_maps):
             name = re.sub(r"[^0-9A-Za-z]+", "_", token).strip("_") or "symbol"
             save_png(overlay(generated.image, heatmap), self.outdir / f"{stem}-attention-{i:02d}-{name}.png")
         append_line(self.outdir / MANIFEST, {"index": job.index, "file": f"{stem}.png", **fields})
+        self._written(number)
         self.written += 1
         return self.outdir / f"{stem}.png"
 
@@ -230,33 +249,29 @@ class RunWriter:
         files = self.done(jobs)
         if len(jobs) < 2 or len(files) < len(jobs):  # one image, or other processes are still drawing
             return
-        number = self.first + len(jobs)
-        path = self.outdir / f"{number:05d}-grid.png"
-        taken = [other.name for other in self.outdir.glob(f"{number:05d}-*")]
-        if path.name in taken:  # written already: by another process, or before a resumed run
-            return
+        if (self.outdir / f"{self.first + len(jobs):05d}-grid.png").exists():  # another process of the run, or
+            return  # the run before it was resumed, wrote it
         images = []
         for index in sorted(files):
             with Image.open(files[index]) as image:
                 images.append(image.convert("RGB"))
-        if taken:  # another run's image has the number: the folder's next free one
-            self._claim(number, "-grid", grid(images))
-            return
+        number = self._number(self.first + len(jobs))
         with contextlib.suppress(OutputExists):  # another process of the run wrote it a moment ago
-            save_png(grid(images), path)
+            save_png(grid(images), self.outdir / f"{number:05d}-grid.png")
+        self._written(number)
 
-    def _claim(self, number: int, suffix: str, image: Image.Image, info: PngInfo | None = None) -> str:
-        """Save as NNNNN{suffix}.png under `number`, or the next free one if a file has it; the stem."""
-        for _ in range(100):
-            if not any(self.outdir.glob(f"{number:05d}-*")):
-                stem = f"{number:05d}{suffix}"
-                try:
-                    save_png(image, self.outdir / f"{stem}.png", info)
-                    return stem
-                except OutputExists:  # another run took that name first
-                    pass
-            number = next_number(self.outdir)
-        raise OutputExists(f"{self.outdir}: no free image number after 100 tries")
+    def _number(self, number: int) -> int:
+        """`number` when it is the run's, else (a resumed run whose number another run took while it
+        was stopped) the folder's next free one, reserved."""
+        if number in self.held:
+            return number
+        number = reserve(self.outdir, 1)
+        self.held.add(number)
+        return number
+
+    def _written(self, number: int) -> None:
+        release(self.outdir, [number])
+        self.held.discard(number)
 
 
 def read_manifest(outdir: Path) -> list[dict]:

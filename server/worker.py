@@ -128,8 +128,8 @@ class Worker:
         settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes,
                                controls=units)  # fmt: skip
         writer = RunWriter(self.outdir, settings, config)
-        writer.first = writer.first_number({})
         jobs = plan([order.prompt], config.num_images, config.seed)
+        writer.reserve(jobs, {})
         self.progress = Progress(len(jobs), started=time.time(), job_timestamp=time.strftime("%Y%m%d%H%M%S"))
         drawn = Drawn(config, [], settings)
         try:
@@ -143,6 +143,7 @@ class Worker:
         except Interrupted:
             pass  # the images finished so far are written and returned, as A1111 returns them
         finally:
+            writer.release()  # the numbers of images not drawn (interrupted, or failed)
             self.progress = Progress()  # idle, as A1111's state.end()
         return drawn
 

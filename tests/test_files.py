@@ -2,10 +2,14 @@
 files go at the next write; a full disk is one line (ldm/files.py)."""
 
 import errno
+import multiprocessing
 import os
 import stat
 import subprocess
 import sys
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from PIL import Image
 from commands.convert import main as convert
 from ldm.files import DiskFull, OutputExists, writing
 from pipelines.jobs import plan
+from pipelines.numbering import reserve
 from pipelines.outputs import RunSettings, RunWriter
 from pipelines.settings import Generated, GenerationConfig
 
@@ -64,19 +69,60 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
 CONFIG = GenerationConfig(steps=2, guidance_scale=2.0, scheduler="euler", seed=0, height=8, width=8)
 
 
-def test_two_runs_into_one_folder_take_the_next_free_numbers(tmp_path):
+def test_two_runs_into_one_folder_take_distinct_numbers_and_each_keeps_its_grid(tmp_path):
+    """Both reserve before either writes (as two runs started together do): the second run's numbers
+    follow the first's, grid included, however their images interleave."""
     settings = RunSettings("model", None, (), None, None)
     first, second = RunWriter(tmp_path, settings, CONFIG), RunWriter(tmp_path, settings, CONFIG)
     jobs = plan(["p"], 2, 0)
+    for writer in (first, second):
+        writer.reserve(jobs, {})
     image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
     for job in jobs:
-        for writer in (first, second):
+        for writer in (second, first):
             writer.write(Generated(image=image, prompt="p", seed=job.seed, config=CONFIG), job)
     first.finish(jobs)
     second.finish(jobs)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["00000-0.png", "00001-0.png", "00002-1.png", "00003-1.png", "00004-grid.png", "00005-grid.png",
+    assert names == ["00000-0.png", "00001-1.png", "00002-grid.png", "00003-0.png", "00004-1.png", "00005-grid.png",
                      "manifest.jsonl"]  # fmt: skip
+
+
+def _reserve_many(outdir: Path, start: Event, rounds: int, found: Queue) -> None:
+    start.wait()
+    found.put([reserve(outdir, 4) for _ in range(rounds)])
+
+
+def test_processes_reserving_at_once_never_share_a_number(tmp_path):
+    """Eight real processes released together, each reserving blocks of four numbers ten times
+    (forked: they run the reservation alone, not the libraries' imports)."""
+    context = multiprocessing.get_context("fork")
+    start, found = context.Event(), context.Queue()
+    workers = [context.Process(target=_reserve_many, args=(tmp_path, start, 10, found)) for _ in range(8)]
+    for worker in workers:
+        worker.start()
+    start.set()
+    firsts = [first for _ in workers for first in found.get(timeout=60)]
+    for worker in workers:
+        worker.join(60)
+    numbers = [first + k for first in firsts for k in range(4)]
+    assert len(set(numbers)) == len(numbers) == 8 * 10 * 4  # each number once (a gap may stay where runs met)
+    held = sorted(int(p.name[1:6]) for p in tmp_path.iterdir())  # until written: these processes write nothing
+    assert held == sorted(numbers)
+
+
+def test_a_killed_runs_reservations_are_freed_by_the_next_run(tmp_path):
+    (tmp_path / ".00000.reserved").write_text("99999999")  # a pid that does not run
+    (tmp_path / ".00001.reserved").write_text(str(os.getpid()))  # a run still drawing
+    assert reserve(tmp_path, 1) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".00001.reserved", ".00002.reserved"]
+
+
+def test_a_run_stopped_before_its_first_image_leaves_no_folder(tmp_path):
+    writer = RunWriter(tmp_path / "run", RunSettings("model"), CONFIG)
+    writer.reserve(plan(["p"], 3, 0), {})
+    writer.release()
+    assert not (tmp_path / "run").exists()
 
 
 def test_convert_onto_an_existing_output_is_refused_before_reading_the_model(tmp_path, capsys):

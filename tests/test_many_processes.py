@@ -132,3 +132,40 @@ def test_the_metrics_are_the_same_with_their_images_drawn_by_two_processes(tiny_
     alone = json.loads(capsys.readouterr().out)
     shared = json.loads(launch(2, ["-m", "commands.eval_metrics", *argv]).stdout)
     assert alone == shared and alone["images"] == len(PROMPTS)
+
+
+def test_two_runs_started_together_into_one_folder_take_distinct_numbers_and_keep_their_grids(tiny_model_dir, tmp_path):
+    """Issue 42: two sample.py processes started together with --num-images 3 each, three times over
+    into one folder. Each round adds 8 files under 8 numbers: each run's 3 images and its grid."""
+    outdir = tmp_path / "shared"
+    command = [sys.executable, "sample.py", "--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "30",
+               "--num-images", "3", "--device", "cpu", "--dtype", "fp32", "--outdir", str(outdir)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for round_ in range(3):
+        seeds = (10 * round_, 10 * round_ + 3)
+        runs = [subprocess.Popen([*command, "--seed", str(seed)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for seed in seeds]  # fmt: skip
+        results = [(run.wait(300), run.stderr.read()) for run in runs]
+        assert [code for code, _ in results] == [0, 0], results
+        names = sorted(p.name for p in outdir.glob("*.png"))
+        numbers = [int(name[:5]) for name in names]
+        assert len(set(numbers)) == len(numbers) == 8 * (round_ + 1), names
+        assert sum(name.endswith("-grid.png") for name in names) == 2 * (round_ + 1), names
+    assert [p.name for p in outdir.iterdir() if p.name.startswith(".")] == []  # no reservation left behind
+    by_number = {int(entry["file"][:5]): int(entry["seed"]) for entry in manifest(outdir)}
+    for grid in outdir.glob("*-grid.png"):  # a grid follows its own run's three images
+        seeds = [by_number[int(grid.name[:5]) - k] for k in (3, 2, 1)]
+        assert seeds == list(range(seeds[0], seeds[0] + 3)), (grid.name, seeds)
+
+
+def test_two_runs_prepared_before_either_draws_keep_distinct_numbers_and_both_grids(tiny_model_dir, tmp_path):
+    """The race above made certain: both runs are set up (their numbers taken) before either writes."""
+    outdir = tmp_path / "shared"
+    argv = ["--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "1", "--num-images", "3",
+            "--device", "cpu", "--outdir", str(outdir)]  # fmt: skip
+    runs = [sample.prepare(sample.parse([*argv, "--seed", seed])) for seed in ("0", "3")]
+    for run in runs:
+        sample.draw(*run)
+    names = sorted(p.name for p in outdir.iterdir())
+    assert names == ["00000-0.png", "00001-1.png", "00002-2.png", "00003-grid.png",
+                     "00004-3.png", "00005-4.png", "00006-5.png", "00007-grid.png", "manifest.jsonl"]  # fmt: skip
