@@ -41,6 +41,7 @@ def make_parser() -> Parser:
     limits.add_argument("--max-images", type=int, default=16, help="batch_size x n_iter")
     limits.add_argument("--max-batch", type=int, default=8)
     limits.add_argument("--max-body-mb", type=int, default=32, help="of a request body")
+    limits.add_argument("--max-controlnets", type=int, default=3, help="ControlNet units")
     return parser
 
 
@@ -63,7 +64,7 @@ def parse(argv: list[str] | None):
         if args.api_auth is None:
             raise UsageError("--listen serves every address: give --api-auth USER:PASS as well")
         args.host = "0.0.0.0"
-    for name in ("port", "queue", "max_steps", "max_side", "max_images", "max_batch", "max_body_mb"):
+    for name in ("port", "queue", "max_steps", "max_side", "max_images", "max_batch", "max_body_mb", "max_controlnets"):
         if getattr(args, name) < (0 if name == "queue" else 1):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be positive")
     check_writable(args.outdir, f"--outdir {args.outdir}")
@@ -72,11 +73,13 @@ def parse(argv: list[str] | None):
 
 def build(args):
     """The app for the parsed arguments (the tests build it the same way)."""
-    from server.app import Limits, Server, make_app
+    from server.app import Server, make_app
+    from server.limits import Limits
     from server.worker import Worker
 
-    limits = Limits(args.max_steps, args.max_side, args.max_images, args.max_batch, args.max_body_mb << 20)
-    worker = Worker(args.outdir, args.device, args.dtype, args.queue, args.embeddings_dir)
+    limits = Limits(args.max_steps, args.max_side, args.max_images, args.max_batch, args.max_body_mb << 20,
+                    controlnets=args.max_controlnets)  # fmt: skip
+    worker = Worker(args.outdir, args.device, args.dtype, args.queue, limits, args.embeddings_dir)
     server = Server(worker, args.model, args.models_dir, args.lora_dir, limits, args.controlnet_dir)
     auth = None if args.api_auth is None else tuple(args.api_auth.split(":", 1))
     return make_app(server, auth)

@@ -21,6 +21,7 @@ from ldm.images import ImageRefused, read_image
 from pipelines.choices import CANNY_THRESHOLDS, CONTROL_PREPROCESSORS, HIRES_UPSCALERS, SCHEDULERS, WEBUI_EMPHASIS
 from pipelines.extra_networks import lora_tags
 from pipelines.settings import GenerationConfig, declared, value_type
+from server.limits import Limits
 
 # A1111 1.9+ names a sampler and its schedule apart; "automatic" is each sampler's default schedule:
 # Karras for these two (modules/sd_samplers_kdiffusion.py, samplers_k_diffusion), uniform for the rest.
@@ -116,8 +117,9 @@ class ControlRequest:
     module: str  # none or canny
 
 
-def translate(request: BaseModel, max_pixels: int) -> Translated:
-    """The request as our settings, every field checked; images decoded (at most `max_pixels` each)."""
+def translate(request: BaseModel, limits: Limits) -> Translated:
+    """The request as our settings, every field checked, the server's limits first; then the images
+    decoded (at most `limits.upload_pixels` each)."""
     fields = request.model_dump()
     init_images, mask = fields.get("init_images"), fields.get("mask")
     _check_neutral(fields, masked=bool(mask))
@@ -143,6 +145,8 @@ def translate(request: BaseModel, max_pixels: int) -> Translated:
         "emphasis": emphasis,
     })  # fmt: skip
     _check_eta(fields["eta"], config.scheduler)
+    limits.check(config, units=len(enabled_units(units)))
+    max_pixels = limits.upload_pixels
     init = None
     if init_images is not None:
         if len(init_images) != 1:
@@ -157,14 +161,9 @@ def controls(script: dict[str, Any], config: GenerationConfig, max_pixels: int) 
     """`alwayson_scripts.controlnet.args`: sd-webui-controlnet's units (internal_controlnet/
     external_code.py at 1e6f6890: module, model, weight, image, guidance_start/end, resize_mode,
     control_mode ...). A disabled unit is skipped; a field at a value drawn otherwise here is refused."""
-    units = script.get("args", []) if isinstance(script, dict) else None
-    if not isinstance(units, list):
-        raise Unsupported("alwayson_scripts.controlnet.args: a list of units")
     found = []
-    for k, unit in enumerate(units):
+    for k, unit in enabled_units(script):
         where = f"alwayson_scripts.controlnet.args[{k}]"
-        if unit is False or (isinstance(unit, dict) and unit.get("enabled", True) is False):
-            continue
         if not isinstance(unit, dict) or not unit.get("model") or unit.get("model") == "None":
             raise Unsupported(f"{where}: a unit is an object naming its model")
         module = str(unit.get("module", "none")).lower()
@@ -190,6 +189,15 @@ def controls(script: dict[str, Any], config: GenerationConfig, max_pixels: int) 
                                     float(unit.get("guidance_start", 0.0)), float(unit.get("guidance_end", 1.0)),
                                     module))  # fmt: skip
     return found
+
+
+def enabled_units(script: Any) -> list[tuple[int, Any]]:
+    """`alwayson_scripts.controlnet.args`'s units that are not disabled, with their places."""
+    units = script.get("args", []) if isinstance(script, dict) else None
+    if not isinstance(units, list):
+        raise Unsupported("alwayson_scripts.controlnet.args: a list of units")
+    return [(k, unit) for k, unit in enumerate(units)
+            if unit is not False and not (isinstance(unit, dict) and unit.get("enabled", True) is False)]  # fmt: skip
 
 
 def _check_resize(mode: Any, image: Image.Image, config: GenerationConfig, where: str) -> None:

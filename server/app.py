@@ -23,29 +23,10 @@ from pipelines.infotext import parse_infotext
 from pipelines.outputs import read_manifest
 from server import a1111
 from server.folders import Entry, find, list_controlnets, list_loras, list_models
+from server.limits import Limits
 from server.worker import Busy, Order, Worker
 
 PAGE = Path(__file__).resolve().parent / "page"
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; set on the command line."""
-
-    steps: int = 150
-    side: int = 2048  # pixels, each of width and height
-    images: int = 16  # batch_size x n_iter
-    batch: int = 8
-    body: int = 32 << 20  # bytes of a request body
-    upload_pixels: int = 4096 * 4096  # of an init image or mask
-
-    def check(self, translated: a1111.Translated) -> None:
-        config = translated.config
-        for name, value, most in (("steps", config.steps, self.steps), ("width", config.width, self.side),
-                                  ("height", config.height, self.side), ("images", config.num_images, self.images),
-                                  ("batch_size", config.batch_size, self.batch)):  # fmt: skip
-            if value is not None and value > most:
-                raise a1111.Unsupported(f"{name}={value}: this server allows at most {most}")
 
 
 @dataclass
@@ -73,7 +54,6 @@ class Server:
         return self.checkpoint or self.models()[0]
 
     def order(self, translated: a1111.Translated) -> Order:
-        self.limits.check(translated)
         checkpoint = self.current() if translated.checkpoint is None else self.model(translated.checkpoint)
         loras = tuple((find(self.loras(), name, "LoRA"), scale) for name, scale in translated.loras)
         controls = tuple(
@@ -240,7 +220,7 @@ def make_app(server: Server, auth: tuple[str, str] | None = None) -> FastAPI:
 
 
 def _generate(server: Server, request) -> dict[str, Any]:
-    translated = a1111.translate(request, server.limits.upload_pixels)
+    translated = a1111.translate(request, server.limits)
     order = server.order(translated)
     drawn = server.worker.draw(order)
     images = [a1111.encode_png(path.read_bytes()) for _, path in drawn.images] if request.send_images else []

@@ -25,6 +25,7 @@ from pipelines.settings import Generated, GenerationConfig
 from pipelines.text_to_image import TextToImagePipeline
 from server.a1111 import ControlRequest
 from server.folders import Entry
+from server.limits import Limits
 
 
 class Busy(Exception):
@@ -72,8 +73,9 @@ class Progress:
 
 
 class Worker:
-    def __init__(self, outdir: Path, device: str, dtype: str, queue: int, embeddings: Path | None = None):
-        self.outdir, self.device, self.dtype, self.queue = outdir, device, dtype, queue
+    def __init__(self, outdir: Path, device: str, dtype: str, queue: int, limits: Limits,
+                 embeddings: Path | None = None):  # fmt: skip
+        self.outdir, self.device, self.dtype, self.queue, self.limits = outdir, device, dtype, queue, limits
         self.embeddings = embeddings  # textual-inversion embeddings, listed afresh for every request
         self.progress = Progress()
         self._lock, self._counting = threading.Lock(), threading.Lock()
@@ -119,6 +121,7 @@ class Worker:
             for entry, unit in order.controls
         ]
         config, _ = pipe.resolve(order.config, order.init_image, order.mask, control)
+        self.limits.check(config, len(control))  # the model's default size, now filled in, and its hires pass
         loras = tuple((str(entry.path), scale) for entry, scale in order.loras)
         path, folder = order.checkpoint.path, self.embeddings and str(self.embeddings)
         units = tuple(

@@ -179,6 +179,51 @@ def test_bad_requests_are_422s_with_a_message(served, payload, status, message):
     assert response.status_code == status and message in response.text
 
 
+def png_base64(size: tuple[int, int] = (16, 16)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"enable_hr": True, "hr_scale": 4, "width": 2048, "height": 2048},
+         "hr_scale=4: the hires pass would draw 8192x8192; this server allows at most 2048 a side"),
+        ({"enable_hr": True, "hr_scale": 2, "width": 1536, "height": 512},
+         "hr_scale=2: the hires pass would draw 3072x1024; this server allows at most 2048 a side"),
+        ({"enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 100000},
+         "hr_second_pass_steps=100000: this server allows at most 20"),
+        ({"alwayson_scripts": {"controlnet": {"args": 4 * [{"model": "edges", "image": "IMAGE"}]}}},
+         "alwayson_scripts.controlnet.args (units)=4: this server allows at most 3"),
+    ],
+)  # fmt: skip
+def test_the_hires_pass_and_controlnet_units_are_bounded_before_any_image_is_decoded(
+    served, monkeypatch, payload, message
+):
+    """Issue 42: the hires pass's output size and steps, and the number of units, were unbounded."""
+    client, tmp_path = served
+    monkeypatch.setattr("server.a1111.read_image", lambda *_: pytest.fail("an image was decoded"))
+    payload = json.loads(json.dumps(payload).replace('"IMAGE"', json.dumps(png_base64())))
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1} | payload)
+    assert (response.status_code, response.json()["detail"]) == (422, message)
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_the_hires_pass_of_the_models_default_size_is_bounded_before_drawing(tiny_model_dir, tmp_path):
+    """No width or height in the request: the model's own size (16x16 for the tiny model), known once
+    it is loaded, is checked before the first step."""
+    argv = ["--model", str(tiny_model_dir), "--outdir", str(tmp_path / "out"), "--device", "cpu", "--max-side", "32"]
+    client = TestClient(serve.build(serve.parse(argv)))
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "enable_hr": True, "hr_scale": 4})
+    assert (response.status_code, response.json()["detail"]) == (
+        422, "hr_scale=4: the hires pass would draw 64x64; this server allows at most 32 a side"
+    )  # fmt: skip
+    assert not list((tmp_path / "out").glob("*"))
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "enable_hr": True, "hr_scale": 2})
+    assert response.status_code == 200 and decode(response.json()["images"][0]).size == (32, 32)
+
+
 def test_malformed_json_oversized_bodies_and_bombs_are_refused(served, tiny_model_dir, tmp_path):
     client, _ = served
     assert client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"}
