@@ -32,6 +32,7 @@ if __name__ == "__main__":  # before torch, diffusers and transformers load
 import argparse
 import random
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -43,6 +44,7 @@ from ldm.errors import UserError
 from ldm.files import SINGLE_FILE_SUFFIXES
 from pipelines.choices import CONTROL_PREPROCESSORS
 from pipelines.infotext import InfotextError, settings_from_png
+from pipelines.model_files import find_model, model_hash
 from pipelines.settings import MAX_SEED, SDXL, GenerationConfig, declared, value_type
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
@@ -53,9 +55,7 @@ if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once t
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = (
     "prompt",
-    "model",
     "lora",
-    "refiner",
     "embeddings",
     *(item.name for item, setting in declared() if setting.png),
 )
@@ -68,6 +68,13 @@ def make_parser() -> Parser:
     prompts.add_argument("--prompt-file", type=Path, help="one prompt per line")
     parser.add_argument("--from-png", type=Path, help="the settings of a PNG made here (or by A1111); flags override")
     parser.add_argument("--model", help="model folder, hub id, or SD .safetensors/.ckpt (default: the shipped model)")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="--from-png looks here (and beside the shipped model) for the PNG's model; repeatable",
+    )
     groups = add_settings(parser)
     parser.add_argument("--outdir", type=Path, help="default: a new folder under outputs/")
     parser.add_argument(
@@ -135,10 +142,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with a PNG's settings filled in and the combinations checked."""
     args = make_parser().parse_args(argv)
     args.ti_hashes = None  # the embeddings a --from-png image used (A1111's "TI hashes")
+    for folder in args.models_dir or []:
+        if not folder.is_dir():
+            raise UsageError(f"--models-dir {folder}: no such folder")
     if args.from_png is not None:
         apply_png_settings(args)
     if args.prompt is None and args.prompt_file is None:
         raise UsageError("one of --prompt, --prompt-file or --from-png is required")
+    if args.models_dir is not None and args.from_png is None:
+        raise UsageError("--models-dir is where --from-png looks for the PNG's model; name a model with --model")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image: it says how far to move from that picture")
     if args.refiner_switch is not None and args.refiner is None:
@@ -160,12 +172,32 @@ def apply_png_settings(args: argparse.Namespace) -> None:
     for name in FROM_PNG:
         if getattr(args, name) is None and settings.get(name) is not None:
             setattr(args, name, settings[name])
+    if args.model is None and (settings.get("model") or settings.get("model_hash")):
+        args.model = png_model(args, "model", settings.get("model"), settings.get("model_hash"))
+    if args.refiner is None and settings.get("refiner"):
+        args.refiner = png_model(args, "refiner", settings["refiner"], settings.get("refiner_hash"))
     args.ti_hashes = settings.get("ti_hashes")
     if args.prompt_file is not None:
         args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
     apply_png_controls(args, settings.get("controlnet") or [])
     if settings.get("strength") is not None and args.init_image is None:
         raise UsageError(f"--from-png {args.from_png}: it was drawn from an init image; pass it with --init-image")
+
+
+def png_model(args: argparse.Namespace, what: str, name: str | None, short_hash: str | None) -> str:
+    """The model (or refiner) a PNG was drawn with, found by name and hash beside the default model
+    and in --models-dir; one line naming it when it is in neither."""
+    folders = [DEFAULT_MODEL.parent, *(args.models_dir or [])]
+    found = find_model(name, short_hash, folders)
+    named = f"{name or '?'} [{short_hash}]" if short_hash else name
+    if found is None:
+        where = " or ".join(str(folder) for folder in folders)
+        raise UsageError(f"--from-png {args.from_png}: drawn with the {what} {named}, which is not in {where}; "
+                         f"pass --{what} PATH or --models-dir DIR")  # fmt: skip
+    if found.other_hash:
+        warnings.warn(f"--from-png: {found.source} has the {what}'s name but hash {found.other_hash}, not "
+                      f"{short_hash}: the picture may differ", stacklevel=2)  # fmt: skip
+    return found.source
 
 
 def apply_png_controls(args: argparse.Namespace, units: list[dict]) -> None:
@@ -328,7 +360,7 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     from pipelines.devices import describe_device, start_processes
     from pipelines.embeddings import EmbeddingFolder, check_hashes
     from pipelines.jobs import plan
-    from pipelines.outputs import ControlRecord, RunSettings, RunWriter, model_hash
+    from pipelines.outputs import ControlRecord, RunSettings, RunWriter
     from pipelines.text_to_image import TextToImagePipeline
 
     quiet_libraries()

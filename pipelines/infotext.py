@@ -87,14 +87,15 @@ def settings_from_png(path: Path) -> dict[str, Any]:
 
 def _ours(chunks: dict[str, str]) -> dict[str, Any]:
     """Every recorded setting, by its declaration's type; the run's model, LoRAs and refiner."""
-    settings: dict[str, Any] = {"prompt": chunks["prompt"], "model": chunks.get("model")}
+    settings: dict[str, Any] = {"prompt": chunks["prompt"], "model": chunks.get("model"),
+                                "model_hash": chunks.get("model_hash")}  # fmt: skip
     for item, declaration in declared():
         if declaration.png and item.name in chunks:
             settings[item.name] = from_text(item, chunks[item.name])
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
     settings["lora"] = [(path, float(scale)) for path, _, scale in loras]
     settings["controlnet"] = json.loads(chunks["controlnet"]) if "controlnet" in chunks else []
-    return settings | ({"refiner": chunks["refiner"]} if "refiner" in chunks else {})
+    return settings | {key: chunks[key] for key in ("refiner", "refiner_hash") if key in chunks}
 
 
 def infotext_pairs(config: GenerationConfig) -> dict[str, Any]:
@@ -114,7 +115,8 @@ def _webui(fields: dict[str, str]) -> dict[str, Any]:
     """The settings an A1111 infotext names, by our names and values."""
     if fields.get("Schedule type") == "Karras" and not fields.get("Sampler", "Karras").endswith("Karras"):
         fields["Sampler"] += " Karras"  # A1111 1.9+ writes the schedule apart from the sampler
-    settings: dict[str, Any] = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"]}
+    settings: dict[str, Any] = {"prompt": fields["Prompt"], "negative_prompt": fields["Negative prompt"],
+                                "model": fields.get("Model"), "model_hash": fields.get("Model hash")}  # fmt: skip
     width, _, height = fields.get("Size", "").partition("x")
     try:
         for item, declaration in declared():

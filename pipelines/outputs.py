@@ -9,7 +9,6 @@ index in the run, settings), which is how a rerun with --skip-existing knows wha
 """
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from torch import Tensor
 from ldm.files import DiskFull, OutputExists, is_disk_full, writing
 from pipelines.infotext import format_infotext, infotext_pairs, infotext_unit
 from pipelines.jobs import Job
+from pipelines.model_files import model_name
 from pipelines.numbering import number_of, release, reserve, take
 from pipelines.settings import Generated, GenerationConfig, declared, to_text
 
@@ -59,29 +59,11 @@ class RunSettings:
     controls: tuple[ControlRecord, ...] = ()  # the ControlNet units
 
 
-def model_hash(source: str, length: int = 10) -> str | None:
-    """A1111's short hash of a local model: the single file's SHA-256, or for a diffusers folder its
-    UNet weights file's (a ControlNet folder's own weights'); None for a hub id (no local file named
-    by the user). sd-webui-controlnet shows 8 digits, A1111 10."""
-    path = Path(source)
-    weights = path
-    if path.is_dir():
-        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
-        weights = weights if weights.is_file() else path / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        return None
-    digest = hashlib.sha256()
-    with weights.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:length]
-
-
 def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSettings) -> dict[str, str]:
     """An image's text chunks: one per recorded setting (what --from-png reads), and `parameters` in
     the A1111 form. `config` is resolved: it knows the size."""
     config = replace(config, seed=seed)  # the image's own
-    fields = {"prompt": prompt, "model": settings.model}
+    fields = {"prompt": prompt, "model": model_name(settings.model)}
     for item, declaration in declared():
         if declaration.png and getattr(config, item.name) is not None:
             fields[item.name] = to_text(getattr(config, item.name))
@@ -90,7 +72,9 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
     if settings.loras:
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
     if settings.refiner:
-        fields["refiner"] = settings.refiner
+        fields["refiner"] = model_name(settings.refiner)
+    if settings.refiner_hash:
+        fields["refiner_hash"] = settings.refiner_hash
     if settings.embeddings:
         fields["embeddings"] = settings.embeddings
     if settings.controls:
@@ -100,13 +84,13 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
     if not _emphasised(prompt, config):
         settings_pairs.pop("Emphasis", None)
     size = list(settings_pairs).index("Size") + 1  # A1111 names the model right after the size
-    refiner = settings.refiner and Path(settings.refiner).name
+    refiner = settings.refiner and model_name(settings.refiner)
     # A1111's create_infotext (modules/processing.py, 9a224a5c): its own keys to Model, then
     # Denoising strength, then the extras in the order they are added: the hires fix's (at init),
     # the text encoder's (TI hashes, then Emphasis), the LoRAs', the refiner's.
     pairs = dict(list(settings_pairs.items())[:size]) | {
         "Model hash": settings.model_hash,
-        "Model": Path(settings.model).name or settings.model,
+        "Model": model_name(settings.model),
         "Denoising strength": settings_pairs.pop("Denoising strength", None),
     }
     switch = settings_pairs.pop("Refiner switch at", None)

@@ -18,7 +18,8 @@ from ldm.controlnet import ControlNet
 from ldm.errors import UserError
 from pipelines.control import Control, preprocess
 from pipelines.jobs import plan
-from pipelines.outputs import ControlRecord, RunSettings, RunWriter, model_hash
+from pipelines.model_files import model_hash
+from pipelines.outputs import ControlRecord, RunSettings, RunWriter
 from pipelines.pictures import tensor_to_image
 from pipelines.prompts import encoder_widths
 from pipelines.settings import Generated, GenerationConfig

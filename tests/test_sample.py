@@ -17,6 +17,7 @@ import sample
 from ldm.model import read_preset
 from ldm.single_file import save_single_file
 from pipelines.choices import SCHEDULERS
+from pipelines.model_files import model_hash
 from pipelines.outputs import read_manifest
 from pipelines.text_to_image import TextToImagePipeline
 
@@ -50,7 +51,7 @@ def test_writes_numbered_pngs_carrying_their_parameters_and_a_grid(tiny_model_di
         "scheduler": "euler",
         "guidance_scale": "7.5",
     }
-    assert info["model"] == str(tiny_model_dir)
+    assert (info["model"], info["model_hash"]) == ("tiny", model_hash(tiny_model_dir))  # the name, not the path
     weights = (tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     short_hash = hashlib.sha256(weights).hexdigest()[:10]  # A1111's "Model hash"
     assert info["parameters"] == (
@@ -160,7 +161,7 @@ def test_without_a_model_the_shipped_default_is_used(tiny_model_dir, tmp_path, c
     monkeypatch.setattr(sample, "DEFAULT_MODEL", tiny_model_dir)
     code, out, _ = run(capsys, "--prompt", "a red circle", "--steps", "1", "--outdir", tmp_path)
     assert code == 0 and out.splitlines()[-1].startswith("wrote 1 image(s)")
-    assert Image.open(tmp_path / next(p.name for p in tmp_path.glob("*.png"))).text["model"] == str(tiny_model_dir)
+    assert Image.open(tmp_path / next(p.name for p in tmp_path.glob("*.png"))).text["model"] == "tiny"
 
 
 def test_without_a_model_it_says_none_is_installed(tmp_path, capsys, monkeypatch):
@@ -241,12 +242,70 @@ def test_from_png_draws_the_same_image_again(tiny_model_dir, tmp_path, capsys):
                "--emphasis", "comfy"]  # fmt: skip
     assert run(capsys, "--model", tiny_model_dir, *options, "--outdir", tmp_path / "first")[0] == 0
     first = tmp_path / "first" / "00000-3.png"
-    assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    assert (
+        run(capsys, "--models-dir", tiny_model_dir.parent, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    )
     again = tmp_path / "again" / "00000-3.png"
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert Image.open(again).text == Image.open(first).text
-    assert run(capsys, "--from-png", first, "--seed", "4", "--outdir", tmp_path / "other")[0] == 0  # flags win
+    assert (
+        run(
+            capsys,
+            "--models-dir",
+            tiny_model_dir.parent,
+            "--from-png",
+            first,
+            "--seed",
+            "4",
+            "--outdir",
+            tmp_path / "other",
+        )[0]
+        == 0
+    )  # flags win
     assert Image.open(tmp_path / "other" / "00000-4.png").text["prompt"] == "a (red:1.3) circle, BREAK on grey"
+
+
+def test_a_png_records_the_models_name_and_hash_and_from_png_finds_it_by_either(tiny_model_dir, tmp_path, capsys):
+    """Issue 42: the `model` key held the model's absolute path (the user's folders). Now the name and
+    hash, as A1111 records them; --from-png finds the model beside the shipped one or in --models-dir,
+    by name and hash, by hash alone once renamed, or says which model it needs."""
+    home = tmp_path / "home" / "alice" / "models"
+    shutil.copytree(tiny_model_dir, home / "tiny-v2")
+    argv = ["--model", home / "tiny-v2", "--prompt", "a red circle", "--seed", "3", "--steps", "2"]
+    assert run(capsys, *argv, "--outdir", tmp_path / "first")[0] == 0
+    first = tmp_path / "first" / "00000-3.png"
+    with Image.open(first) as image:
+        chunks, pixels = dict(image.text), np.asarray(image)
+    short = model_hash(tiny_model_dir)
+    assert (chunks["model"], chunks["model_hash"]) == ("tiny-v2", short)
+    assert "alice" not in json.dumps(chunks) and "Model hash: " + short + ", Model: tiny-v2" in chunks["parameters"]
+
+    code, _, err = run(capsys, "--from-png", first, "--outdir", tmp_path / "no")
+    assert code == 2 and err == (
+        f"sample.py: error: --from-png {first}: drawn with the model tiny-v2 [{short}], which is not in "
+        f"{Path(sample.__file__).resolve().parent / 'models'}; pass --model PATH or --models-dir DIR\n"
+    )
+    assert run(capsys, "--models-dir", home, "--from-png", first, "--outdir", tmp_path / "named")[0] == 0
+    (home / "tiny-v2").rename(home / "renamed")
+    assert run(capsys, "--models-dir", home, "--from-png", first, "--outdir", tmp_path / "hashed")[0] == 0
+    for folder in ("named", "hashed"):
+        with Image.open(tmp_path / folder / "00000-3.png") as image:
+            assert np.array_equal(np.asarray(image), pixels) and image.text["model"] in ("tiny-v2", "renamed")
+
+
+def test_from_png_finds_an_a1111_pngs_model_by_name_and_warns_when_its_hash_differs(tiny_model_dir, tmp_path, capsys):
+    """A1111 names its model by stem ("Model: tiny") and 10-digit hash; a file of that name whose hash
+    differs is used, with a warning that the picture may differ."""
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 5, Size: 16x16, "
+                                "Model hash: 0123456789, Model: tiny")  # fmt: skip
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    argv = ["--models-dir", tiny_model_dir.parent, "--from-png", tmp_path / "a1111.png", "--outdir", tmp_path / "out"]
+    with pytest.warns(
+        UserWarning, match=rf"has the model's name but hash {model_hash(tiny_model_dir)}, not 0123456789"
+    ):
+        assert run(capsys, *argv)[0] == 0
+    assert Image.open(tmp_path / "out" / "00000-5.png").text["model"] == "tiny"
 
 
 def test_from_png_reads_an_a1111_infotext(tiny_model_dir, tmp_path, capsys):
@@ -312,7 +371,9 @@ def test_sdxl_size_conditioning_from_the_command_line_is_recorded_and_drawn_agai
     assert (text["original_size"], text["crop_top_left"], text["target_size"]) == ("48,32", "0,8", "16,16")
     assert (text["negative_original_size"], text["negative_crop_top_left"]) == ("8,8", "0,0")
     assert text["prompt_2"] == "a blue square" and "negative_prompt_2" not in text
-    assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    assert (
+        run(capsys, "--models-dir", tiny_sdxl_dir.parent, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    )
     again = tmp_path / "again" / "00000-5.png"
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert Image.open(again).text == text
@@ -339,9 +400,19 @@ def test_an_embedding_beside_the_model_is_used_recorded_and_required_by_from_png
     assert f'TI hashes: "rose: {digest[:12]}"' in Image.open(first).text["parameters"]
     as_text = np.asarray(Image.open(tmp_path / "text" / "00000-1.png"))
     assert not np.array_equal(np.asarray(Image.open(first)), as_text)
-    assert run(capsys, "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
+    assert run(capsys, "--models-dir", tmp_path / "models", "--from-png", first, "--outdir", tmp_path / "again")[0] == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(tmp_path / "again" / "00000-1.png")))
-    code, _, err = run(capsys, "--from-png", first, "--embeddings", tmp_path / "empty", "--outdir", tmp_path / "no")
+    code, _, err = run(
+        capsys,
+        "--models-dir",
+        tmp_path / "models",
+        "--from-png",
+        first,
+        "--embeddings",
+        tmp_path / "empty",
+        "--outdir",
+        tmp_path / "no",
+    )
     assert code == 2 and f"the image used the embedding 'rose' [{digest[:12]}]: not in" in err
     assert err.count("\n") == 1 and not (tmp_path / "no").exists()
 
@@ -414,9 +485,24 @@ def test_a_controlnet_draws_records_and_draws_again_from_png(tiny_model_dir, con
     )
     expected = pipe("a red circle", seed=2, steps=4, control=[unit], progress=False)[0]
     assert np.array_equal(np.asarray(first), np.asarray(expected))
-    code, _, err = run(capsys, "--from-png", tmp_path / "a" / "00000-2.png", "--outdir", tmp_path / "b")
+    code, _, err = run(
+        capsys,
+        "--models-dir",
+        tiny_model_dir.parent,
+        "--from-png",
+        tmp_path / "a" / "00000-2.png",
+        "--outdir",
+        tmp_path / "b",
+    )
     assert code == 2 and "drawn with 1 ControlNet(s); pass the control image(s) with --control-image" in err
-    again = ["--from-png", tmp_path / "a" / "00000-2.png", "--control-image", tmp_path / "control.png"]
+    again = [
+        "--models-dir",
+        tiny_model_dir.parent,
+        "--from-png",
+        tmp_path / "a" / "00000-2.png",
+        "--control-image",
+        tmp_path / "control.png",
+    ]
     assert run(capsys, *again, "--outdir", tmp_path / "c")[0] == 0
     assert np.array_equal(np.asarray(first), np.asarray(Image.open(tmp_path / "c" / "00000-2.png")))
 

@@ -13,7 +13,7 @@ from PIL import Image
 import sample
 from conftest import perturbed_tiny_model
 from ldm.model import LatentDiffusion
-from pipelines.outputs import model_hash
+from pipelines.model_files import model_hash
 from pipelines.samplers import make_scheduler
 from pipelines.settings import GenerationError
 from pipelines.text_to_image import TextToImagePipeline
@@ -104,9 +104,14 @@ def test_sample_py_refines_records_the_refiner_and_draws_it_again(tiny_sdxl_dir,
     assert sample.main([str(o) for o in options] + ["--outdir", str(tmp_path / "first")]) == 0
     first = tmp_path / "first" / "00000-5.png"
     text = Image.open(first).text
-    assert (text["refiner"], text["refiner_switch"]) == (str(refiner_dir), "0.7")
+    assert (text["refiner"], text["refiner_hash"], text["refiner_switch"]) == (
+        "sdxl-refiner-tiny",
+        model_hash(refiner_dir),
+        "0.7",
+    )  # names and hashes, not paths
     assert f"Refiner: sdxl-refiner-tiny [{model_hash(str(refiner_dir))}], Refiner switch at: 0.7" in text["parameters"]
-    assert sample.main(["--from-png", str(first), "--outdir", str(tmp_path / "again")]) == 0
+    folders = [part for folder in {tiny_sdxl_dir.parent, refiner_dir.parent} for part in ("--models-dir", str(folder))]
+    assert sample.main(["--from-png", str(first), *folders, "--outdir", str(tmp_path / "again")]) == 0
     again = tmp_path / "again" / "00000-5.png"
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert Image.open(again).text == text
