@@ -84,13 +84,13 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
     if not _emphasised(prompt, config):
         settings_pairs.pop("Emphasis", None)
     size = list(settings_pairs).index("Size") + 1  # A1111 names the model right after the size
-    refiner = settings.refiner and model_name(settings.refiner)
+    refiner = settings.refiner and Path(settings.refiner).name
     # A1111's create_infotext (modules/processing.py, 9a224a5c): its own keys to Model, then
     # Denoising strength, then the extras in the order they are added: the hires fix's (at init),
     # the text encoder's (TI hashes, then Emphasis), the LoRAs', the refiner's.
     pairs = dict(list(settings_pairs.items())[:size]) | {
         "Model hash": settings.model_hash,
-        "Model": model_name(settings.model),
+        "Model": Path(settings.model).name or settings.model,  # as A1111: no path (a hub id's last part)
         "Denoising strength": settings_pairs.pop("Denoising strength", None),
     }
     switch = settings_pairs.pop("Refiner switch at", None)
