@@ -109,7 +109,9 @@ def make_parser() -> Parser:
     groups[SDXL].add_argument("--refiner", help="an SDXL refiner (folder, hub id or file) that runs the last steps")
     parser.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     parser.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on GPUs and CPUs with bf16 instructions), fp32, fp16 or bf16"
+        "--dtype",
+        help="auto (bf16 on GPUs and CPUs with bf16 instructions), fp32, fp16 or bf16; default: the precision a "
+        "--from-png image or a --skip-existing folder was drawn in, else auto",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode in tiles: large images in less memory")
@@ -142,6 +144,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     """The arguments, with a PNG's settings filled in and the combinations checked."""
     args = make_parser().parse_args(argv)
     args.ti_hashes = None  # the embeddings a --from-png image used (A1111's "TI hashes")
+    args.recorded_dtype = None  # where args.dtype was read from, when a PNG or a folder recorded it
     for folder in args.models_dir or []:
         if not folder.is_dir():
             raise UsageError(f"--models-dir {folder}: no such folder")
@@ -176,6 +179,8 @@ def apply_png_settings(args: argparse.Namespace) -> None:
         args.model = png_model(args, "model", settings.get("model"), settings.get("model_hash"))
     if args.refiner is None and settings.get("refiner"):
         args.refiner = png_model(args, "refiner", settings["refiner"], settings.get("refiner_hash"))
+    if args.dtype is None and settings.get("dtype"):
+        args.dtype, args.recorded_dtype = settings["dtype"], f"--from-png {args.from_png}"
     args.ti_hashes = settings.get("ti_hashes")
     if args.prompt_file is not None:
         args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
@@ -356,22 +361,29 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     # Every input is checked: now torch, diffusers and transformers load (seconds), then the model.
     from accelerate.utils import broadcast_object_list
 
+    from ldm.model import dtype_name
     from pipelines.control import Control, preprocess
-    from pipelines.devices import describe_device, start_processes
+    from pipelines.devices import describe_device, native, start_processes
     from pipelines.embeddings import EmbeddingFolder, check_hashes
     from pipelines.jobs import plan
-    from pipelines.outputs import ControlRecord, RunSettings, RunWriter
+    from pipelines.outputs import ControlRecord, RunSettings, RunWriter, recorded_dtype
     from pipelines.text_to_image import TextToImagePipeline
 
     quiet_libraries()
     if args.ti_hashes:  # --from-png: the embeddings the image used must be here
         check_hashes(embeddings and EmbeddingFolder(embeddings), args.ti_hashes)
     state, device = start_processes(args.device)  # this process, and the others a launcher started, if any
+    if args.dtype is None and args.skip_existing:
+        args.dtype, args.recorded_dtype = recorded_dtype(args.outdir), f"--skip-existing {args.outdir}"
+    if args.recorded_dtype and args.dtype and not native(args.dtype, device):
+        warnings.warn(f"{args.recorded_dtype} was drawn in {args.dtype}, which this {device.type} has no instructions "
+                      f"for: drawing in {args.dtype} all the same, emulated (slower, and the picture may differ "
+                      "slightly); --dtype chooses another", stacklevel=2)  # fmt: skip
     outdir, seed, images = args.outdir or new_outdir(), args.config.seed, len(prompts) * args.config.num_images
     seed = random.randrange(MAX_SEED + 1 - images) if seed is None else seed
     outdir, seed = broadcast_object_list([outdir, seed])  # the main process's
     pipe = TextToImagePipeline.from_pretrained(
-        source, device=str(device), dtype=args.dtype, compile=args.compile, vae_tiling=args.vae_tiling
+        source, device=str(device), dtype=args.dtype or "auto", compile=args.compile, vae_tiling=args.vae_tiling
     )
     if state.is_main_process:
         print(f"sample.py: {describe_device(pipe.device, pipe.dtype)}")
@@ -393,7 +405,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         ControlRecord(spec.path, spec.scale, spec.start, spec.end, spec.preprocess, model_hash(spec.path, 8))
         for spec in specs
     )
-    settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes, units)
+    settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes, units,
+                           dtype_name(pipe.dtype))  # fmt: skip
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
     done = writer.done(jobs) if args.skip_existing else {}
     numbers = writer.reserve(jobs, done) if state.is_main_process else None

@@ -75,6 +75,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def native(name: str, device: torch.device) -> bool:
+    """Whether the device computes in the precision `name` with instructions of its own; else it is
+    emulated: slower, and rounded otherwise than where it is native."""
+    if device.type == "cpu" and name in ("bf16", "fp16"):
+        return name == "bf16" and native_bf16() is not None
+    if device.type == "cuda" and name == "bf16":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
 def describe_device(device: torch.device, dtype: torch.dtype) -> str:
     """One line on where a run computes and why in that precision: what `sample.py` prints first."""
     if device.type == "cuda":

@@ -88,7 +88,7 @@ def settings_from_png(path: Path) -> dict[str, Any]:
 def _ours(chunks: dict[str, str]) -> dict[str, Any]:
     """Every recorded setting, by its declaration's type; the run's model, LoRAs and refiner."""
     settings: dict[str, Any] = {"prompt": chunks["prompt"], "model": chunks.get("model"),
-                                "model_hash": chunks.get("model_hash")}  # fmt: skip
+                                "model_hash": chunks.get("model_hash"), "dtype": chunks.get("dtype")}  # fmt: skip
     for item, declaration in declared():
         if declaration.png and item.name in chunks:
             settings[item.name] = from_text(item, chunks[item.name])

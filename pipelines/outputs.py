@@ -57,6 +57,7 @@ class RunSettings:
     # (prompt, config) -> A1111's "TI hashes" value for that image: the pipeline's ti_hashes
     ti_hashes: Callable[[str, GenerationConfig], str | None] | None = None
     controls: tuple[ControlRecord, ...] = ()  # the ControlNet units
+    dtype: str | None = None  # the precision drawn in (bf16 or fp32 on CPUs, by their instructions)
 
 
 def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSettings) -> dict[str, str]:
@@ -69,6 +70,8 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
             fields[item.name] = to_text(getattr(config, item.name))
     if settings.model_hash:
         fields["model_hash"] = settings.model_hash
+    if settings.dtype:
+        fields["dtype"] = settings.dtype
     if settings.loras:
         fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
     if settings.refiner:
@@ -271,6 +274,11 @@ def read_manifest(outdir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return [entry for entry in entries if isinstance(entry, dict)]
+
+
+def recorded_dtype(outdir: Path) -> str | None:
+    """The precision the folder's last image was drawn in (as its manifest line records it)."""
+    return next((entry["dtype"] for entry in reversed(read_manifest(outdir)) if entry.get("dtype")), None)
 
 
 def append_line(path: Path, entry: dict) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 from ldm.autoencoder import latents_to_images
 from ldm.controlnet import ControlNet
 from ldm.errors import UserError
+from ldm.model import dtype_name
 from pipelines.control import Control, preprocess
 from pipelines.jobs import plan
 from pipelines.model_files import model_hash
@@ -130,7 +131,7 @@ class Worker:
             for entry, unit in order.controls
         )
         settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes,
-                               controls=units)  # fmt: skip
+                               controls=units, dtype=dtype_name(pipe.dtype))  # fmt: skip
         writer = RunWriter(self.outdir, settings, config)
         jobs = plan([order.prompt], config.num_images, config.seed)
         writer.reserve(jobs, {})
