@@ -55,8 +55,6 @@ if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once t
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
 FROM_PNG = (
     "prompt",
-    "lora",
-    "embeddings",
     *(item.name for item, setting in declared() if setting.png),
 )
 
@@ -176,9 +174,13 @@ def apply_png_settings(args: argparse.Namespace) -> None:
         if getattr(args, name) is None and settings.get(name) is not None:
             setattr(args, name, settings[name])
     if args.model is None and (settings.get("model") or settings.get("model_hash")):
-        args.model = png_model(args, "model", settings.get("model"), settings.get("model_hash"))
+        args.model = png_file(args, "model", settings.get("model"), settings.get("model_hash"), "--model PATH")
     if args.refiner is None and settings.get("refiner"):
-        args.refiner = png_model(args, "refiner", settings["refiner"], settings.get("refiner_hash"))
+        args.refiner = png_file(args, "refiner", settings["refiner"], settings.get("refiner_hash"), "--refiner PATH")
+    if args.lora is None and settings.get("lora"):
+        hashes = settings.get("lora_hashes") or {}
+        args.lora = [(png_file(args, "LoRA", name, hashes.get(name), "--lora FILE"), scale)
+                     for name, scale in settings["lora"]]  # fmt: skip
     if args.dtype is None and settings.get("dtype"):
         args.dtype, args.recorded_dtype = settings["dtype"], f"--from-png {args.from_png}"
     args.ti_hashes = settings.get("ti_hashes")
@@ -189,16 +191,16 @@ def apply_png_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--from-png {args.from_png}: it was drawn from an init image; pass it with --init-image")
 
 
-def png_model(args: argparse.Namespace, what: str, name: str | None, short_hash: str | None) -> str:
-    """The model (or refiner) a PNG was drawn with, found by name and hash beside the default model
-    and in --models-dir; one line naming it when it is in neither."""
+def png_file(args: argparse.Namespace, what: str, name: str | None, short_hash: str | None, flag: str) -> str:
+    """A model, refiner, LoRA or ControlNet a PNG was drawn with, found by name and hash beside the
+    shipped model and in --models-dir (and their subfolders); one line naming it when it is in neither."""
     folders = [DEFAULT_MODEL.parent, *(args.models_dir or [])]
     found = find_model(name, short_hash, folders)
     named = f"{name or '?'} [{short_hash}]" if short_hash else name
     if found is None:
         where = " or ".join(str(folder) for folder in folders)
         raise UsageError(f"--from-png {args.from_png}: drawn with the {what} {named}, which is not in {where}; "
-                         f"pass --{what} PATH or --models-dir DIR")  # fmt: skip
+                         f"pass {flag} or --models-dir DIR")  # fmt: skip
     if found.other_hash:
         warnings.warn(f"--from-png: {found.source} has the {what}'s name but hash {found.other_hash}, not "
                       f"{short_hash}: the picture may differ", stacklevel=2)  # fmt: skip
@@ -206,16 +208,13 @@ def png_model(args: argparse.Namespace, what: str, name: str | None, short_hash:
 
 
 def apply_png_controls(args: argparse.Namespace, units: list[dict]) -> None:
-    """A PNG's ControlNet units: their folders (ours; A1111's name only a model, so --controlnet
-    must), scales, starts, ends and preprocessing, unless flags give them; the images must be given."""
+    """A PNG's ControlNet units: the ControlNets, found by name and hash (ours record both, A1111
+    "name [hash]"), their scales, starts, ends and preprocessing, unless flags give them; the
+    control images must be given."""
     if not units:
         return
     if args.controlnet is None:
-        unnamed = [unit["model"] for unit in units if unit["path"] is None]
-        if unnamed:
-            raise UsageError(f"--from-png: drawn with the ControlNet(s) {', '.join(map(str, unnamed))}; "
-                             "pass each folder with --controlnet")  # fmt: skip
-        args.controlnet = [unit["path"] for unit in units]
+        args.controlnet = [png_controlnet(args, unit) for unit in units]
     for name, key in (("control_scale", "scale"), ("control_start", "start"), ("control_end", "end"),
                       ("control_preprocess", "preprocess")):  # fmt: skip
         if getattr(args, name) is None:
@@ -225,6 +224,16 @@ def apply_png_controls(args: argparse.Namespace, units: list[dict]) -> None:
     if args.control_image is None:
         raise UsageError(f"--from-png: drawn with {len(units)} ControlNet(s); pass the control image(s) with "
                          "--control-image")  # fmt: skip
+
+
+def png_controlnet(args: argparse.Namespace, unit: dict) -> str:
+    if unit.get("path"):  # a PNG of ours from before names were recorded
+        return unit["path"]
+    name, short_hash = unit.get("name"), unit.get("hash")
+    if name is None:  # A1111's unit: "control_v11p_sd15_canny [d14c016b]"
+        name, _, short_hash = str(unit["model"]).partition(" [")
+        short_hash = short_hash.rstrip("]") or None
+    return png_file(args, "ControlNet", name, short_hash, "--controlnet PATH")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -405,8 +414,8 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
         ControlRecord(spec.path, spec.scale, spec.start, spec.end, spec.preprocess, model_hash(spec.path, 8))
         for spec in specs
     )
-    settings = RunSettings(source, model_hash(source), loras, refiner, refined, embeddings, pipe.ti_hashes, units,
-                           dtype_name(pipe.dtype))  # fmt: skip
+    settings = RunSettings(source, model_hash(source), loras, refiner, refined, tuple(model_hash(p) for p, _ in loras),
+                           pipe.ti_hashes, units, dtype_name(pipe.dtype))  # fmt: skip
     writer, jobs = RunWriter(outdir, settings, config), plan(prompts, config.num_images, config.seed)
     done = writer.done(jobs) if args.skip_existing else {}
     numbers = writer.reserve(jobs, done) if state.is_main_process else None

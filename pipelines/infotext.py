@@ -86,14 +86,17 @@ def settings_from_png(path: Path) -> dict[str, Any]:
 
 
 def _ours(chunks: dict[str, str]) -> dict[str, Any]:
-    """Every recorded setting, by its declaration's type; the run's model, LoRAs and refiner."""
+    """Every recorded setting, by its declaration's type; the run's model, LoRAs, refiner and
+    ControlNets, by name and hash."""
     settings: dict[str, Any] = {"prompt": chunks["prompt"], "model": chunks.get("model"),
                                 "model_hash": chunks.get("model_hash"), "dtype": chunks.get("dtype")}  # fmt: skip
     for item, declaration in declared():
         if declaration.png and item.name in chunks:
             settings[item.name] = from_text(item, chunks[item.name])
     loras = [line.rpartition(":") for line in chunks.get("lora", "").splitlines() if line]
-    settings["lora"] = [(path, float(scale)) for path, _, scale in loras]
+    settings["lora"] = [(name, float(scale)) for name, _, scale in loras]
+    hashes = [line.rpartition(":") for line in chunks.get("lora_hashes", "").splitlines() if line]
+    settings["lora_hashes"] = {name: digest for name, _, digest in hashes}
     settings["controlnet"] = json.loads(chunks["controlnet"]) if "controlnet" in chunks else []
     return settings | {key: chunks[key] for key in ("refiner", "refiner_hash") if key in chunks}
 

@@ -1,7 +1,8 @@
-"""Models on disk by name and hash: what a PNG records of its model, and how --from-png finds it.
+"""Models on disk by name and hash: what a PNG records of the files it was drawn with (model,
+refiner, LoRAs, ControlNets), and how --from-png finds them again.
 
-A PNG is shared, so it records a model as A1111 does, by name and short hash, never by its path
-(which names the user's folders): a local model's folder or file name, or a hub id as it is.
+A PNG is shared, so it records each file as A1111 does, by name and short hash, never by its path
+(which names the user's folders): a local file's or folder's name, or a hub id as it is.
 Plain files and hashlib only: sample.py reads a PNG before the libraries load.
 """
 
@@ -9,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
-MODEL_SUFFIXES = (".safetensors", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pth")  # models, LoRAs, ControlNets as single files
 
 
 def model_name(source: str) -> str:
@@ -36,13 +37,17 @@ def model_hash(source: str | Path, length: int = 10) -> str | None:
     return digest.hexdigest()[:length]
 
 
-def local_models(folders: list[Path]) -> list[Path]:
-    """The diffusers folders (model_index.json) and single files in these folders, in order."""
+def local_files(folders: list[Path], depth: int = 1) -> list[Path]:
+    """The weight files and diffusers folders (model_index.json or config.json) in these folders and,
+    `depth` levels down, their subfolders (as A1111's models/Stable-diffusion, models/Lora)."""
     found = []
     for folder in folders:
         for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if (path / "model_index.json").is_file() or (path.is_file() and path.suffix in MODEL_SUFFIXES):
+            weights = path.is_file() and path.suffix in WEIGHT_SUFFIXES
+            if weights or (path / "model_index.json").is_file() or (path / "config.json").is_file():
                 found.append(path)
+            elif path.is_dir() and depth > 0:
+                found += local_files([path], depth - 1)
     return found
 
 
@@ -52,13 +57,14 @@ class Found(NamedTuple):
 
 
 def find_model(name: str | None, short_hash: str | None, folders: list[Path]) -> Found | None:
-    """The model a PNG names, among the models in `folders`: by name (a folder's or file's name, or
-    a file's stem as A1111 writes it) with the recorded hash, else by hash alone (a renamed file),
-    else by name alone (`other_hash` says its hash differs); a hub id (owner/name) that is not on
-    disk, as itself; an older PNG's path, where it still exists. None when nothing fits."""
+    """The model (refiner, LoRA, ControlNet) a PNG names, among the files in `folders`: by name (a
+    folder's or file's name, or a file's stem as A1111 writes it) with the recorded hash, else by
+    hash alone (a renamed file), else by name alone (`other_hash` says its hash differs); a hub id
+    (owner/name) that is not on disk, as itself; an older PNG's path, where it still exists. None
+    when nothing fits."""
     if name and Path(name).is_absolute() and Path(name).exists():
         return Found(name)
-    models = local_models(folders)
+    models = local_files(folders)
     named = [path for path in models if name and Path(name).name in (path.name, path.stem)]
     hashes = {path: model_hash(path, len(short_hash)) for path in named} if short_hash else {}
     for path in named:

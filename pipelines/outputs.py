@@ -53,7 +53,7 @@ class RunSettings:
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale) merged into the model
     refiner: str | None = None  # SDXL: the refiner's folder or hub id
     refiner_hash: str | None = None
-    embeddings: str | None = None  # the textual-inversion embeddings folder
+    lora_hashes: tuple[str | None, ...] = ()  # each LoRA file's short hash, in order
     # (prompt, config) -> A1111's "TI hashes" value for that image: the pipeline's ti_hashes
     ti_hashes: Callable[[str, GenerationConfig], str | None] | None = None
     controls: tuple[ControlRecord, ...] = ()  # the ControlNet units
@@ -72,17 +72,20 @@ def png_fields(prompt: str, seed: int, config: GenerationConfig, settings: RunSe
         fields["model_hash"] = settings.model_hash
     if settings.dtype:
         fields["dtype"] = settings.dtype
-    if settings.loras:
-        fields["lora"] = "\n".join(f"{path}:{scale}" for path, scale in settings.loras)
+    if settings.loras:  # by name and hash, as the model: no path
+        fields["lora"] = "\n".join(f"{Path(path).name}:{scale}" for path, scale in settings.loras)
+    if settings.lora_hashes:
+        hashes = zip(settings.loras, settings.lora_hashes, strict=True)
+        fields["lora_hashes"] = "\n".join(f"{Path(path).name}:{digest}" for (path, _), digest in hashes)
     if settings.refiner:
         fields["refiner"] = model_name(settings.refiner)
     if settings.refiner_hash:
         fields["refiner_hash"] = settings.refiner_hash
-    if settings.embeddings:
-        fields["embeddings"] = settings.embeddings
     if settings.controls:
-        recorded = [{k: v for k, v in unit._asdict().items() if k != "hash"} for unit in settings.controls]
-        fields["controlnet"] = json.dumps(recorded)  # what --from-png reads back
+        units = [{"name": Path(unit.path).name} | unit._asdict() for unit in settings.controls]
+        for unit in units:
+            del unit["path"]  # by name and hash, as the model
+        fields["controlnet"] = json.dumps(units)  # what --from-png reads back
     settings_pairs = infotext_pairs(config)
     if not _emphasised(prompt, config):
         settings_pairs.pop("Emphasis", None)

@@ -125,12 +125,13 @@ class Worker:
         config, _ = pipe.resolve(order.config, order.init_image, order.mask, control)
         self.limits.check(config, len(control))  # the model's default size, now filled in, and its hires pass
         loras = tuple((str(entry.path), scale) for entry, scale in order.loras)
-        path, folder = order.checkpoint.path, self.embeddings and str(self.embeddings)
+        path = order.checkpoint.path
         units = tuple(
             ControlRecord(str(entry.path), unit.weight, unit.start, unit.end, unit.module, self.short_hash(entry.path))
             for entry, unit in order.controls
         )
-        settings = RunSettings(str(path), self._hash(path), loras, embeddings=folder, ti_hashes=pipe.ti_hashes,
+        lora_hashes = tuple(self._hash(entry.path) for entry, _ in order.loras)
+        settings = RunSettings(str(path), self._hash(path), loras, lora_hashes=lora_hashes, ti_hashes=pipe.ti_hashes,
                                controls=units, dtype=dtype_name(pipe.dtype))  # fmt: skip
         writer = RunWriter(self.outdir, settings, config)
         jobs = plan([order.prompt], config.num_images, config.seed)

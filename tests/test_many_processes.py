@@ -138,7 +138,7 @@ def test_two_runs_started_together_into_one_folder_take_distinct_numbers_and_kee
     """Issue 42: two sample.py processes started together with --num-images 3 each, three times over
     into one folder. Each round adds 8 files under 8 numbers: each run's 3 images and its grid."""
     outdir = tmp_path / "shared"
-    command = [sys.executable, "sample.py", "--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "30",
+    command = [sys.executable, "sample.py", "--model", str(tiny_model_dir), "--prompt", "a red circle", "--steps", "4",
                "--num-images", "3", "--device", "cpu", "--dtype", "fp32", "--outdir", str(outdir)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for round_ in range(3):

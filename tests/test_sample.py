@@ -130,19 +130,32 @@ def test_bad_arguments_give_one_line_and_exit_2(tiny_model_dir, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
-def test_a_lora_is_merged_and_recorded(tiny_model_dir, tmp_path, capsys):
+def test_a_lora_is_merged_and_recorded_by_name_and_hash_and_found_again_by_from_png(tiny_model_dir, tmp_path, capsys):
     layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     weights = {f"{layer}.lora_down.weight": torch.ones(1, 8), f"{layer}.lora_up.weight": torch.ones(8, 1)}
-    save_file(weights, tmp_path / "style.safetensors")
+    (tmp_path / "Lora").mkdir()  # as A1111's models/Lora
+    save_file(weights, tmp_path / "Lora" / "style.safetensors")
+    shutil.copytree(tiny_model_dir, tmp_path / "tiny")
     options = ["--model", tiny_model_dir, "--prompt", "a red circle", "--steps", "2", "--seed", "0"]
     assert run(capsys, *options, "--outdir", tmp_path / "plain")[0] == 0
     assert (
-        run(capsys, *options, "--outdir", tmp_path / "lora", "--lora", f"{tmp_path / 'style.safetensors'}:0.5")[0] == 0
+        run(
+            capsys, *options, "--outdir", tmp_path / "lora", "--lora", f"{tmp_path / 'Lora' / 'style.safetensors'}:0.5"
+        )[0]
+        == 0
     )
     plain, styled = Image.open(tmp_path / "plain" / "00000-0.png"), Image.open(tmp_path / "lora" / "00000-0.png")
-    assert styled.text["lora"] == f"{tmp_path / 'style.safetensors'}:0.5"
+    digest = model_hash(tmp_path / "Lora" / "style.safetensors")
+    assert (styled.text["lora"], styled.text["lora_hashes"]) == ("style.safetensors:0.5", f"style.safetensors:{digest}")
+    assert str(tmp_path) not in json.dumps(styled.text)
     assert styled.text["parameters"].endswith(', Lora: "style:0.5"')  # quoted as A1111 quotes
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(styled, dtype=int)).max() > 0
+    again = ["--models-dir", tmp_path, "--from-png", tmp_path / "lora" / "00000-0.png", "--outdir", tmp_path / "again"]
+    assert run(capsys, *again)[0] == 0  # the model in tmp_path, the LoRA in its Lora/ subfolder
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again" / "00000-0.png")), np.asarray(styled))
+    (tmp_path / "Lora" / "style.safetensors").unlink()
+    code, _, err = run(capsys, *again[:-1], tmp_path / "none")
+    assert code == 2 and f"drawn with the LoRA style.safetensors [{digest}], which is not in " in err
 
 
 def test_an_outdir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
@@ -485,10 +498,13 @@ def test_a_controlnet_draws_records_and_draws_again_from_png(tiny_model_dir, con
     )
     expected = pipe("a red circle", seed=2, steps=4, control=[unit], progress=False)[0]
     assert np.array_equal(np.asarray(first), np.asarray(expected))
+    assert str(tmp_path) not in first.text["controlnet"]  # by name and hash
     code, _, err = run(
         capsys,
         "--models-dir",
         tiny_model_dir.parent,
+        "--models-dir",
+        tmp_path,
         "--from-png",
         tmp_path / "a" / "00000-2.png",
         "--outdir",
@@ -498,6 +514,8 @@ def test_a_controlnet_draws_records_and_draws_again_from_png(tiny_model_dir, con
     again = [
         "--models-dir",
         tiny_model_dir.parent,
+        "--models-dir",
+        tmp_path,
         "--from-png",
         tmp_path / "a" / "00000-2.png",
         "--control-image",
@@ -545,7 +563,7 @@ def test_an_a1111_controlnet_unit_is_read_and_its_folder_asked_for(tiny_model_di
         tmp_path / "control.png",
     ]
     code, _, err = run(capsys, *argv, "--outdir", tmp_path / "no")
-    assert code == 2 and "drawn with the ControlNet(s) control_v11p_sd15_canny [d14c016b]; pass each folder" in err
+    assert code == 2 and "drawn with the ControlNet control_v11p_sd15_canny [d14c016b], which is not in " in err
     assert run(capsys, *argv, "--controlnet", controlnet_dir, "--outdir", tmp_path / "out")[0] == 0
     text = Image.open(tmp_path / "out" / "00000-1.png").text["parameters"]
     assert "Module: canny" in text and "Weight: 0.6" in text and "Guidance Start: 0.1, Guidance End: 0.9" in text
