@@ -45,5 +45,7 @@ SIZE_CONDITIONING = (  # SDXL's settings, each (height, width), by GenerationCon
     "negative_target_size",
 )
 
+PRECISIONS = ("fp32", "fp16", "bf16")  # what --dtype names besides auto (ldm.model.DTYPES' keys)
+
 CONTROL_PREPROCESSORS = ("none", "canny")  # what sample.py --control-preprocess offers
 CANNY_THRESHOLDS = (100, 200)  # sd-webui-controlnet's defaults for its canny module (threshold a, b)

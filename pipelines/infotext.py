@@ -15,7 +15,7 @@ from typing import Any
 
 from ldm.errors import UserError
 from ldm.images import ImageRefused, opened
-from pipelines.choices import CANNY_THRESHOLDS
+from pipelines.choices import CANNY_THRESHOLDS, PRECISIONS
 from pipelines.settings import GenerationConfig, declared, from_text
 
 
@@ -78,7 +78,7 @@ def settings_from_png(path: Path) -> dict[str, Any]:
     if "scheduler" in chunks and "seed" in chunks:
         try:
             return _ours(chunks) | recorded
-        except (KeyError, ValueError) as error:
+        except (KeyError, ValueError, TypeError) as error:
             raise InfotextError(f"{path}: a malformed setting ({type(error).__name__}: {error})") from None
     if "parameters" in chunks:
         return _webui(parse_infotext(chunks["parameters"])) | recorded
@@ -97,8 +97,19 @@ def _ours(chunks: dict[str, str]) -> dict[str, Any]:
     settings["lora"] = [(name, float(scale)) for name, _, scale in loras]
     hashes = [line.rpartition(":") for line in chunks.get("lora_hashes", "").splitlines() if line]
     settings["lora_hashes"] = {name: digest for name, _, digest in hashes}
-    settings["controlnet"] = json.loads(chunks["controlnet"]) if "controlnet" in chunks else []
+    settings["controlnet"] = [_our_unit(unit) for unit in json.loads(chunks.get("controlnet", "[]"))]
+    if settings["dtype"] not in (None, *PRECISIONS):
+        raise ValueError(f"dtype {settings['dtype']!r} is none of {', '.join(PRECISIONS)}")
     return settings | {key: chunks[key] for key in ("refiner", "refiner_hash") if key in chunks}
+
+
+def _our_unit(unit: Any) -> dict[str, Any]:
+    """A ControlNet unit as we record it: its name and hash (its folder, before 2026-12-06), scale,
+    start, end and preprocessing; KeyError or ValueError when it is not one."""
+    if not isinstance(unit, dict) or not isinstance(unit.get("name") or unit.get("path"), str):
+        raise ValueError(f"a ControlNet unit names no ControlNet ({unit!r:.60})")
+    numbers = {key: float(unit[key]) for key in ("scale", "start", "end")}
+    return unit | numbers | {"preprocess": str(unit["preprocess"])}
 
 
 def infotext_pairs(config: GenerationConfig) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 import sample
 import train
@@ -151,3 +152,26 @@ def test_a_recipe_that_is_a_list_is_one_line(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text("- model\n- data\n")
     assert train.main(["--config", str(tmp_path / "recipe.yaml")]) == 2
     assert "not a list" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "chunk, value, message",
+    [
+        ("dtype", "float8", "dtype 'float8' is none of fp32, fp16, bf16"),
+        ("controlnet", "[{}]", "a ControlNet unit names no ControlNet ({})"),
+        ("controlnet", '{"a": 1}', "a ControlNet unit names no ControlNet ('a')"),
+        ("controlnet", '[{"name": "c", "scale": [], "start": 0, "end": 1, "preprocess": "none"}]', "TypeError"),
+        ("lora", "style.safetensors:abc", "could not convert string to float: 'abc'"),
+    ],
+)
+def test_a_png_with_a_damaged_setting_is_one_line(tmp_path, capsys, chunk, value, message):
+    """Found by the outside check of issue 42: a damaged `controlnet` record was a traceback."""
+    info = PngInfo()
+    for key, text in {"prompt": "x", "scheduler": "euler", "seed": "1", chunk: value}.items():
+        info.add_itxt(key, text)
+    Image.new("RGB", (8, 8)).save(tmp_path / "damaged.png", pnginfo=info)
+    assert sample.main(["--from-png", str(tmp_path / "damaged.png"), "--outdir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sample.py: error: --from-png {tmp_path / 'damaged.png'}: a malformed setting (") and (
+        message in err and len(err.splitlines()) == 1
+    ), err
