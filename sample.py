@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from PIL import Image
 
+from commands.from_png import apply_png_settings
 from ldm import images
 from ldm.errors import UserError
 from ldm.files import SINGLE_FILE_SUFFIXES
 from pipelines.choices import CONTROL_PREPROCESSORS
-from pipelines.infotext import InfotextError, settings_from_png
-from pipelines.model_files import find_model, model_hash
+from pipelines.model_files import model_hash
 from pipelines.settings import MAX_SEED, SDXL, GenerationConfig, declared, value_type
 
 if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once the arguments are checked
@@ -53,10 +53,6 @@ if TYPE_CHECKING:  # torch, diffusers and transformers load in prepare(), once t
     from pipelines.text_to_image import TextToImagePipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
-FROM_PNG = (
-    "prompt",
-    *(item.name for item, setting in declared() if setting.png),
-)
 
 
 def make_parser() -> Parser:
@@ -147,7 +143,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if not folder.is_dir():
             raise UsageError(f"--models-dir {folder}: no such folder")
     if args.from_png is not None:
-        apply_png_settings(args)
+        apply_png_settings(args, [DEFAULT_MODEL.parent, *(args.models_dir or [])])
     if args.prompt is None and args.prompt_file is None:
         raise UsageError("one of --prompt, --prompt-file or --from-png is required")
     if args.models_dir is not None and args.from_png is None:
@@ -162,78 +158,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.skip_existing and (args.outdir is None or args.config.seed is None):
         raise UsageError("--skip-existing needs --outdir and --seed: the folder and the seeds of the run to finish")
     return args
-
-
-def apply_png_settings(args: argparse.Namespace) -> None:
-    """Fill every setting the command line left out from the PNG's metadata."""
-    try:
-        settings = settings_from_png(args.from_png)
-    except InfotextError as error:
-        raise UsageError(f"--from-png {error}") from None
-    for name in FROM_PNG:
-        if getattr(args, name) is None and settings.get(name) is not None:
-            setattr(args, name, settings[name])
-    if args.model is None and (settings.get("model") or settings.get("model_hash")):
-        args.model = png_file(args, "model", settings.get("model"), settings.get("model_hash"), "--model PATH")
-    if args.refiner is None and settings.get("refiner"):
-        args.refiner = png_file(args, "refiner", settings["refiner"], settings.get("refiner_hash"), "--refiner PATH")
-    if args.lora is None and settings.get("lora"):
-        hashes = settings.get("lora_hashes") or {}
-        args.lora = [(png_file(args, "LoRA", name, hashes.get(name), "--lora FILE"), scale)
-                     for name, scale in settings["lora"]]  # fmt: skip
-    if args.dtype is None and settings.get("dtype"):
-        args.dtype, args.recorded_dtype = settings["dtype"], f"--from-png {args.from_png}"
-    args.ti_hashes = settings.get("ti_hashes")
-    if args.prompt_file is not None:
-        args.prompt = None  # --prompt-file given: it wins over the PNG's prompt
-    apply_png_controls(args, settings.get("controlnet") or [])
-    if settings.get("strength") is not None and args.init_image is None:
-        raise UsageError(f"--from-png {args.from_png}: it was drawn from an init image; pass it with --init-image")
-
-
-def png_file(args: argparse.Namespace, what: str, name: str | None, short_hash: str | None, flag: str) -> str:
-    """A model, refiner, LoRA or ControlNet a PNG was drawn with, found by name and hash beside the
-    shipped model and in --models-dir (and their subfolders); one line naming it when it is in neither."""
-    folders = [DEFAULT_MODEL.parent, *(args.models_dir or [])]
-    found = find_model(name, short_hash, folders)
-    named = f"{name or '?'} [{short_hash}]" if short_hash else name
-    if found is None:
-        where = " or ".join(str(folder) for folder in folders)
-        raise UsageError(f"--from-png {args.from_png}: drawn with the {what} {named}, which is not in {where}; "
-                         f"pass {flag} or --models-dir DIR")  # fmt: skip
-    if found.other_hash:
-        warnings.warn(f"--from-png: {found.source} has the {what}'s name but hash {found.other_hash}, not "
-                      f"{short_hash}: the picture may differ", stacklevel=2)  # fmt: skip
-    return found.source
-
-
-def apply_png_controls(args: argparse.Namespace, units: list[dict]) -> None:
-    """A PNG's ControlNet units: the ControlNets, found by name and hash (ours record both, A1111
-    "name [hash]"), their scales, starts, ends and preprocessing, unless flags give them; the
-    control images must be given."""
-    if not units:
-        return
-    if args.controlnet is None:
-        args.controlnet = [png_controlnet(args, unit) for unit in units]
-    for name, key in (("control_scale", "scale"), ("control_start", "start"), ("control_end", "end"),
-                      ("control_preprocess", "preprocess")):  # fmt: skip
-        if getattr(args, name) is None:
-            setattr(args, name, [unit[key] for unit in units])
-    if args.control_preprocess and not set(args.control_preprocess) <= set(CONTROL_PREPROCESSORS):
-        raise UsageError(f"--from-png: preprocessing {args.control_preprocess}; offered here: {CONTROL_PREPROCESSORS}")
-    if args.control_image is None:
-        raise UsageError(f"--from-png: drawn with {len(units)} ControlNet(s); pass the control image(s) with "
-                         "--control-image")  # fmt: skip
-
-
-def png_controlnet(args: argparse.Namespace, unit: dict) -> str:
-    if unit.get("path"):  # a PNG of ours from before names were recorded
-        return unit["path"]
-    name, short_hash = unit.get("name"), unit.get("hash")
-    if name is None:  # A1111's unit: "control_v11p_sd15_canny [d14c016b]"
-        name, _, short_hash = str(unit["model"]).partition(" [")
-        short_hash = short_hash.rstrip("]") or None
-    return png_file(args, "ControlNet", name, short_hash, "--controlnet PATH")
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

@@ -499,28 +499,17 @@ def test_a_controlnet_draws_records_and_draws_again_from_png(tiny_model_dir, con
     expected = pipe("a red circle", seed=2, steps=4, control=[unit], progress=False)[0]
     assert np.array_equal(np.asarray(first), np.asarray(expected))
     assert str(tmp_path) not in first.text["controlnet"]  # by name and hash
-    code, _, err = run(
-        capsys,
+    png = [
         "--models-dir",
         tiny_model_dir.parent,
         "--models-dir",
         tmp_path,
         "--from-png",
         tmp_path / "a" / "00000-2.png",
-        "--outdir",
-        tmp_path / "b",
-    )
-    assert code == 2 and "drawn with 1 ControlNet(s); pass the control image(s) with --control-image" in err
-    again = [
-        "--models-dir",
-        tiny_model_dir.parent,
-        "--models-dir",
-        tmp_path,
-        "--from-png",
-        tmp_path / "a" / "00000-2.png",
-        "--control-image",
-        tmp_path / "control.png",
     ]
+    code, _, err = run(capsys, *png, "--outdir", tmp_path / "b")
+    assert code == 2 and "drawn with 1 ControlNet(s); pass the control image(s) with --control-image" in err
+    again = [*png, "--control-image", tmp_path / "control.png"]
     assert run(capsys, *again, "--outdir", tmp_path / "c")[0] == 0
     assert np.array_equal(np.asarray(first), np.asarray(Image.open(tmp_path / "c" / "00000-2.png")))
 
