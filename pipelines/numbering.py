@@ -1,14 +1,16 @@
 """The numbers of an outputs folder: `00007-1234.png` is image 7, `00009-grid.png` a grid.
 
 Runs started together into one folder must not take the same number. A run reserves its numbers
-before it draws, each by creating `.NNNNN.reserved` (holding the reserving process's pid) with an
-exclusive create, which exactly one process can win; the next free number counts reservations as
-well as files. A reservation goes once its file is written, or when the run stops without it; one
-left by a process that no longer runs (a killed run) is removed by the next run that reserves.
+before it draws, each by creating `.NNNNN.reserved` (holding the reserving process's host and pid)
+with an exclusive create, which exactly one process can win; the next free number counts
+reservations as well as files. A reservation goes once its file is written, or when the run stops
+without it; one left by a process of this host that no longer runs (a killed run) is removed by
+the next run that reserves (another host's processes cannot be seen from here: theirs stay).
 """
 
 import os
 import re
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def take(outdir: Path, number: int) -> bool:
     except FileExistsError:
         return False
     try:
-        os.write(descriptor, str(os.getpid()).encode())
+        os.write(descriptor, f"{socket.gethostname()}:{os.getpid()}".encode())
     finally:
         os.close(descriptor)
     return True
@@ -75,12 +77,12 @@ def release(outdir: Path, numbers: Iterable[int]) -> None:
 
 
 def remove_stale_reservations(outdir: Path) -> None:
-    """Reservations whose process no longer runs: their numbers are free again."""
+    """Reservations whose process (of this host) no longer runs: their numbers are free again."""
     for path in outdir.iterdir():
         if _RESERVED.match(path.name):
             try:
-                pid = int(path.read_text() or 0)
-            except (OSError, ValueError):
-                continue  # being written this moment, or removed
-            if pid and not running(pid):
-                path.unlink(missing_ok=True)
+                host, _, pid = path.read_text().rpartition(":")
+            except OSError:
+                continue  # removed this moment
+            if host == socket.gethostname() and pid.isdigit() and not running(int(pid)):
+                path.unlink(missing_ok=True)  # an empty one is being written this moment: kept

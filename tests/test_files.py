@@ -4,6 +4,7 @@ files go at the next write; a full disk is one line (ldm/files.py)."""
 import errno
 import multiprocessing
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -112,10 +113,13 @@ def test_processes_reserving_at_once_never_share_a_number(tmp_path):
 
 
 def test_a_killed_runs_reservations_are_freed_by_the_next_run(tmp_path):
-    (tmp_path / ".00000.reserved").write_text("99999999")  # a pid that does not run
-    (tmp_path / ".00001.reserved").write_text(str(os.getpid()))  # a run still drawing
-    assert reserve(tmp_path, 1) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".00001.reserved", ".00002.reserved"]
+    host = socket.gethostname()
+    (tmp_path / ".00000.reserved").write_text(f"{host}:99999999")  # a pid that does not run
+    (tmp_path / ".00001.reserved").write_text(f"{host}:{os.getpid()}")  # a run still drawing
+    (tmp_path / ".00002.reserved").write_text("another-machine:99999999")  # a shared folder: not ours to judge
+    assert reserve(tmp_path, 1) == 3
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [".00001.reserved", ".00002.reserved", ".00003.reserved"]
 
 
 def test_a_run_stopped_before_its_first_image_leaves_no_folder(tmp_path):
