@@ -67,7 +67,8 @@ def make_parser() -> Parser:
         type=Path,
         action="append",
         metavar="DIR",
-        help="--from-png looks here (and beside the shipped model) for the PNG's model; repeatable",
+        help="--from-png looks here and in its subfolders (and beside the shipped model) for the PNG's model, "
+        "refiner, LoRAs and ControlNets, by name and hash; repeatable",
     )
     groups = add_settings(parser)
     parser.add_argument("--outdir", type=Path, help="default: a new folder under outputs/")
