@@ -15,7 +15,6 @@ An embedding is named by its file's stem; its hash is the file's SHA-256 (A1111'
 infotext field writes the first 12 hex digits).
 """
 
-import hashlib
 import pickle
 import re
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ldm.errors import UserError
+from ldm.files import file_sha256
 from ldm.model import save_safetensors
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
@@ -113,14 +113,6 @@ def save_embedding(path: Path, vectors: list[Tensor]) -> None:
     else:
         tensors = dict(zip(SDXL_KEYS, vectors, strict=True))
     save_safetensors(path, {key: value.detach().float().cpu().contiguous() for key, value in tensors.items()})
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager

@@ -9,6 +9,8 @@ process) is removed the next time anything is written in that folder. A full dis
 """
 
 import errno
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -110,3 +112,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (hex digits), read once per version of the file in a process: a model's
+    weights are hashed when --from-png looks for them, again when the PNG records them, and the
+    server names the same files in every request."""
+    stat = path.stat()
+    return _sha256(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256(path: Path, mtime_ns: int, size: int) -> str:
+    """Cached by path, modification time and size: a file replaced in place is hashed anew."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

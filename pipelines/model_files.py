@@ -3,12 +3,13 @@ refiner, LoRAs, ControlNets), and how --from-png finds them again.
 
 A PNG is shared, so it records each file as A1111 does, by name and short hash, never by its path
 (which names the user's folders): a local file's or folder's name, or a hub id as it is.
-Plain files and hashlib only: sample.py reads a PNG before the libraries load.
+Plain files only: sample.py reads a PNG before the libraries load.
 """
 
-import hashlib
 from pathlib import Path
 from typing import NamedTuple
+
+from ldm.files import file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pth")  # models, LoRAs, ControlNets as single files
 
@@ -28,13 +29,7 @@ def model_hash(source: str | Path, length: int = 10) -> str | None:
     if path.is_dir():
         weights = path / "unet" / "diffusion_pytorch_model.safetensors"
         weights = weights if weights.is_file() else path / "diffusion_pytorch_model.safetensors"
-    if not weights.is_file():
-        return None
-    digest = hashlib.sha256()
-    with weights.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()[:length]
+    return file_sha256(weights)[:length] if weights.is_file() else None
 
 
 def local_files(folders: list[Path], depth: int = 1) -> list[Path]:

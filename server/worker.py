@@ -84,7 +84,6 @@ class Worker:
         self._waiting = 0
         self._pipe: TextToImagePipeline | None = None
         self._loaded: tuple | None = None  # (model path, LoRA paths and scales) of self._pipe
-        self._hashes: dict[Path | tuple, str | None] = {}
         self._controlnets: dict[tuple[Path, Path], ControlNet] = {}
 
     def draw(self, order: Order) -> Drawn:
@@ -130,8 +129,8 @@ class Worker:
             ControlRecord(str(entry.path), unit.weight, unit.start, unit.end, unit.module, self.short_hash(entry.path))
             for entry, unit in order.controls
         )
-        lora_hashes = tuple(self._hash(entry.path) for entry, _ in order.loras)
-        settings = RunSettings(str(path), self._hash(path), loras, lora_hashes=lora_hashes, ti_hashes=pipe.ti_hashes,
+        lora_hashes = tuple(model_hash(entry.path) for entry, _ in order.loras)
+        settings = RunSettings(str(path), model_hash(path), loras, lora_hashes=lora_hashes, ti_hashes=pipe.ti_hashes,
                                controls=units, dtype=dtype_name(pipe.dtype))  # fmt: skip
         writer = RunWriter(self.outdir, settings, config)
         jobs = plan([order.prompt], config.num_images, config.seed)
@@ -189,11 +188,4 @@ class Worker:
 
     def short_hash(self, path: Path) -> str | None:
         """A ControlNet's 8-digit hash, as sd-webui-controlnet shows it."""
-        if ("controlnet", path) not in self._hashes:
-            self._hashes[("controlnet", path)] = model_hash(str(path), 8)
-        return self._hashes[("controlnet", path)]
-
-    def _hash(self, path: Path) -> str | None:
-        if path not in self._hashes:
-            self._hashes[path] = model_hash(str(path))
-        return self._hashes[path]
+        return model_hash(path, 8)
