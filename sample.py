@@ -297,27 +297,22 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
 
     from ldm.model import dtype_name
     from pipelines.control import Control, preprocess
-    from pipelines.devices import describe_device, native, start_processes
+    from pipelines.devices import describe_device, start_processes
     from pipelines.embeddings import EmbeddingFolder, check_hashes
     from pipelines.jobs import plan
-    from pipelines.outputs import ControlRecord, RunSettings, RunWriter, recorded_dtype
+    from pipelines.outputs import ControlRecord, RunSettings, RunWriter
     from pipelines.text_to_image import TextToImagePipeline
 
     quiet_libraries()
     if args.ti_hashes:  # --from-png: the embeddings the image used must be here
         check_hashes(embeddings and EmbeddingFolder(embeddings), args.ti_hashes)
     state, device = start_processes(args.device)  # this process, and the others a launcher started, if any
-    if args.dtype is None and args.skip_existing:
-        args.dtype, args.recorded_dtype = recorded_dtype(args.outdir), f"--skip-existing {args.outdir}"
-    if args.recorded_dtype and args.dtype and not native(args.dtype, device):
-        warnings.warn(f"{args.recorded_dtype} was drawn in {args.dtype}, which this {device.type} has no instructions "
-                      f"for: drawing in {args.dtype} all the same, emulated (slower, and the picture may differ "
-                      "slightly); --dtype chooses another", stacklevel=2)  # fmt: skip
+    dtype = run_dtype(args, device)
     outdir, seed, images = args.outdir or new_outdir(), args.config.seed, len(prompts) * args.config.num_images
     seed = random.randrange(MAX_SEED + 1 - images) if seed is None else seed
     outdir, seed = broadcast_object_list([outdir, seed])  # the main process's
     pipe = TextToImagePipeline.from_pretrained(
-        source, device=str(device), dtype=args.dtype or "auto", compile=args.compile, vae_tiling=args.vae_tiling
+        source, device=str(device), dtype=dtype, compile=args.compile, vae_tiling=args.vae_tiling
     )
     if state.is_main_process:
         print(f"sample.py: {describe_device(pipe.device, pipe.dtype)}")
@@ -348,6 +343,22 @@ def prepare(args: argparse.Namespace) -> tuple["TextToImagePipeline", "RunWriter
     with state.split_between_processes([job for job in jobs if job.index not in done]) as share:
         process = f"process {state.process_index} of {state.num_processes}: " if state.num_processes > 1 else ""
         return pipe, writer, Run(jobs, share, process, init_image, mask, config, controls)
+
+
+def run_dtype(args: argparse.Namespace, device) -> str:
+    """--dtype; else the precision the --from-png image or the --skip-existing folder was drawn in
+    (with a warning where this device only emulates it); else auto."""
+    from pipelines.devices import native
+    from pipelines.outputs import recorded_dtype
+
+    dtype, source = args.dtype, args.recorded_dtype
+    if dtype is None and args.skip_existing:
+        dtype, source = recorded_dtype(args.outdir), f"--skip-existing {args.outdir}"
+    if source and dtype and not native(dtype, device):
+        warnings.warn(f"{source} was drawn in {dtype}, which this {device.type} has no instructions for: drawing "
+                      f"in {dtype} all the same, emulated (slower, and the picture may differ slightly); --dtype "
+                      "chooses another", stacklevel=3)  # fmt: skip
+    return dtype or "auto"
 
 
 def draw(pipe: "TextToImagePipeline", writer: "RunWriter", run: Run) -> None:

@@ -118,3 +118,11 @@ def test_skip_existing_finishes_a_folder_in_the_precision_it_was_begun_in(tiny_m
         assert np.array_equal(
             _pixels_and_dtype(tmp_path / "part" / name)[0], _pixels_and_dtype(tmp_path / "whole" / name)[0]
         )
+
+
+def test_the_precisions_a_png_may_record_are_the_ones_the_model_loads_in():
+    """pipelines/choices.py names them without torch (sample.py reads a PNG before torch loads)."""
+    from ldm.model import DTYPES
+    from pipelines.choices import PRECISIONS
+
+    assert PRECISIONS == tuple(DTYPES)
